@@ -1,0 +1,90 @@
+"""Typed view of the omegaconf YAML files in configs/."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "tiny.yaml"
+
+
+@dataclass
+class SamplerConfig:
+    kind: str = "few_step"  # "few_step" (distilled, Self-Forcing) or "multi_step" (CFG + solver)
+    denoising_steps: list[int] = field(default_factory=lambda: [1000, 750, 500, 250])
+    warp_denoising_step: bool = True
+    timestep_shift: float = 5.0
+    context_noise: int = 0
+    solver: str = "unipc"
+    num_steps: int = 50
+    guidance_scale: float = 3.0
+
+
+@dataclass
+class WeightsConfig:
+    layout: str = "auto"  # auto | original | diffusers | random
+    original_dir: str = "wan_models/Wan2.1-T2V-1.3B"
+    diffusers_dir: str = "Wan2.1-T2V-1.3B-Diffusers"
+    generator_ckpt: str | None = "checkpoints/self_forcing_dmd.pt"
+    use_ema: bool = False
+    random_seed: int = 0
+
+
+@dataclass
+class PipelineConfig:
+    name: str
+    model: dict[str, Any]
+    vae: dict[str, Any]
+    text_encoder: dict[str, Any]
+    sampler: SamplerConfig
+    weights: WeightsConfig
+    frames_per_block: int = 3
+    local_attn_size: int = -1
+    sink_size: int = 0
+    height: int = 480
+    width: int = 832
+    num_blocks: int = 7
+    max_blocks: int = 20
+    fps: int = 16
+    dtype: str = "bfloat16"
+    negative_prompt: str = ""
+    source: str = ""
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @property
+    def uses_cfg(self) -> bool:
+        return self.sampler.kind == "multi_step"
+
+    @property
+    def vae_stride(self) -> int:
+        return 8
+
+    def latent_size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        return (height or self.height) // self.vae_stride, (width or self.width) // self.vae_stride
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> PipelineConfig:
+    """Loads a YAML config; keyword overrides use dotted keys, e.g. {"weights.use_ema": True}."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    raw = OmegaConf.load(path)
+    for key, value in overrides.items():
+        if value is not None:
+            OmegaConf.update(raw, key, value)
+    data = OmegaConf.to_container(raw, resolve=True)
+    return PipelineConfig(
+        name=data.pop("name", path.stem),
+        model=data.pop("model"),
+        vae=data.pop("vae", {}),
+        text_encoder=data.pop("text_encoder", {}),
+        sampler=SamplerConfig(**data.pop("sampler", {})),
+        weights=WeightsConfig(**data.pop("weights", {})),
+        source=str(path),
+        **data,
+    )

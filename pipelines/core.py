@@ -1,0 +1,217 @@
+"""The one pipeline core behind every tab: block-by-block causal generation with streaming decode.
+
+generate() yields a BlockResult as soon as each block of latent frames is denoised, written
+into the KV cache and decoded, so callers can show frames while later blocks are still being
+generated. All per-generation state (KV caches, VAE conv cache, random generator) lives inside
+the generate() call; the model weights are the only thing shared between callers.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import PipelineConfig
+from .kv_cache import AttentionWindow, KVCache
+from .scheduler import FewStepSchedule, make_multistep_solver
+from .vae import frames_for_latents, to_uint8_frames
+from .weights import Components
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(ValueError):
+    """A request the pipeline cannot run (bad prompt, size, length or image); message is user-facing."""
+
+
+class BlockConditioning(Protocol):
+    """Extra per-block input (pose): token_bias(start_frame, num_frames) -> [1, tokens, dim] or None."""
+
+    def token_bias(self, start_frame: int, num_frames: int) -> torch.Tensor | None: ...
+
+
+@dataclass
+class GenerationRequest:
+    prompt: str
+    seed: int = 0
+    num_blocks: int | None = None
+    negative_prompt: str | None = None
+    image: Image.Image | None = None
+    height: int | None = None
+    width: int | None = None
+    conditioning: BlockConditioning | None = None
+    reference_latent: torch.Tensor | None = field(default=None, repr=False)
+
+
+@dataclass
+class BlockResult:
+    index: int
+    num_blocks: int
+    frames: np.ndarray  # uint8 [T, H, W, 3]
+    latents: torch.Tensor  # clean latents of this block, [1, C, F, h, w], on the CPU
+    denoise_s: float
+    decode_s: float
+    elapsed_s: float  # since generate() was called
+
+    @property
+    def block_s(self) -> float:
+        return self.denoise_s + self.decode_s
+
+
+CancelCheck = Callable[[], bool]
+
+
+def prepare_image(image: Image.Image, height: int, width: int) -> torch.Tensor:
+    """Resize to cover height x width, centre-crop, scale to [-1, 1]: [1, 3, 1, H, W]."""
+    image = image.convert("RGB")
+    scale = max(width / image.width, height / image.height)
+    resized = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
+                           Image.Resampling.LANCZOS)
+    left, top = (resized.width - width) // 2, (resized.height - height) // 2
+    array = np.asarray(resized.crop((left, top, left + width, top + height)), dtype=np.float32)
+    tensor = torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
+    return tensor[None, :, None]
+
+
+class StreamingVideoPipeline:
+    """Self-Forcing inference: few-step (or multi-step CFG) denoising of 3-frame blocks."""
+
+    def __init__(self, components: Components, config: PipelineConfig, device: torch.device | str = "cpu") -> None:
+        self.components = components
+        self.config = config
+        self.device = torch.device(device)
+        self.generator = components.generator
+        self.vae = components.vae
+        self.prompt_encoder = components.prompt_encoder
+        self.window = AttentionWindow(None if config.local_attn_size == -1 else config.local_attn_size,
+                                      config.sink_size)
+        if config.sampler.kind == "few_step":
+            self.schedule = FewStepSchedule(config.sampler.denoising_steps, config.sampler.timestep_shift,
+                                            config.sampler.warp_denoising_step)
+        elif config.sampler.kind != "multi_step":
+            raise ValueError(f"unknown sampler kind {config.sampler.kind!r}")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.generator.patch_embedding.weight.dtype
+
+    def validate(self, request: GenerationRequest) -> tuple[int, int, int]:
+        """Returns (num_blocks, height, width) or raises RequestError with a user-facing message."""
+        if not request.prompt or not request.prompt.strip():
+            raise RequestError("Please enter a prompt.")
+        num_blocks = request.num_blocks or self.config.num_blocks
+        if not 1 <= num_blocks <= self.config.max_blocks:
+            raise RequestError(f"Number of blocks must be between 1 and {self.config.max_blocks}.")
+        height, width = request.height or self.config.height, request.width or self.config.width
+        if height % 16 or width % 16 or not (16 <= height <= 1280 and 16 <= width <= 1280):
+            raise RequestError("Height and width must be multiples of 16 between 16 and 1280.")
+        return num_blocks, height, width
+
+    def video_frames(self, num_blocks: int, with_image: bool) -> int:
+        latents = num_blocks * self.config.frames_per_block + (1 if with_image else 0)
+        return frames_for_latents(latents)
+
+    @torch.no_grad()
+    def generate(self, request: GenerationRequest, cancel: CancelCheck | None = None) -> Iterator[BlockResult]:
+        num_blocks, height, width = self.validate(request)
+        started = time.perf_counter()
+        cfg, model = self.config, self.generator
+        fpb = cfg.frames_per_block
+        latent_h, latent_w = height // 8, width // 8
+        frame_tokens = model.frame_tokens(latent_h, latent_w)
+        channels = model.config.in_dim
+
+        contexts = [model.encode_context(self.prompt_encoder.encode(request.prompt, self.device))]
+        if cfg.uses_cfg:
+            negative = request.negative_prompt if request.negative_prompt is not None else cfg.negative_prompt
+            contexts.append(model.encode_context(self.prompt_encoder.encode(negative or "", self.device)))
+
+        rng = torch.Generator(device=self.device).manual_seed(int(request.seed))
+        # Noise is drawn in the reference's [B, F, C, H, W] order so seeds give the same videos.
+        noise = torch.randn((1, num_blocks * fpb, channels, latent_h, latent_w), generator=rng,
+                            device=self.device, dtype=self.dtype).permute(0, 2, 1, 3, 4)
+
+        first_latent = request.reference_latent
+        if first_latent is None and request.image is not None:
+            first_latent = self.vae.encode(prepare_image(request.image, height, width))
+        prefix_frames = 0 if first_latent is None else first_latent.shape[2]
+        caches = [KVCache(model.config.num_layers, 1, prefix_frames + num_blocks * fpb, frame_tokens,
+                          model.config.num_heads, model.head_dim, self.window, self.dtype, self.device)
+                  for _ in contexts]
+        decoder = self.vae.stream()
+        prefix_pixels = None
+        if first_latent is not None:
+            first_latent = first_latent.to(self.device, self.dtype)
+            self._write_context(first_latent, 0, contexts, caches, request.conditioning, timestep=0)
+            prefix_pixels = decoder.decode_block(first_latent)
+
+        for index in range(num_blocks):
+            if cancel is not None and cancel():
+                log.info("generation cancelled before block %d/%d", index + 1, num_blocks)
+                return
+            block_start = time.perf_counter()
+            start_frame = prefix_frames + index * fpb
+            bias = None if request.conditioning is None else request.conditioning.token_bias(start_frame, fpb)
+            noisy = noise[:, :, index * fpb:(index + 1) * fpb]
+            if cfg.uses_cfg:
+                clean = self._denoise_multistep(noisy, start_frame, contexts, caches, bias)
+            else:
+                clean = self._denoise_few_step(noisy, start_frame, contexts[0], caches[0], bias, rng)
+            self._write_context(clean, start_frame, contexts, caches, request.conditioning,
+                                timestep=cfg.sampler.context_noise, bias=bias)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            decode_start = time.perf_counter()
+            pixels = decoder.decode_block(clean)
+            if prefix_pixels is not None:
+                pixels, prefix_pixels = torch.cat([prefix_pixels, pixels], dim=2), None
+            frames = to_uint8_frames(pixels)
+            now = time.perf_counter()
+            yield BlockResult(index=index, num_blocks=num_blocks, frames=frames, latents=clean.float().cpu(),
+                              denoise_s=decode_start - block_start, decode_s=now - decode_start,
+                              elapsed_s=now - started)
+
+    def _timesteps(self, value: float, frames: int) -> torch.Tensor:
+        return torch.full((1, frames), float(value), device=self.device, dtype=torch.float32)
+
+    def _write_context(self, clean: torch.Tensor, start_frame: int, contexts: list, caches: list[KVCache],
+                       conditioning: BlockConditioning | None, timestep: float,
+                       bias: torch.Tensor | None = None) -> None:
+        """Runs the clean frames through the generator once to store their keys/values."""
+        if bias is None and conditioning is not None:
+            bias = conditioning.token_bias(start_frame, clean.shape[2])
+        for context, cache in zip(contexts, caches):
+            self.generator(clean, self._timesteps(timestep, clean.shape[2]), context, start_frame=start_frame,
+                           kv_cache=cache, token_bias=bias)
+
+    def _denoise_few_step(self, noisy: torch.Tensor, start_frame: int, context: list, cache: KVCache,
+                          bias: torch.Tensor | None, rng: torch.Generator) -> torch.Tensor:
+        steps = self.schedule.steps.tolist()
+        frames = noisy.shape[2]
+        for i, t in enumerate(steps):
+            flow = self.generator(noisy, self._timesteps(t, frames), context, start_frame=start_frame,
+                                  kv_cache=cache, token_bias=bias)
+            clean = self.schedule.to_x0(flow, noisy, t)
+            if i + 1 < len(steps):
+                fresh = torch.randn(clean.permute(0, 2, 1, 3, 4).shape, generator=rng, device=self.device,
+                                    dtype=clean.dtype).permute(0, 2, 1, 3, 4)
+                noisy = self.schedule.add_noise(clean, fresh, steps[i + 1])
+        return clean
+
+    def _denoise_multistep(self, noisy: torch.Tensor, start_frame: int, contexts: list, caches: list[KVCache],
+                           bias: torch.Tensor | None) -> torch.Tensor:
+        sampler = self.config.sampler
+        solver = make_multistep_solver(sampler.solver, sampler.num_steps, sampler.timestep_shift, self.device)
+        latents = noisy
+        for t in solver.timesteps:
+            ts = self._timesteps(float(t), noisy.shape[2])
+            cond, uncond = (self.generator(latents, ts, ctx, start_frame=start_frame, kv_cache=cache,
+                                           token_bias=bias) for ctx, cache in zip(contexts, caches))
+            flow = uncond + sampler.guidance_scale * (cond - uncond)
+            latents = solver.step(flow, t, latents, return_dict=False)[0]
+        return latents

@@ -1,0 +1,101 @@
+"""Self-attention KV cache for block-causal generation, and the equivalent attention mask.
+
+The cache reproduces Self-Forcing's semantics: writing a block at the same start position
+again (the denoising steps and the final clean pass) overwrites it in place; a block past
+the end is appended; with a rolling window the oldest non-sink frames are evicted so that
+the cache always holds the sink frames plus the most recent frames.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class AttentionWindow:
+    """Which past frames a block may attend to. window_frames=None means all of them."""
+
+    window_frames: int | None = None
+    sink_frames: int = 0
+
+    def __post_init__(self) -> None:
+        if self.window_frames is not None and not 0 <= self.sink_frames < self.window_frames:
+            raise ValueError("sink_frames must be smaller than window_frames")
+
+
+class KVCache:
+    """Per-layer key/value buffers of one generation (never shared between sessions)."""
+
+    def __init__(self, num_layers: int, batch: int, capacity_frames: int, frame_tokens: int,
+                 num_heads: int, head_dim: int, window: AttentionWindow,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        if window.window_frames is not None:
+            capacity_frames = min(capacity_frames, window.window_frames)
+        self.capacity = capacity_frames * frame_tokens
+        self.rolling = window.window_frames is not None
+        self.sink_tokens = window.sink_frames * frame_tokens
+        shape = (num_layers, batch, self.capacity, num_heads, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.global_end = 0
+        self.local_end = 0
+        self._write: tuple[int, int] | None = None
+        self._evict: int = 0
+
+    @property
+    def num_bytes(self) -> int:
+        return self.keys.numel() * self.keys.element_size() * 2
+
+    def begin(self, start_token: int, num_tokens: int) -> None:
+        """Plans where tokens [start, start+num) go; called once per forward, before the layers."""
+        end = start_token + num_tokens
+        if start_token > self.global_end:
+            raise ValueError(f"cache holds tokens up to {self.global_end}, cannot write at {start_token}")
+        new_tokens = end - self.global_end if end > self.global_end else 0
+        self._evict = 0
+        if new_tokens and self.local_end + new_tokens > self.capacity:
+            if not self.rolling:
+                raise ValueError("KV cache is full; use a rolling attention window for longer videos")
+            self._evict = self.local_end + new_tokens - self.capacity
+        local_end = self.local_end + (end - self.global_end) - self._evict
+        self._write = (local_end - num_tokens, local_end)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stores this layer's new keys/values and returns the keys/values to attend to."""
+        assert self._write is not None, "begin() must be called before update()"
+        local_start, local_end = self._write
+        keys, values = self.keys[layer], self.values[layer]
+        if self._evict:
+            sink, evict = self.sink_tokens, self._evict
+            keep = self.local_end - evict - sink
+            keys[:, sink:sink + keep] = keys[:, sink + evict:sink + evict + keep].clone()
+            values[:, sink:sink + keep] = values[:, sink + evict:sink + evict + keep].clone()
+        keys[:, local_start:local_end] = k
+        values[:, local_start:local_end] = v
+        return keys[:, :local_end], values[:, :local_end]
+
+    def commit(self, start_token: int, num_tokens: int) -> None:
+        """Moves the end markers after every layer has written."""
+        assert self._write is not None
+        self.local_end = self._write[1]
+        self.global_end = start_token + num_tokens
+        self._write = None
+
+
+def block_causal_mask(block_frames: list[int], frame_tokens: int, window: AttentionWindow,
+                      device: torch.device | str = "cpu") -> torch.Tensor:
+    """Boolean [L, L] mask (True = attend) equal to what the KV cache lets each block see."""
+    frame_ends = []
+    end = 0
+    for frames in block_frames:
+        end += frames
+        frame_ends += [end] * frames
+    query_end = torch.tensor(frame_ends, device=device).repeat_interleave(frame_tokens)
+    key_frame = torch.arange(sum(block_frames), device=device).repeat_interleave(frame_tokens)
+    allowed = key_frame[None, :] < query_end[:, None]
+    if window.window_frames is not None:
+        recent = key_frame[None, :] >= (query_end[:, None] - (window.window_frames - window.sink_frames))
+        sink = key_frame[None, :] < window.sink_frames
+        allowed &= recent | sink
+    return allowed

@@ -1,0 +1,232 @@
+"""Causal Wan2.1 DiT: per-frame timesteps, KV-cached block attention, cached text keys.
+
+Parameter names follow diffusers' WanTransformer3DModel, so diffusers checkpoints load
+as they are and original Wan / Self-Forcing checkpoints go through diffusers' own key
+converter (see weights.py). The arithmetic follows the Wan2.1 / Self-Forcing reference:
+adaLN modulation per latent frame, qk RMSNorm across heads, 3D RoPE, tanh-GELU FFN.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from .kv_cache import KVCache
+from .rope import RotaryEmbedding3D, apply_rotary
+
+
+def sinusoidal_embedding(dim: int, timesteps: torch.Tensor) -> torch.Tensor:
+    """Wan's timestep embedding: [cos, sin] of t * 10000^(-i/half), computed in float64."""
+    half = dim // 2
+    position = timesteps.to(torch.float64)
+    freqs = torch.pow(10000, -torch.arange(half, dtype=torch.float64, device=position.device).div(half))
+    angles = torch.outer(position, freqs)
+    return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm that keeps the input dtype (Wan computes it in the activation dtype)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, eps: float, qk_norm: bool) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(dim, dim)
+        self.to_v = nn.Linear(dim, dim)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+        self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.num_heads, -1))
+
+    def project_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.heads(self.norm_k(self.to_k(context))), self.heads(self.to_v(context))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+        """q/k/v [B, L, H, D] -> [B, L, H*D] through fused SDPA."""
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=mask)
+        return self.to_out[0](out.transpose(1, 2).flatten(2))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.net = nn.ModuleList([_Proj(dim, hidden), nn.Identity(), nn.Linear(hidden, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](F.gelu(self.net[0].proj(x), approximate="tanh"))
+
+
+class _Proj(nn.Module):
+    def __init__(self, dim_in: int, dim_out: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out)
+
+
+@dataclass
+class RopeTables:
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
+class CausalWanBlock(nn.Module):
+    def __init__(self, dim: int, ffn_dim: int, num_heads: int, eps: float, qk_norm: bool,
+                 cross_attn_norm: bool) -> None:
+        super().__init__()
+        self.norm1 = LayerNorm(dim, eps, elementwise_affine=False)
+        self.attn1 = Attention(dim, num_heads, eps, qk_norm)
+        self.norm2 = LayerNorm(dim, eps, elementwise_affine=True) if cross_attn_norm else nn.Identity()
+        self.attn2 = Attention(dim, num_heads, eps, qk_norm)
+        self.norm3 = LayerNorm(dim, eps, elementwise_affine=False)
+        self.ffn = FeedForward(dim, ffn_dim)
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim ** 0.5)
+
+    def forward(self, x: torch.Tensor, frame_mod: torch.Tensor, rope: RopeTables,
+                context_kv: tuple[torch.Tensor, torch.Tensor], layer: int,
+                kv_cache: KVCache | None, mask: torch.Tensor | None) -> torch.Tensor:
+        """x [B, F*S, C]; frame_mod [B, F, 6, C] (one modulation per latent frame)."""
+        frames = frame_mod.shape[1]
+        shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table.unsqueeze(1) + frame_mod).chunk(6, dim=2)
+
+        def modulate(h: torch.Tensor, sh: torch.Tensor, sc: torch.Tensor) -> torch.Tensor:
+            return (h.unflatten(1, (frames, -1)) * (1 + sc) + sh).flatten(1, 2)
+
+        def gated(h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+            return (h.unflatten(1, (frames, -1)) * g).flatten(1, 2)
+
+        h = modulate(self.norm1(x), shift, scale)
+        attn = self.attn1
+        q = apply_rotary(attn.heads(attn.norm_q(attn.to_q(h))), rope.cos, rope.sin)
+        k = apply_rotary(attn.heads(attn.norm_k(attn.to_k(h))), rope.cos, rope.sin)
+        v = attn.heads(attn.to_v(h))
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)
+        x = x + gated(attn.attend(q, k, v, mask), gate)
+
+        q = self.attn2.heads(self.attn2.norm_q(self.attn2.to_q(self.norm2(x))))
+        x = x + self.attn2.attend(q, *context_kv)
+
+        x = x + gated(self.ffn(modulate(self.norm3(x), c_shift, c_scale)), c_gate)
+        return x
+
+
+class CausalWanModel(ModelMixin, ConfigMixin):
+    """Wan2.1 text-to-video DiT run block-causally (Self-Forcing inference)."""
+
+    _no_split_modules = ["CausalWanBlock"]
+
+    @register_to_config
+    def __init__(self, dim: int = 1536, ffn_dim: int = 8960, num_heads: int = 12, num_layers: int = 30,
+                 in_dim: int = 16, out_dim: int = 16, patch_size: tuple[int, int, int] = (1, 2, 2),
+                 text_len: int = 512, text_dim: int = 4096, freq_dim: int = 256, eps: float = 1e-6,
+                 qk_norm: bool = True, cross_attn_norm: bool = True) -> None:
+        super().__init__()
+        self.patch = tuple(patch_size)
+        self.patch_embedding = nn.Conv3d(in_dim, dim, kernel_size=self.patch, stride=self.patch)
+        self.condition_embedder = nn.Module()
+        self.condition_embedder.time_embedder = _TwoLayer(freq_dim, dim, nn.SiLU())
+        self.condition_embedder.time_proj = nn.Linear(dim, dim * 6)
+        self.condition_embedder.text_embedder = _TwoLayer(text_dim, dim, nn.GELU(approximate="tanh"))
+        self.blocks = nn.ModuleList([
+            CausalWanBlock(dim, ffn_dim, num_heads, eps, qk_norm, cross_attn_norm) for _ in range(num_layers)
+        ])
+        self.norm_out = LayerNorm(dim, eps, elementwise_affine=False)
+        self.proj_out = nn.Linear(dim, math.prod(self.patch) * out_dim)
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim ** 0.5)
+        self.rope = RotaryEmbedding3D(dim // num_heads)
+
+    @property
+    def head_dim(self) -> int:
+        return self.config.dim // self.config.num_heads
+
+    def frame_tokens(self, latent_height: int, latent_width: int) -> int:
+        return (latent_height // self.patch[1]) * (latent_width // self.patch[2])
+
+    def encode_context(self, prompt_embeds: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer cross-attention keys/values for a prompt: computed once, reused by every block."""
+        dtype = self.patch_embedding.weight.dtype
+        padded = prompt_embeds.new_zeros(prompt_embeds.shape[0], self.config.text_len, prompt_embeds.shape[2])
+        length = min(prompt_embeds.shape[1], self.config.text_len)
+        padded[:, :length] = prompt_embeds[:, :length]
+        context = self.condition_embedder.text_embedder(padded.to(dtype))
+        return [block.attn2.project_kv(context) for block in self.blocks]
+
+    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor,
+                context_kv: list[tuple[torch.Tensor, torch.Tensor]], start_frame: int = 0,
+                kv_cache: KVCache | None = None, attn_mask: torch.Tensor | None = None,
+                token_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Flow prediction for latents [B, C, F, H, W] at per-frame timesteps [B, F].
+
+        With kv_cache the frames are a block starting at start_frame that attends to the
+        cache; without it this is a full-sequence pass, optionally block-causal via attn_mask.
+        token_bias [B, F*S, dim] is added to the patch tokens (pose conditioning).
+        """
+        dtype = self.patch_embedding.weight.dtype
+        batch, _, frames, height, width = latents.shape
+        x = self.patch_embedding(latents.to(dtype))
+        grid = x.shape[2:]
+        x = x.flatten(2).transpose(1, 2)
+        if token_bias is not None:
+            x = x + token_bias.to(dtype)
+
+        time_emb = self.condition_embedder.time_embedder(
+            sinusoidal_embedding(self.config.freq_dim, timesteps.flatten()).to(dtype))
+        frame_mod = self.condition_embedder.time_proj(F.silu(time_emb)).unflatten(1, (6, -1))
+        frame_mod = frame_mod.unflatten(0, (batch, frames))
+        cos, sin = self.rope.cos_sin(*grid, start_frame=start_frame, device=x.device)
+        rope = RopeTables(cos, sin)
+
+        if kv_cache is not None:
+            kv_cache.begin(start_frame * grid[1] * grid[2], x.shape[1])
+        for layer, block in enumerate(self.blocks):
+            x = block(x, frame_mod, rope, context_kv[layer], layer, kv_cache, attn_mask)
+        if kv_cache is not None:
+            kv_cache.commit(start_frame * grid[1] * grid[2], x.shape[1])
+
+        shift, scale = (self.scale_shift_table.unsqueeze(1) + time_emb.unflatten(0, (batch, frames)).unsqueeze(2)).chunk(2, dim=2)
+        x = (self.norm_out(x).unflatten(1, (frames, -1)) * (1 + scale) + shift).flatten(1, 2)
+        x = self.proj_out(x)
+        return self._unpatchify(x, grid)
+
+    def _unpatchify(self, x: torch.Tensor, grid: torch.Size) -> torch.Tensor:
+        pt, ph, pw = self.patch
+        f, h, w = grid
+        x = x.reshape(x.shape[0], f, h, w, pt, ph, pw, -1)
+        return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(x.shape[0], -1, f * pt, h * ph, w * pw)
+
+
+class _TwoLayer(nn.Module):
+    """Linear -> activation -> Linear, named as diffusers names it (linear_1 / linear_2)."""
+
+    def __init__(self, dim_in: int, dim: int, activation: nn.Module) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(dim_in, dim)
+        self.act = activation
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))

@@ -1,0 +1,250 @@
+"""Loads the generator, VAE and text encoder from local folders (never from a hub).
+
+Two on-disk layouts are understood, under one weights folder:
+  original:  wan_models/Wan2.1-T2V-1.3B/{config.json, diffusion_pytorch_model.safetensors,
+             Wan2.1_VAE.pth, models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl/}
+  diffusers: Wan2.1-T2V-1.3B-Diffusers/{transformer/, vae/, text_encoder/, tokenizer/}
+plus the Self-Forcing generator checkpoints/self_forcing_dmd.pt ('generator' and
+'generator_ema', keys optionally prefixed 'model.'). Original key names are converted with
+diffusers' own single-file converters. Anything missing or mismatched raises WeightsError
+with one message naming the file and what to download.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKLWan
+from diffusers.loaders.single_file_utils import (convert_wan_transformer_to_diffusers,
+                                                 convert_wan_vae_to_diffusers)
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast, UMT5EncoderModel
+
+from .config import PipelineConfig
+from .model import CausalWanModel
+from .text_encoder import PromptEncoder, umt5_config, umt5_config_from_wan_state, wan_t5_to_transformers
+from .vae import WanVAE
+
+log = logging.getLogger(__name__)
+
+WAN_REPO = "Wan-AI/Wan2.1-T2V-1.3B"
+WAN_DIFFUSERS_REPO = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+SELF_FORCING_REPO = "gdhe17/Self-Forcing"
+T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
+VAE_FILE = "Wan2.1_VAE.pth"
+
+
+class WeightsError(RuntimeError):
+    """A weight file is missing or does not fit the model; the message says what to do."""
+
+
+@dataclass
+class Components:
+    generator: CausalWanModel
+    vae: WanVAE
+    prompt_encoder: PromptEncoder
+    description: str
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise WeightsError(f"Missing {what}: {path} does not exist. {_download_hint(path)}")
+    return path
+
+
+def _download_hint(path: Path) -> str:
+    name = str(path)
+    if "self_forcing" in name or "checkpoints" in name:
+        return (f"Download self_forcing_dmd.pt from the Hugging Face repo {SELF_FORCING_REPO} "
+                f"into <weights>/checkpoints/.")
+    if "Diffusers" in name:
+        return f"Download the Hugging Face repo {WAN_DIFFUSERS_REPO} into that folder."
+    return f"Download the Hugging Face repo {WAN_REPO} into <weights>/wan_models/Wan2.1-T2V-1.3B/."
+
+
+def _torch_load(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # a truncated or non-torch file: say which one
+        raise WeightsError(f"Could not read {path}: {exc}. Re-download it.") from exc
+
+
+def _load_safetensors_dir(folder: Path) -> dict[str, torch.Tensor]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise WeightsError(f"Missing weights: no *.safetensors in {folder}. {_download_hint(folder)}")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    return state
+
+
+def _load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Strict load with a readable report of missing, unexpected and mis-shaped tensors."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+                  for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or mismatched:
+        details = []
+        if missing:
+            details.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if mismatched:
+            details.append(f"{len(mismatched)} with the wrong shape (e.g. {'; '.join(mismatched[:3])})")
+        raise WeightsError(f"{source} does not match the configured model: {'; '.join(details)}. "
+                           f"Check that the config and the downloaded files are for the same model. "
+                           f"{_download_hint(source)}")
+    if unexpected:
+        log.warning("%s: ignoring %d unexpected tensors (e.g. %s)", source, len(unexpected), unexpected[:3])
+    module.load_state_dict({k: state[k] for k in expected}, strict=True)
+
+
+def generator_state_from_checkpoint(path: Path, use_ema: bool) -> dict[str, torch.Tensor]:
+    """Self-Forcing .pt -> diffusers-named generator weights."""
+    checkpoint = _torch_load(path)
+    key = "generator_ema" if use_ema else "generator"
+    if key not in checkpoint:
+        raise WeightsError(f"{path} has no '{key}' weights (it has: {', '.join(map(str, checkpoint))}). "
+                           f"{'Run without --use-ema' if use_ema else 'Use the Self-Forcing checkpoint'}.")
+    state = {k.removeprefix("model."): v for k, v in checkpoint[key].items()}
+    return convert_wan_transformer_to_diffusers(state)
+
+
+def resolve_layout(config: PipelineConfig, weights_dir: Path | None) -> str:
+    layout = config.weights.layout
+    if layout != "auto":
+        return layout
+    if weights_dir is None:
+        raise WeightsError(f"{config.name} needs downloaded weights: pass --weights DIR "
+                           f"(or set SF_WEIGHTS_DIR). See README 'Real weights'.")
+    if (weights_dir / config.weights.original_dir).is_dir():
+        return "original"
+    if (weights_dir / config.weights.diffusers_dir).is_dir() or (weights_dir / "transformer").is_dir():
+        return "diffusers"
+    raise WeightsError(
+        f"No Wan2.1 weights under {weights_dir}: expected {weights_dir / config.weights.original_dir} "
+        f"(download {WAN_REPO}) or {weights_dir / config.weights.diffusers_dir} (download {WAN_DIFFUSERS_REPO}).")
+
+
+def _diffusers_root(config: PipelineConfig, weights_dir: Path) -> Path:
+    nested = weights_dir / config.weights.diffusers_dir
+    return nested if nested.is_dir() else weights_dir
+
+
+def load_components(config: PipelineConfig, weights_dir: str | Path | None = None,
+                    device: torch.device | str = "cpu") -> Components:
+    """Builds generator, VAE and prompt encoder for config from weights_dir, on device."""
+    weights_dir = Path(weights_dir).expanduser() if weights_dir else None
+    layout = resolve_layout(config, weights_dir)
+    dtype = config.torch_dtype
+    generator = CausalWanModel(**config.model)
+    text_len = config.text_encoder.get("text_len", config.model.get("text_len", 512))
+
+    if layout == "random":
+        components = _random_components(config, generator, text_len)
+    elif layout == "original":
+        components = _original_components(config, weights_dir, generator, text_len)
+    elif layout == "diffusers":
+        components = _diffusers_components(config, weights_dir, generator, text_len)
+    else:
+        raise WeightsError(f"Unknown weights layout {layout!r} in {config.source}: use auto, original, "
+                           f"diffusers or random.")
+
+    if config.weights.generator_ckpt and layout != "random":
+        ckpt = _require(weights_dir / config.weights.generator_ckpt, "Self-Forcing generator checkpoint")
+        _load_into(generator, generator_state_from_checkpoint(ckpt, config.weights.use_ema), ckpt)
+        components.description += f" + {ckpt.name} ({'EMA' if config.weights.use_ema else 'generator'})"
+
+    components.generator.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    components.vae.model.to(device=device, dtype=dtype)
+    components.prompt_encoder.model.to(device=device, dtype=dtype)
+    return components
+
+
+def _original_components(config: PipelineConfig, weights_dir: Path, generator: CausalWanModel,
+                         text_len: int) -> Components:
+    base = weights_dir / config.weights.original_dir
+    if not config.weights.generator_ckpt:
+        source = _require(base / "diffusion_pytorch_model.safetensors", "Wan2.1 DiT weights")
+        _load_into(generator, convert_wan_transformer_to_diffusers(load_file(str(source))), source)
+
+    vae_path = _require(base / VAE_FILE, "Wan2.1 VAE")
+    vae_model = AutoencoderKLWan(**config.vae)
+    _load_into(vae_model, convert_wan_vae_to_diffusers(_torch_load(vae_path)), vae_path)
+
+    t5_path = _require(base / T5_FILE, "UMT5-XXL text encoder")
+    t5_state = _torch_load(t5_path)
+    try:
+        t5_config = umt5_config_from_wan_state(t5_state)
+    except (KeyError, ValueError) as exc:
+        raise WeightsError(f"{t5_path} is not a Wan UMT5 encoder checkpoint (no {exc}). "
+                           f"{_download_hint(t5_path)}") from exc
+    t5 = UMT5EncoderModel(t5_config)
+    _load_into(t5, wan_t5_to_transformers(t5_state), t5_path)
+    tokenizer = _load_tokenizer(_require(base / "google" / "umt5-xxl", "UMT5 tokenizer folder"))
+    return Components(generator, WanVAE(vae_model), PromptEncoder(tokenizer, t5, text_len),
+                      f"{config.name} from {base}")
+
+
+def _diffusers_components(config: PipelineConfig, weights_dir: Path, generator: CausalWanModel,
+                          text_len: int) -> Components:
+    root = _diffusers_root(config, weights_dir)
+    if not config.weights.generator_ckpt:
+        folder = _require(root / "transformer", "diffusers transformer folder")
+        _load_into(generator, _load_safetensors_dir(folder), folder)
+    vae_dir = _require(root / "vae", "diffusers VAE folder")
+    text_dir = _require(root / "text_encoder", "diffusers text encoder folder")
+    try:
+        vae_model = AutoencoderKLWan.from_pretrained(vae_dir, local_files_only=True)
+        t5 = UMT5EncoderModel.from_pretrained(text_dir, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise WeightsError(f"Could not load {vae_dir} / {text_dir}: {exc}. {_download_hint(root)}") from exc
+    tokenizer = _load_tokenizer(_require(root / "tokenizer", "diffusers tokenizer folder"))
+    return Components(generator, WanVAE(vae_model), PromptEncoder(tokenizer, t5, text_len),
+                      f"{config.name} from {root}")
+
+
+def _load_tokenizer(folder: Path):
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise WeightsError(f"Could not load the tokenizer in {folder}: {exc}. {_download_hint(folder)}") from exc
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A self-contained byte-level tokenizer (256 bytes + pad/eos) for the random tiny model."""
+    vocab = {"<pad>": 0, "</s>": 1, **{chr(0x100 + b): b + 2 for b in range(256)}}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="</s>"))
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                            use_regex=False),
+                                                   pre_tokenizers.Split("", "isolated")])
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>", unk_token="</s>")
+
+
+def _random_components(config: PipelineConfig, generator: CausalWanModel, text_len: int) -> Components:
+    """Seeded random weights: the embedded default and the tests' model."""
+    rng = torch.Generator().manual_seed(config.weights.random_seed)
+    tc = config.text_encoder
+    t5 = UMT5EncoderModel(umt5_config(258, tc["d_model"], tc["d_kv"], tc["d_ff"], tc["num_layers"], tc["num_heads"]))
+    vae_model = AutoencoderKLWan(**config.vae)
+    for module in (generator, vae_model, t5):
+        with torch.no_grad():
+            for name, param in module.named_parameters():
+                param.copy_(_random_like(name, param, rng))
+    return Components(generator, WanVAE(vae_model), PromptEncoder(byte_tokenizer(), t5, text_len),
+                      config.name)
+
+
+def _random_like(name: str, param: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+    """Fan-in scaled normals; norm gains near 1 and small biases, so activations stay O(1)."""
+    noise = torch.randn(param.shape, generator=rng)
+    if name.endswith("gamma") or (param.ndim == 1 and name.endswith("weight")):
+        return 1.0 + 0.1 * noise
+    if param.ndim <= 1:
+        return 0.1 * noise
+    return noise / param[0].numel() ** 0.5
