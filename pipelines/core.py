@@ -104,7 +104,7 @@ class StreamingVideoPipeline:
         """Returns (num_blocks, height, width) or raises RequestError with a user-facing message."""
         if not request.prompt or not request.prompt.strip():
             raise RequestError("Please enter a prompt.")
-        num_blocks = request.num_blocks or self.config.num_blocks
+        num_blocks = self.config.num_blocks if request.num_blocks is None else request.num_blocks
         if not 1 <= num_blocks <= self.config.max_blocks:
             raise RequestError(f"Number of blocks must be between 1 and {self.config.max_blocks}.")
         height, width = request.height or self.config.height, request.width or self.config.width

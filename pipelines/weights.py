@@ -20,7 +20,7 @@ from diffusers import AutoencoderKLWan
 from diffusers.loaders.single_file_utils import (convert_wan_transformer_to_diffusers,
                                                  convert_wan_vae_to_diffusers)
 from safetensors.torch import load_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, UMT5EncoderModel
 
 from .config import PipelineConfig
@@ -217,11 +217,13 @@ def _load_tokenizer(folder: Path):
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
     """A self-contained byte-level tokenizer (256 bytes + pad/eos) for the random tiny model."""
-    vocab = {"<pad>": 0, "</s>": 1, **{chr(0x100 + b): b + 2 for b in range(256)}}
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<pad>": 0, "</s>": 1, **{char: i + 2 for i, char in enumerate(alphabet)}}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="</s>"))
-    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.ByteLevel(add_prefix_space=False,
-                                                                            use_regex=False),
-                                                   pre_tokenizers.Split("", "isolated")])
+    core.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        pre_tokenizers.Split(Regex("."), "isolated")])
+    core.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     core.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>", unk_token="</s>")
 

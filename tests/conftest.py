@@ -1,0 +1,33 @@
+"""Shared fixtures: the tiny random model in float32 on the CPU."""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from pipelines.config import load_config  # noqa: E402
+from pipelines.core import StreamingVideoPipeline  # noqa: E402
+from pipelines.weights import load_components  # noqa: E402
+
+logging.getLogger("diffusers").setLevel(logging.ERROR)
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    return load_config(ROOT / "configs" / "tiny.yaml")
+
+
+@pytest.fixture(scope="session")
+def tiny_components(tiny_config):
+    return load_components(tiny_config)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_components, tiny_config):
+    return StreamingVideoPipeline(tiny_components, tiny_config)
