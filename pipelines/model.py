@@ -109,29 +109,45 @@ class CausalWanBlock(nn.Module):
                 context_kv: tuple[torch.Tensor, torch.Tensor], layer: int,
                 kv_cache: KVCache | None, mask: torch.Tensor | None) -> torch.Tensor:
         """x [B, F*S, C]; frame_mod [B, F, 6, C] (one modulation per latent frame)."""
-        frames = frame_mod.shape[1]
-        shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table.unsqueeze(1) + frame_mod).chunk(6, dim=2)
-
-        def modulate(h: torch.Tensor, sh: torch.Tensor, sc: torch.Tensor) -> torch.Tensor:
-            return (h.unflatten(1, (frames, -1)) * (1 + sc) + sh).flatten(1, 2)
-
-        def gated(h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-            return (h.unflatten(1, (frames, -1)) * g).flatten(1, 2)
-
-        h = modulate(self.norm1(x), shift, scale)
-        attn = self.attn1
-        q = apply_rotary(attn.heads(attn.norm_q(attn.to_q(h))), rope.cos, rope.sin)
-        k = apply_rotary(attn.heads(attn.norm_k(attn.to_k(h))), rope.cos, rope.sin)
-        v = attn.heads(attn.to_v(h))
+        mods = (self.scale_shift_table.unsqueeze(1) + frame_mod).chunk(6, dim=2)
+        q, k, v = self.project_self(x, mods[0], mods[1], rope.cos, rope.sin)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)
-        x = x + gated(attn.attend(q, k, v, mask), gate)
+        attended = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                  attn_mask=mask).transpose(1, 2).flatten(2)
+        return self.finish(x, attended, mods, context_kv)
 
+    def project_self(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Static-shape part before self-attention: adaLN, q/k/v, qk-norm, RoPE."""
+        h = _modulate(self.norm1(x), shift, scale)
+        attn = self.attn1
+        q = apply_rotary(attn.heads(attn.norm_q(attn.to_q(h))), cos, sin)
+        k = apply_rotary(attn.heads(attn.norm_k(attn.to_k(h))), cos, sin)
+        return q, k, attn.heads(attn.to_v(h))
+
+    def finish(self, x: torch.Tensor, attended: torch.Tensor, mods: tuple[torch.Tensor, ...],
+               context_kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Static-shape part after self-attention: output gate, cross-attention, FFN."""
+        _, _, gate, c_shift, c_scale, c_gate = mods
+        x = x + _gated(self.attn1.to_out[0](attended), gate)
         q = self.attn2.heads(self.attn2.norm_q(self.attn2.to_q(self.norm2(x))))
         x = x + self.attn2.attend(q, *context_kv)
+        return x + _gated(self.ffn(_modulate(self.norm3(x), c_shift, c_scale)), c_gate)
 
-        x = x + gated(self.ffn(modulate(self.norm3(x), c_shift, c_scale)), c_gate)
-        return x
+    def compile_static_parts(self, **options) -> None:
+        """torch.compile the parts whose shapes never change; attention over the growing cache stays eager."""
+        self.project_self = torch.compile(self.project_self, **options)
+        self.finish = torch.compile(self.finish, **options)
+
+
+def _modulate(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Per-frame adaLN: h [B, F*S, C], shift/scale [B, F, 1, C]."""
+    return (h.unflatten(1, (shift.shape[1], -1)) * (1 + scale) + shift).flatten(1, 2)
+
+
+def _gated(h: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    return (h.unflatten(1, (gate.shape[1], -1)) * gate).flatten(1, 2)
 
 
 class CausalWanModel(ModelMixin, ConfigMixin):
@@ -162,6 +178,10 @@ class CausalWanModel(ModelMixin, ConfigMixin):
     @property
     def head_dim(self) -> int:
         return self.config.dim // self.config.num_heads
+
+    def compile_blocks(self, **options) -> None:
+        for block in self.blocks:
+            block.compile_static_parts(**options)
 
     def frame_tokens(self, latent_height: int, latent_width: int) -> int:
         return (latent_height // self.patch[1]) * (latent_width // self.patch[2])

@@ -1,0 +1,123 @@
+"""GPU benchmark of the streaming path at full Wan2.1-T2V-1.3B size with random weights.
+
+Speed does not depend on weight values, so the generator, the full Wan VAE and a UMT5-XXL-sized
+text encoder are built with default initialisation on the GPU. Each timed run uses a new
+prompt (the text encoder runs) and goes through StreamingVideoPipeline.generate(), exactly
+what the app streams. Reports time to first decoded frames, per-block ms, FPS and peak memory.
+
+    python bench/bench_streaming.py --config configs/self_forcing_dmd.yaml --runs 3 --compile
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from diffusers import AutoencoderKLWan  # noqa: E402
+from transformers import UMT5EncoderModel  # noqa: E402
+
+from pipelines.config import load_config  # noqa: E402
+from pipelines.core import GenerationRequest, StreamingVideoPipeline  # noqa: E402
+from pipelines.model import CausalWanModel  # noqa: E402
+from pipelines.text_encoder import PromptEncoder, umt5_config  # noqa: E402
+from pipelines.vae import WanVAE  # noqa: E402
+from pipelines.weights import Components, byte_tokenizer  # noqa: E402
+
+UMT5_XXL = dict(vocab=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64)
+PROMPTS = ["A corgi runs along a beach at sunset, waves rolling in, cinematic lighting",
+           "Aerial shot of a city at night, neon lights, light rain, slow camera pan",
+           "A chef slices vegetables in a busy kitchen, steam rising, close-up",
+           "A red kite flying over green hills on a windy afternoon",
+           "Timelapse of clouds moving over snowy mountains"]
+
+
+def build_components(config, device: torch.device, dtype: torch.dtype) -> Components:
+    with torch.device(device):
+        generator = CausalWanModel(**config.model).to(dtype)
+        vae = AutoencoderKLWan(**config.vae).to(dtype)
+        t5 = UMT5EncoderModel._from_config(umt5_config(**UMT5_XXL), torch_dtype=dtype)
+    text_len = config.text_encoder.get("text_len", 512)
+    return Components(generator.eval().requires_grad_(False), WanVAE(vae),
+                      PromptEncoder(byte_tokenizer(), t5, text_len), "random full-size weights")
+
+
+def time_generation(pipeline: StreamingVideoPipeline, prompt: str, seed: int) -> dict:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    blocks, frames, first = [], 0, None
+    for result in pipeline.generate(GenerationRequest(prompt, seed=seed)):
+        frames += result.frames.shape[0]
+        if first is None:
+            first = time.perf_counter() - start
+        blocks.append({"denoise_ms": result.denoise_s * 1e3, "decode_ms": result.decode_s * 1e3})
+    total = time.perf_counter() - start
+    return {"first_frames_s": first, "total_s": total, "frames": frames, "fps": frames / total,
+            "blocks": blocks, "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/self_forcing_dmd.yaml")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the static-shape block parts")
+    parser.add_argument("--sdpa", choices=["auto", "cudnn", "flash", "efficient"], default="auto",
+                        help="force one scaled_dot_product_attention backend")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
+
+    device = torch.device("cuda")
+    config = load_config(args.config)
+    build_start = time.perf_counter()
+    components = build_components(config, device, config.torch_dtype)
+    if args.compile:
+        torch._dynamo.config.cache_size_limit = 64
+        components.generator.compile_blocks(mode="max-autotune-no-cudagraphs", dynamic=False)
+    pipeline = StreamingVideoPipeline(components, config, device)
+    logging.info("built in %.1fs; resident %.1f GiB", time.perf_counter() - build_start,
+                 torch.cuda.memory_allocated() / 2**30)
+
+    if args.sdpa != "auto":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                   "efficient": SDPBackend.EFFICIENT_ATTENTION}[args.sdpa]
+        sdpa_kernel([backend]).__enter__()
+    warm_start = time.perf_counter()
+    time_generation(pipeline, "warm-up prompt", seed=0)
+    logging.info("warm-up generation %.1fs", time.perf_counter() - warm_start)
+
+    runs = [time_generation(pipeline, PROMPTS[i % len(PROMPTS)], seed=i + 1) for i in range(args.runs)]
+    summary = {
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "config": args.config,
+        "compile": args.compile, "sdpa": args.sdpa, "dtype": config.dtype, "height": config.height, "width": config.width,
+        "frames": runs[0]["frames"],
+        "first_frames_s_median": statistics.median(r["first_frames_s"] for r in runs),
+        "fps_median": statistics.median(r["fps"] for r in runs),
+        "total_s_median": statistics.median(r["total_s"] for r in runs),
+        "block_denoise_ms_median": statistics.median(b["denoise_ms"] for r in runs for b in r["blocks"]),
+        "block_decode_ms_median": statistics.median(b["decode_ms"] for r in runs for b in r["blocks"]),
+        "peak_allocated_gib": max(r["peak_allocated_gib"] for r in runs),
+        "command": " ".join(["python"] + sys.argv),
+        "runs": runs,
+    }
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(summary, indent=2))
+    print(f"{summary['device']} compile={args.compile} sdpa={args.sdpa} frames={summary['frames']} "
+          f"first={summary['first_frames_s_median']:.3f}s fps={summary['fps_median']:.1f} "
+          f"denoise/block={summary['block_denoise_ms_median']:.0f}ms decode/block={summary['block_decode_ms_median']:.0f}ms "
+          f"peak={summary['peak_allocated_gib']:.1f}GiB")
+
+
+if __name__ == "__main__":
+    main()
