@@ -1,0 +1,46 @@
+"""Streaming Wan VAE decode speed at 480x832 (one 3-latent-frame block) under kernel settings.
+
+    python bench/bench_vae.py
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from diffusers import AutoencoderKLWan  # noqa: E402
+
+from pipelines.vae import WanVAE  # noqa: E402
+
+
+def time_blocks(vae: WanVAE, latents: torch.Tensor, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        stream = vae.stream()
+        for block in latents.split(3, dim=2):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            stream.decode_block(block)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
+def main() -> None:
+    model = AutoencoderKLWan().to("cuda", torch.bfloat16)
+    vae = WanVAE(model)
+    latents = torch.randn(1, 16, 9, 60, 104, device="cuda", dtype=torch.bfloat16)
+    print(f"default: {time_blocks(vae, latents):.0f} ms/block")
+    torch.backends.cudnn.benchmark = True
+    time_blocks(vae, latents, 1)
+    print(f"cudnn.benchmark: {time_blocks(vae, latents):.0f} ms/block")
+    model.to(memory_format=torch.channels_last_3d)
+    time_blocks(vae, latents, 1)
+    print(f"cudnn.benchmark + channels_last_3d: {time_blocks(vae, latents):.0f} ms/block")
+
+
+if __name__ == "__main__":
+    main()
