@@ -13,6 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from diffusers import AutoencoderKLWan  # noqa: E402
 
+from pipelines.acceleration import vae_to_channels_last  # noqa: E402
 from pipelines.vae import WanVAE  # noqa: E402
 
 
@@ -37,9 +38,15 @@ def main() -> None:
     torch.backends.cudnn.benchmark = True
     time_blocks(vae, latents, 1)
     print(f"cudnn.benchmark: {time_blocks(vae, latents):.0f} ms/block")
-    model.to(memory_format=torch.channels_last_3d)
+    vae_to_channels_last(model)
     time_blocks(vae, latents, 1)
     print(f"cudnn.benchmark + channels_last_3d: {time_blocks(vae, latents):.0f} ms/block")
+    stream = vae.stream()
+    stream.decode_block(latents[:, :, :3])
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        stream.decode_block(latents[:, :, 3:6])
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=70))
 
 
 if __name__ == "__main__":

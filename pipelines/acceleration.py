@@ -19,8 +19,15 @@ def accelerate(components: Components, compile_generator: bool = False) -> None:
     if components.generator.patch_embedding.weight.device.type != "cuda":
         return
     torch.backends.cudnn.benchmark = True
-    components.vae.model.to(memory_format=torch.channels_last_3d)
+    vae_to_channels_last(components.vae.model)
     if compile_generator:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         components.generator.compile_blocks(mode="max-autotune-no-cudagraphs", dynamic=False)
         log.info("torch.compile enabled for the generator blocks (first generation compiles)")
+
+
+def vae_to_channels_last(model: torch.nn.Module) -> None:
+    """Stores the 3D conv weights channels-last so cuDNN can pick its NDHWC kernels."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv3d):
+            module.weight.data = module.weight.data.to(memory_format=torch.channels_last_3d)
