@@ -84,7 +84,7 @@ def main() -> None:
     build_start = time.perf_counter()
     components = build_components(config, device, config.torch_dtype)
     if args.fast_kernels:
-        accelerate(components, compile_generator=args.compile)
+        accelerate(components, compile_models=args.compile)
     elif args.compile:
         components.generator.compile_blocks(mode="max-autotune-no-cudagraphs", dynamic=False)
     pipeline = StreamingVideoPipeline(components, config, device)
