@@ -52,7 +52,12 @@ class PipelineConfig:
     fps: int = 16
     dtype: str = "bfloat16"
     negative_prompt: str = ""
+    resolutions: list[str] = field(default_factory=list)  # "WIDTHxHEIGHT" choices offered in the UI
     source: str = ""
+
+    @property
+    def resolution_choices(self) -> list[str]:
+        return self.resolutions or [f"{self.width}x{self.height}"]
 
     @property
     def torch_dtype(self) -> torch.dtype:

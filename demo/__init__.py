@@ -1,0 +1,1 @@
+"""Gradio UI: tabs, streaming of decoded blocks to the browser, per-session controls."""

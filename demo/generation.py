@@ -1,0 +1,83 @@
+"""The one streaming handler behind every tab: runs the pipeline core and yields UI updates."""
+from __future__ import annotations
+
+import gc
+import logging
+import random
+from dataclasses import dataclass
+from typing import Iterator
+
+import gradio as gr
+import torch
+
+from pipelines.core import GenerationRequest, RequestError
+
+from .media import StreamRecorder
+from .runtime import Runtime
+from .session import SessionControl
+
+log = logging.getLogger(__name__)
+MAX_SEED = 2**31 - 1
+
+
+@dataclass
+class StreamUpdate:
+    segment: object  # a .ts path, or gr.skip() to leave the stream as it is
+    preview: object
+    status: str
+    video: str | None
+    seed: int
+
+    def as_tuple(self) -> tuple:
+        return self.segment, self.preview, self.status, self.video, self.seed
+
+
+def pick_seed(seed: float | int | None, randomize: bool) -> int:
+    if randomize or seed is None:
+        return random.randint(0, MAX_SEED)
+    return int(seed) % (MAX_SEED + 1)
+
+
+def parse_resolution(text: str) -> tuple[int, int]:
+    """'832x480' (width x height) -> (height, width)."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except (AttributeError, ValueError) as err:
+        raise gr.Error(f"Resolution must look like 832x480, got {text!r}.") from err
+    return height, width
+
+
+def stream_video(runtime: Runtime, session: SessionControl, request: GenerationRequest, fps: int) -> Iterator[tuple]:
+    """Yields (segment, preview, status, final mp4, seed) as each block is decoded."""
+    if runtime.pipeline is None:
+        raise gr.Error(runtime.load_error or "The model is not loaded.")
+    pipeline = runtime.pipeline
+    try:
+        num_blocks, _, _ = pipeline.validate(request)
+    except RequestError as err:
+        raise gr.Error(str(err)) from err
+    recorder = StreamRecorder(session.new_run_dir(), int(fps))
+    yield StreamUpdate(gr.skip(), gr.skip(), f"Starting: {num_blocks} blocks …", None, request.seed).as_tuple()
+    status = ""
+    with runtime.gpu_lock:
+        try:
+            for result in pipeline.generate(request, cancel=session.stop_requested.is_set):
+                segment = recorder.add_block(result.frames)
+                fps_now = recorder.frames / result.elapsed_s
+                status = (f"Block {result.index + 1}/{num_blocks} · {result.block_s * 1e3:.0f} ms/block · "
+                          f"{fps_now:.1f} FPS · {recorder.frames} frames")
+                if result.index == 0:
+                    status += f" · first frames after {result.elapsed_s:.2f} s"
+                yield StreamUpdate(str(segment), result.frames[-1], status, None, request.seed).as_tuple()
+        except torch.cuda.OutOfMemoryError as err:
+            log.warning("out of GPU memory: %s", err)
+            raise gr.Error("Out of GPU memory. Try fewer blocks or a lower resolution.") from err
+        finally:
+            final = recorder.finish()
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    stopped = session.stop_requested.is_set() and recorder.segments < num_blocks
+    done = f"Stopped after block {recorder.segments}/{num_blocks}." if stopped else "Done."
+    yield StreamUpdate(gr.skip(), gr.skip(), f"{done} {status}", str(final) if final else None,
+                       request.seed).as_tuple()

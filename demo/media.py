@@ -1,0 +1,56 @@
+"""Input checks for uploaded images and the streamed/downloadable video files."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from pipelines.video_io import H264Writer
+
+MAX_IMAGE_PIXELS = 40_000_000
+
+
+class MediaError(ValueError):
+    """An upload that cannot be used; the message is shown to the user."""
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Opens an uploaded image, refusing non-images and images too large to process safely."""
+    try:
+        with Image.open(path) as probe:
+            width, height = probe.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise MediaError(f"The image is {width}x{height}; please upload one under "
+                                 f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels.")
+            image = probe.convert("RGB")
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as err:
+        raise MediaError(f"Could not read the upload as an image ({type(err).__name__}).") from err
+    return image
+
+
+class StreamRecorder:
+    """Writes each decoded block as a short .ts segment for the browser and into one final mp4."""
+
+    def __init__(self, run_dir: Path, fps: int) -> None:
+        self.run_dir = run_dir
+        self.fps = fps
+        self.final: H264Writer | None = None
+        self.segments = 0
+
+    def add_block(self, frames: np.ndarray) -> Path:
+        if self.final is None:
+            self.final = H264Writer(self.run_dir / "video.mp4", frames.shape[2], frames.shape[1], self.fps)
+        self.final.write(frames)
+        self.segments += 1
+        segment = H264Writer(self.run_dir / f"segment{self.segments:03d}.ts", frames.shape[2], frames.shape[1],
+                             self.fps)
+        segment.write(frames)
+        return segment.close()
+
+    def finish(self) -> Path | None:
+        return None if self.final is None else self.final.close()
+
+    @property
+    def frames(self) -> int:
+        return 0 if self.final is None else self.final.frames_written

@@ -1,0 +1,79 @@
+"""The process-wide, read-only model runtime: config, weights and the one pipeline core."""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pipelines.acceleration import accelerate
+from pipelines.config import PipelineConfig, load_config
+from pipelines.core import StreamingVideoPipeline
+from pipelines.weights import WeightsError, load_components
+
+log = logging.getLogger(__name__)
+
+HF_PREFIX = "hf://"
+
+
+def resolve_weights_source(source: str | None, cache_dir: str | Path | None = None) -> Path | None:
+    """A local folder is used as is; 'hf://owner/repo' is downloaded once into cache_dir (Spaces)."""
+    if not source:
+        return None
+    if not source.startswith(HF_PREFIX):
+        path = Path(source).expanduser()
+        if not path.is_dir():
+            raise WeightsError(f"Weights folder {path} does not exist.")
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    repo_id = source[len(HF_PREFIX):]
+    target = Path(cache_dir or os.environ.get("SF_WEIGHTS_CACHE", "~/.cache/self-forcing-weights")).expanduser()
+    try:
+        return Path(snapshot_download(repo_id=repo_id, local_dir=target / repo_id.replace("/", "--")))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
+        raise WeightsError(f"Could not download {repo_id} from the Hugging Face Hub: {err}") from err
+
+
+@dataclass
+class Runtime:
+    config: PipelineConfig
+    device: str
+    pipeline: StreamingVideoPipeline | None = None
+    load_error: str | None = None
+    gpu_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def is_embedded_default(self) -> bool:
+        return self.config.weights.layout == "random"
+
+    def banner(self) -> str:
+        if self.pipeline is None:
+            return f"**Model not loaded:** {self.load_error}"
+        text = f"**Model:** {self.pipeline.components.description} · **device:** {self.device}"
+        if self.is_embedded_default:
+            text += (" · this is the embedded tiny model with random weights: it shows how streaming works and "
+                     "makes abstract patterns. Start with `--config configs/self_forcing_dmd.yaml --weights DIR` "
+                     "for real videos.")
+        return text
+
+
+def load_runtime(config_path: str | Path | None, weights: str | None, device: str | None = None,
+                 compile_models: bool = False, use_ema: bool = False) -> Runtime:
+    """Loads once at start-up; a weights problem is kept as a message for the UI, not raised."""
+    config = load_config(config_path, **{"weights.use_ema": use_ema or None})
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    runtime = Runtime(config=config, device=device)
+    try:
+        components = load_components(config, resolve_weights_source(weights), device)
+    except WeightsError as err:
+        log.error("%s", err)
+        runtime.load_error = str(err)
+        return runtime
+    accelerate(components, compile_models=compile_models)
+    runtime.pipeline = StreamingVideoPipeline(components, config, device)
+    return runtime
