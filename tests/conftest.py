@@ -31,3 +31,12 @@ def tiny_components(tiny_config):
 @pytest.fixture(scope="session")
 def tiny_pipeline(tiny_components, tiny_config):
     return StreamingVideoPipeline(tiny_components, tiny_config)
+
+
+@pytest.fixture(scope="session")
+def app_server():
+    from app_server import AppServer
+
+    server = AppServer()
+    yield server
+    server.stop()

@@ -1,0 +1,82 @@
+"""The launched app through gradio_client: every tab's endpoint, bad inputs, recovery."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+from pipelines.video_io import count_frames
+
+ROOT_EXAMPLE = "assets/examples/clouds_drifting_over_mountains.png"
+T2V_ARGS = ("", 7, False, 2, 16, "96x64")  # negative, seed, randomize, blocks, fps, resolution
+
+
+@pytest.fixture(scope="module")
+def client(app_server):
+    return Client(app_server.url, verbose=False)
+
+
+def test_text_to_video_endpoint_returns_mp4_with_all_frames(client):
+    segment, preview, status, video, seed = client.predict("a lighthouse", *T2V_ARGS, api_name="/text_to_video")
+    assert status.startswith("Done.") and "Block 2/2" in status
+    assert seed == 7
+    assert count_frames(video) == 21  # 1 + 4*5 for 2 blocks of 3 latent frames
+
+
+def test_image_to_video_endpoint(client, tmp_path):
+    result = client.predict(handle_file(ROOT_EXAMPLE), "clouds drift", *T2V_ARGS, api_name="/image_to_video")
+    assert count_frames(result[3]) == 25  # the image frame + 2 blocks x 12 frames
+
+
+def test_other_resolution_and_seed_randomisation(client):
+    result = client.predict("a lighthouse", "", 0, True, 1, 12, "64x96", api_name="/text_to_video")
+    assert count_frames(result[3]) == 9
+    assert isinstance(result[4], (int, float))
+
+
+def test_pose_tab_explains_what_is_missing(client):
+    with pytest.raises(AppError, match="DWPose"):
+        client.predict(None, None, "dance", *T2V_ARGS, api_name="/pose_animation")
+
+
+@pytest.mark.parametrize("prompt", ["", "   "])
+def test_empty_prompt_is_rejected(client, prompt):
+    with pytest.raises(AppError, match="enter a prompt"):
+        client.predict(prompt, *T2V_ARGS, api_name="/text_to_video")
+
+
+def test_missing_image_is_rejected(client):
+    with pytest.raises(AppError, match="upload an image"):
+        client.predict(None, "x", *T2V_ARGS, api_name="/image_to_video")
+
+
+def test_non_image_upload_is_rejected(client, tmp_path):
+    fake = tmp_path / "not_an_image.png"
+    fake.write_bytes(b"this is text, not a PNG" * 10)
+    with pytest.raises(AppError):
+        client.predict(handle_file(str(fake)), "x", *T2V_ARGS, api_name="/image_to_video")
+
+
+def test_huge_image_is_rejected(client, tmp_path):
+    huge = tmp_path / "huge.png"
+    Image.new("RGB", (8000, 6000), (10, 20, 30)).save(huge)
+    with pytest.raises(AppError, match="megapixels"):
+        client.predict(handle_file(str(huge)), "x", *T2V_ARGS, api_name="/image_to_video")
+
+
+def test_too_many_blocks_is_rejected_and_app_keeps_serving(client):
+    with pytest.raises(AppError):
+        client.predict("x", "", 1, False, 500, 16, "96x64", api_name="/text_to_video")
+    result = client.predict("after errors", *T2V_ARGS, api_name="/text_to_video")
+    assert count_frames(result[3]) == 21
+
+
+def test_preview_is_last_frame_of_stream(client):
+    job = client.submit("a lighthouse", *T2V_ARGS, api_name="/text_to_video")
+    outputs = list(job)
+    previews = [o[1] for o in outputs if isinstance(o[1], str)]
+    assert len(previews) >= 2
+    frames = [np.asarray(Image.open(p)) for p in previews]
+    assert frames[0].shape == (64, 96, 3) and not np.array_equal(frames[0], frames[-1])

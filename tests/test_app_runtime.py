@@ -1,0 +1,93 @@
+"""The UI's handler and runtime without a browser: missing weights, OOM, weights sources, sessions."""
+from __future__ import annotations
+
+import gradio as gr
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from demo.generation import parse_resolution, pick_seed, stream_video
+from demo.runtime import Runtime, load_runtime, resolve_weights_source
+from demo.session import SessionControl
+from pipelines.core import GenerationRequest, StreamingVideoPipeline
+from pipelines.weights import WeightsError
+from tiny_checkpoints import write_original_layout
+
+
+def test_missing_weights_keep_app_alive_with_clear_message(tmp_path):
+    runtime = load_runtime("configs/self_forcing_dmd.yaml", str(tmp_path))
+    assert runtime.pipeline is None
+    assert "Wan-AI/Wan2.1-T2V-1.3B" in runtime.banner()
+    with pytest.raises(gr.Error, match="Wan-AI/Wan2.1-T2V-1.3B"):
+        next(stream_video(runtime, SessionControl(), GenerationRequest("x"), 16))
+
+
+def test_runtime_loads_real_layout_from_a_local_weights_folder(tmp_path, tiny_components):
+    """The path a user (or a Space after download) takes: auto layout + Self-Forcing checkpoint."""
+    weights = tmp_path / "weights"
+    write_original_layout(tiny_components, weights)
+    config = OmegaConf.load("configs/tiny.yaml")
+    config.weights = {"layout": "auto", "generator_ckpt": "checkpoints/self_forcing_dmd.pt"}
+    OmegaConf.save(config, tmp_path / "tiny_from_files.yaml")
+    runtime = load_runtime(tmp_path / "tiny_from_files.yaml", str(weights))
+    assert runtime.pipeline is not None and not runtime.is_embedded_default
+    assert "self_forcing_dmd.pt" in runtime.banner() and str(weights) in runtime.banner()
+    final = list(stream_video(runtime, SessionControl(), GenerationRequest("x", num_blocks=1), 16))[-1]
+    assert final[2].startswith("Done.")
+
+
+def test_weights_source_errors(tmp_path, monkeypatch):
+    with pytest.raises(WeightsError, match="does not exist"):
+        resolve_weights_source(str(tmp_path / "nope"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsError, match="owner/repo"):
+        resolve_weights_source("hf://owner/repo", cache_dir=tmp_path)
+    assert resolve_weights_source(None) is None
+
+
+class _OomAfterFirstBlock(StreamingVideoPipeline):
+    def generate(self, request, cancel=None):
+        iterator = super().generate(request, cancel)
+        yield next(iterator)
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+
+def test_cuda_oom_becomes_user_error_and_lock_is_released(tiny_components, tiny_config):
+    runtime = Runtime(config=tiny_config, device="cpu",
+                      pipeline=_OomAfterFirstBlock(tiny_components, tiny_config))
+    session = SessionControl()
+    updates = stream_video(runtime, session, GenerationRequest("x", num_blocks=3), 16)
+    next(updates)  # "Starting"
+    next(updates)  # block 1
+    with pytest.raises(gr.Error, match="Out of GPU memory"):
+        next(updates)
+    assert not runtime.gpu_lock.locked()
+    runtime.pipeline = StreamingVideoPipeline(tiny_components, tiny_config)
+    assert list(stream_video(runtime, session, GenerationRequest("x", num_blocks=1), 16))[-1][2].startswith("Done.")
+
+
+def test_stop_flag_is_per_session(tiny_pipeline, tiny_config):
+    runtime = Runtime(config=tiny_config, device="cpu", pipeline=tiny_pipeline)
+    stopped, other = SessionControl(), SessionControl()
+    updates = stream_video(runtime, stopped, GenerationRequest("x", num_blocks=4), 16)
+    next(updates), next(updates)
+    stopped.stop_requested.set()
+    final = list(updates)[-1]
+    assert final[2].startswith("Stopped after block 1/4")
+    assert not other.stop_requested.is_set()
+    assert list(stream_video(runtime, other, GenerationRequest("x", num_blocks=2), 16))[-1][2].startswith("Done.")
+    assert stopped.output_dir != other.output_dir
+
+
+def test_session_state_survives_gradio_deepcopy():
+    import copy
+    session = SessionControl()
+    assert copy.deepcopy(session) is session
+
+
+def test_seed_and_resolution_helpers():
+    assert pick_seed(5, False) == 5
+    assert 0 <= pick_seed(5, True) < 2**31
+    assert parse_resolution("832x480") == (480, 832)
+    with pytest.raises(gr.Error):
+        parse_resolution("big")

@@ -1,0 +1,90 @@
+"""The app in a real headless Chromium: live preview updates while streaming, and Stop."""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = os.environ.get("CHROMIUM_PATH", shutil.which("chromium") or "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+# Set SF_SCREENSHOT_PATH=assets/screenshot.png to refresh the README screenshot.
+SCREENSHOT = Path(os.environ.get("SF_SCREENSHOT_PATH", "/tmp/sf-app-mid-stream.png"))
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}")
+
+
+@pytest.fixture(scope="module")
+def page(app_server, tmp_path_factory):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        context = browser.new_context(viewport={"width": 1400, "height": 1000})
+        page = context.new_page()
+        page.goto(app_server.url, wait_until="domcontentloaded")
+        page.wait_for_selector("#banner", timeout=60_000)
+        yield page
+        browser.close()
+
+
+def _status(page) -> str:
+    return page.locator("#status").first.inner_text()
+
+
+def _set_blocks(page, value: int) -> None:
+    box = page.get_by_label("Blocks", exact=False).first
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def _preview_src(page) -> str | None:
+    image = page.locator("#preview img").first
+    return image.get_attribute("src") if image.count() else None
+
+
+def test_preview_updates_block_by_block_while_streaming(page):
+    assert "Tiny random Wan" in page.locator("#banner").inner_text()
+    page.get_by_label("Prompt").first.fill("a paper boat on a pond")
+    _set_blocks(page, 6)
+    page.get_by_role("button", name="Generate").first.click()
+    seen: list[str] = []
+    statuses: set[str] = set()
+    deadline = time.monotonic() + 90
+    screenshot_taken = False
+    while time.monotonic() < deadline:
+        src = _preview_src(page)
+        if src and (not seen or seen[-1] != src):
+            seen.append(src)
+        status = _status(page)
+        statuses.add(status)
+        if not screenshot_taken and "Block 3/6" in status:
+            page.screenshot(path=str(SCREENSHOT))
+            screenshot_taken = True
+        if status.startswith("Done."):
+            break
+        time.sleep(0.05)
+    assert _status(page).startswith("Done."), statuses
+    distinct_before_end = len(set(seen))
+    assert distinct_before_end >= 3, f"preview changed only {distinct_before_end} times: streaming not visible"
+    assert sum("Block" in s and "/6" in s and not s.startswith("Done") for s in statuses) >= 2
+    assert page.locator("#download a").count() >= 1 or "video.mp4" in page.locator("#download").inner_text()
+
+
+def test_stop_button_stops_the_run(page):
+    _set_blocks(page, 12)
+    page.get_by_label("Prompt").first.fill("a very long journey")
+    page.get_by_role("button", name="Generate").first.click()
+    deadline = time.monotonic() + 60
+    while "Block 1/12" not in _status(page) and "Block 2/12" not in _status(page):
+        assert time.monotonic() < deadline, _status(page)
+        time.sleep(0.05)
+    page.get_by_role("button", name="Stop").first.click()
+    deadline = time.monotonic() + 60
+    while not _status(page).startswith(("Stopped", "Done")):
+        assert time.monotonic() < deadline, _status(page)
+        time.sleep(0.1)
+    assert _status(page).startswith("Stopped after block"), _status(page)
