@@ -68,6 +68,8 @@ def stream_video(runtime: Runtime, session: SessionControl, request: GenerationR
                           f"{fps_now:.1f} FPS · {recorder.frames} frames")
                 if result.index == 0:
                     status += f" · first frames after {result.elapsed_s:.2f} s"
+                if result.window_forced:
+                    status += f" · rolling window of {result.window_frames} latent frames (memory budget)"
                 yield StreamUpdate(str(segment), result.frames[-1], status, None, request.seed).as_tuple()
         except torch.cuda.OutOfMemoryError as err:
             log.warning("out of GPU memory: %s", err)

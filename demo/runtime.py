@@ -12,6 +12,7 @@ import torch
 from pipelines.acceleration import accelerate
 from pipelines.config import PipelineConfig, load_config
 from pipelines.core import StreamingVideoPipeline
+from pipelines.memory import MemoryPlan, configure_memory
 from pipelines.weights import WeightsError, load_components
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,17 @@ class Runtime:
     device: str
     pipeline: StreamingVideoPipeline | None = None
     load_error: str | None = None
+    memory_plan: MemoryPlan | None = None
+    vram_bytes: int | None = None
     gpu_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def set_memory_profile(self, requested: str) -> str:
+        """Re-plans and moves the weights (waits for a running generation to finish)."""
+        if self.pipeline is None:
+            return self.banner()
+        with self.gpu_lock:
+            self.memory_plan = configure_memory(self.pipeline, requested, self.vram_bytes)
+        return self.memory_plan.summary()
 
     @property
     def is_embedded_default(self) -> bool:
@@ -55,6 +66,8 @@ class Runtime:
         if self.pipeline is None:
             return f"**Model not loaded:** {self.load_error}"
         text = f"**Model:** {self.pipeline.components.description} · **device:** {self.device}"
+        if self.memory_plan is not None:
+            text += f" · {self.memory_plan.summary()}"
         if self.is_embedded_default:
             text += (" · this is the embedded tiny model with random weights: it shows how streaming works and "
                      "makes abstract patterns. Start with `--config configs/self_forcing_dmd.yaml --weights DIR` "
@@ -63,17 +76,22 @@ class Runtime:
 
 
 def load_runtime(config_path: str | Path | None, weights: str | None, device: str | None = None,
-                 compile_models: bool = False, use_ema: bool = False) -> Runtime:
-    """Loads once at start-up; a weights problem is kept as a message for the UI, not raised."""
+                 compile_models: bool = False, use_ema: bool = False, memory_profile: str = "auto",
+                 vram_gb: float | None = None) -> Runtime:
+    """Loads once at start-up; a weights problem is kept as a message for the UI, not raised.
+
+    Weights are read into CPU memory first; the memory plan then decides what goes to the GPU.
+    """
     config = load_config(config_path, **{"weights.use_ema": use_ema or None})
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    runtime = Runtime(config=config, device=device)
+    runtime = Runtime(config=config, device=device, vram_bytes=int(vram_gb * 2**30) if vram_gb else None)
     try:
-        components = load_components(config, resolve_weights_source(weights), device)
+        components = load_components(config, resolve_weights_source(weights), "cpu")
     except WeightsError as err:
         log.error("%s", err)
         runtime.load_error = str(err)
         return runtime
-    accelerate(components, compile_models=compile_models)
     runtime.pipeline = StreamingVideoPipeline(components, config, device)
+    runtime.memory_plan = configure_memory(runtime.pipeline, memory_profile, runtime.vram_bytes)
+    accelerate(components, compile_models=compile_models and not runtime.memory_plan.profile.stream_generator)
     return runtime

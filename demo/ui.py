@@ -96,6 +96,15 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
         session = gr.State(SessionControl, delete_callback=lambda s: s.cleanup())
         gr.Markdown("# Streaming causal video diffusion (Self-Forcing · Wan2.1-T2V-1.3B)")
         gr.Markdown(runtime.banner(), elem_id="banner")
+        with gr.Accordion("Memory (low-VRAM GPUs)", open=False):
+            with gr.Row():
+                profile = gr.Dropdown(["auto", "high", "medium", "low"], value="auto", label="Memory profile",
+                                      info="low streams the generator's blocks from CPU memory for small GPUs; "
+                                           "it applies to every user of this server")
+                apply_profile = gr.Button("Apply")
+            plan = gr.Markdown(runtime.memory_plan.summary() if runtime.memory_plan else "", elem_id="memory-plan")
+            apply_profile.click(runtime.set_memory_profile, inputs=[profile], outputs=[plan],
+                                concurrency_id="gpu", concurrency_limit=1, api_name="set_memory_profile")
         with gr.Tabs():
             with gr.Tab("Text to Video", id="t2v"):
                 with gr.Row():

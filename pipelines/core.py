@@ -57,6 +57,8 @@ class BlockResult:
     denoise_s: float
     decode_s: float
     elapsed_s: float  # since generate() was called
+    window_frames: int | None = None  # rolling attention window used, None = every past frame
+    window_forced: bool = False  # the KV-cache memory budget (not the config) imposed that window
 
     @property
     def block_s(self) -> float:
@@ -90,6 +92,7 @@ class StreamingVideoPipeline:
         self.prompt_encoder = components.prompt_encoder
         self.window = AttentionWindow(None if config.local_attn_size == -1 else config.local_attn_size,
                                       config.sink_size)
+        self.kv_cache_budget: int | None = None  # bytes per KV cache; set by low-VRAM planning
         if config.sampler.kind == "few_step":
             self.schedule = FewStepSchedule(config.sampler.denoising_steps, config.sampler.timestep_shift,
                                             config.sampler.warp_denoising_step)
@@ -112,13 +115,37 @@ class StreamingVideoPipeline:
             raise RequestError("Height and width must be multiples of 16 between 16 and 1280.")
         return num_blocks, height, width
 
+    def attention_window_for(self, latent_frames: int, frame_tokens: int) -> tuple[AttentionWindow, bool]:
+        """The configured window, narrowed to whole blocks when the KV cache would exceed its budget."""
+        if self.kv_cache_budget is None:
+            return self.window, False
+        cfg = self.generator.config
+        per_frame = frame_tokens * cfg.num_layers * 2 * cfg.dim * torch.finfo(self.dtype).bits // 8
+        needed = latent_frames if self.window.window_frames is None else min(latent_frames, self.window.window_frames)
+        if needed * per_frame <= self.kv_cache_budget:
+            return self.window, False
+        fpb = self.config.frames_per_block
+        frames = max(2 * fpb, self.kv_cache_budget // per_frame // fpb * fpb)
+        return AttentionWindow(frames, min(self.window.sink_frames, frames - fpb)), True
+
     def video_frames(self, num_blocks: int, with_image: bool) -> int:
         latents = num_blocks * self.config.frames_per_block + (1 if with_image else 0)
         return frames_for_latents(latents)
 
-    @torch.no_grad()
     def generate(self, request: GenerationRequest, cancel: CancelCheck | None = None) -> Iterator[BlockResult]:
+        """Yields each block as soon as it is decoded; all per-run GPU memory is freed at the end."""
         num_blocks, height, width = self.validate(request)
+        blocks = self._generate(request, num_blocks, height, width, cancel)
+        try:
+            yield from blocks
+        finally:
+            blocks.close()  # drops the KV caches and the decoder state before releasing memory
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    @torch.no_grad()
+    def _generate(self, request: GenerationRequest, num_blocks: int, height: int, width: int,
+                  cancel: CancelCheck | None) -> Iterator[BlockResult]:
         started = time.perf_counter()
         cfg, model = self.config, self.generator
         fpb = cfg.frames_per_block
@@ -140,8 +167,9 @@ class StreamingVideoPipeline:
         if first_latent is None and request.image is not None:
             first_latent = self.vae.encode(prepare_image(request.image, height, width))
         prefix_frames = 0 if first_latent is None else first_latent.shape[2]
+        window, forced = self.attention_window_for(prefix_frames + num_blocks * fpb, frame_tokens)
         caches = [KVCache(model.config.num_layers, 1, prefix_frames + num_blocks * fpb, frame_tokens,
-                          model.config.num_heads, model.head_dim, self.window, self.dtype, self.device)
+                          model.config.num_heads, model.head_dim, window, self.dtype, self.device)
                   for _ in contexts]
         decoder = self.vae.stream()
         prefix_pixels = None
@@ -174,7 +202,7 @@ class StreamingVideoPipeline:
             now = time.perf_counter()
             yield BlockResult(index=index, num_blocks=num_blocks, frames=frames, latents=clean.float().cpu(),
                               denoise_s=decode_start - block_start, decode_s=now - decode_start,
-                              elapsed_s=now - started)
+                              elapsed_s=now - started, window_frames=window.window_frames, window_forced=forced)
 
     def _timesteps(self, value: float, frames: int) -> torch.Tensor:
         return torch.full((1, frames), float(value), device=self.device, dtype=torch.float32)

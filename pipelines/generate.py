@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from .acceleration import accelerate
 from .config import DEFAULT_CONFIG, load_config
+from .memory import configure_memory
 from .core import GenerationRequest, RequestError, StreamingVideoPipeline
 from .video_io import H264Writer
 from .weights import WeightsError, load_components
@@ -38,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--device", default=default_device())
     parser.add_argument("--compile", action="store_true", help="torch.compile the models (CUDA; slow first run)")
+    parser.add_argument("--memory-profile", choices=["auto", "high", "medium", "low"], default="auto")
+    parser.add_argument("--vram-gb", type=float, help="plan for this much GPU memory instead of the free amount")
     parser.add_argument("--out", type=Path, default=Path("output.mp4"))
     return parser
 
@@ -48,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("diffusers").setLevel(logging.ERROR)
     try:
         config = load_config(args.config, **{"weights.use_ema": args.use_ema or None, "dtype": args.dtype})
-        components = load_components(config, args.weights, args.device)
+        components = load_components(config, args.weights, "cpu")
         image = Image.open(args.image) if args.image else None
     except WeightsError as err:
         log.error("%s", err)
@@ -56,8 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, UnidentifiedImageError) as err:
         log.error("Could not read the input: %s", err)
         return 2
-    accelerate(components, compile_models=args.compile)
     pipeline = StreamingVideoPipeline(components, config, args.device)
+    plan = configure_memory(pipeline, args.memory_profile, int(args.vram_gb * 2**30) if args.vram_gb else None)
+    accelerate(components, compile_models=args.compile and not plan.profile.stream_generator)
     request = GenerationRequest(args.prompt, seed=args.seed, num_blocks=args.blocks,
                                 negative_prompt=args.negative_prompt, image=image)
     fps = args.fps or config.fps

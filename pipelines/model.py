@@ -7,6 +7,7 @@ adaLN modulation per latent frame, qk RMSNorm across heads, 3D RoPE, tanh-GELU F
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -174,6 +175,7 @@ class CausalWanModel(ModelMixin, ConfigMixin):
         self.proj_out = nn.Linear(dim, math.prod(self.patch) * out_dim)
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim ** 0.5)
         self.rope = RotaryEmbedding3D(dim // num_heads)
+        self.weight_streamer = None  # a memory.BlockStreamer when blocks live in CPU memory
 
     @property
     def head_dim(self) -> int:
@@ -193,7 +195,12 @@ class CausalWanModel(ModelMixin, ConfigMixin):
         length = min(prompt_embeds.shape[1], self.config.text_len)
         padded[:, :length] = prompt_embeds[:, :length]
         context = self.condition_embedder.text_embedder(padded.to(dtype))
-        return [block.attn2.project_kv(context) for block in self.blocks]
+        streamer = self.weight_streamer
+        keys_values = []
+        for index, block in enumerate(self.blocks):
+            with streamer.use(index) if streamer is not None else contextlib.nullcontext():
+                keys_values.append(block.attn2.project_kv(context))
+        return keys_values
 
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor,
                 context_kv: list[tuple[torch.Tensor, torch.Tensor]], start_frame: int = 0,

@@ -89,7 +89,8 @@ class PromptEncoder:
 
     @property
     def device(self) -> torch.device:
-        return self.model.shared.weight.device
+        """Where the encoder layers run (the token embedding may stay on the CPU when streaming)."""
+        return self.model.encoder.final_layer_norm.weight.device
 
     @torch.no_grad()
     def encode(self, prompt: str, device: torch.device | str | None = None) -> torch.Tensor:
@@ -98,9 +99,10 @@ class PromptEncoder:
         if key not in self._memo:
             tokens = self.tokenizer([key], padding="max_length", truncation=True, max_length=self.text_len,
                                     add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
-            ids = tokens.input_ids.to(self.device)
+            embedding = self.model.shared
+            embeds = embedding(tokens.input_ids.to(embedding.weight.device)).to(self.device)
             mask = tokens.attention_mask.to(self.device)
-            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            hidden = self.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
             hidden = hidden * mask[..., None].to(hidden.dtype)
             self._memo[key] = hidden.cpu()
             while len(self._memo) > self.memo_size:

@@ -1,0 +1,100 @@
+"""Low-VRAM mode: weight streaming is exact, profiles follow free memory, weights go home."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.core import GenerationRequest, StreamingVideoPipeline
+from pipelines.memory import GIB, PROFILES, ModelFootprint, apply_profile, footprint_of, plan_memory
+from pipelines.weights import load_components
+
+
+@pytest.fixture()
+def fresh_components(tiny_config):
+    return load_components(tiny_config)
+
+
+def _video(components, config, **request):
+    pipeline = StreamingVideoPipeline(components, config)
+    return np.concatenate([r.frames for r in pipeline.generate(GenerationRequest("a windmill", seed=9, **request))])
+
+
+@pytest.mark.parametrize("profile", ["medium", "low"])
+def test_streamed_weights_give_bit_identical_video(fresh_components, tiny_config, tiny_components, profile):
+    resident = _video(tiny_components, tiny_config, num_blocks=3)
+    apply_profile(fresh_components, PROFILES[profile], "cpu")
+    assert (fresh_components.generator.weight_streamer is not None) == (profile == "low")
+    assert fresh_components.prompt_encoder.model.weight_streamer is not None
+    np.testing.assert_array_equal(_video(fresh_components, tiny_config, num_blocks=3), resident)
+    i2v = dict(num_blocks=2, image=__import__("PIL.Image").Image.new("RGB", (96, 64), (200, 30, 30)))
+    np.testing.assert_array_equal(_video(fresh_components, tiny_config, **i2v), _video(tiny_components, tiny_config, **i2v))
+
+
+def test_weights_return_to_their_cpu_masters_after_a_run(fresh_components, tiny_config):
+    apply_profile(fresh_components, PROFILES["low"], "cpu")
+    streamer = fresh_components.generator.weight_streamer
+    before = [[p.data_ptr() for p in block.parameters()] for block in fresh_components.generator.blocks]
+    _video(fresh_components, tiny_config, num_blocks=2)
+    after = [[p.data_ptr() for p in block.parameters()] for block in fresh_components.generator.blocks]
+    masters = [[t.data_ptr() for t in tensors] for tensors in streamer.masters]
+    assert before == after == masters
+    slot_ptrs = {t.data_ptr() for slot in streamer.slots for t in slot}
+    assert not slot_ptrs & {p for block in after for p in block}
+
+
+def test_switching_back_to_high_restores_plain_modules(fresh_components, tiny_config, tiny_components):
+    apply_profile(fresh_components, PROFILES["low"], "cpu")
+    apply_profile(fresh_components, PROFILES["high"], "cpu")
+    assert fresh_components.generator.weight_streamer is None
+    assert not fresh_components.generator.blocks[0]._forward_pre_hooks
+    np.testing.assert_array_equal(_video(fresh_components, tiny_config, num_blocks=1),
+                                  _video(tiny_components, tiny_config, num_blocks=1))
+
+
+# Sizes of the real model in bf16 (measured from the modules; see bench/results/h100_memory_*.json).
+REAL = ModelFootprint(generator_bytes=int(2.64 * GIB), generator_block_bytes=int(0.085 * GIB), generator_blocks=30,
+                      text_encoder_bytes=int(10.6 * GIB), text_layer_bytes=int(0.35 * GIB), text_layers=24,
+                      text_embedding_bytes=int(1.96 * GIB), vae_bytes=int(0.24 * GIB),
+                      kv_bytes_per_frame=int(0.268 * GIB), activation_bytes=int(4.3 * GIB))
+
+
+@pytest.mark.parametrize("free_gib,profile,forced", [(80, "high", False), (24, "high", False), (16, "medium", False),
+                                                     (11, "low", False), (8, "low", True), (6, "low", True)])
+def test_profile_follows_free_memory(free_gib, profile, forced):
+    plan = plan_memory(REAL, int(free_gib * GIB), latent_frames=21, frames_per_block=3)
+    assert plan.profile.name == profile and plan.window_forced == forced
+    assert plan.estimated_peak_bytes <= free_gib * GIB or plan.window_frames == 6
+    if forced:
+        assert plan.window_frames % 3 == 0 and 6 <= plan.window_frames < 21
+        assert "rolling attention window" in plan.summary()
+
+
+def test_requested_profile_overrides_auto():
+    plan = plan_memory(REAL, 80 * GIB, 21, 3, requested="low")
+    assert plan.profile.name == "low" and not plan.window_forced
+    with pytest.raises(ValueError):
+        plan_memory(REAL, 80 * GIB, 21, 3, requested="tiny")
+
+
+def test_footprint_measures_loaded_modules(tiny_components):
+    fp = footprint_of(tiny_components, frame_tokens=24, latent_height=8, latent_width=12)
+    assert fp.generator_blocks == 2 and fp.text_layers == 2
+    assert fp.generator_block_bytes * 2 < fp.generator_bytes
+    assert fp.kv_bytes_per_frame == 24 * 2 * 2 * 64 * 4
+
+
+def test_kv_budget_narrows_attention_window(tiny_pipeline, tiny_config, tiny_components):
+    pipeline = StreamingVideoPipeline(tiny_components, tiny_config)
+    per_frame = 24 * 2 * 2 * 64 * 4
+    pipeline.kv_cache_budget = 7 * per_frame
+    results = list(pipeline.generate(GenerationRequest("x", seed=1, num_blocks=4)))
+    assert results[0].window_frames == 6 and results[0].window_forced
+    rolled = dataclasses.replace(tiny_config, local_attn_size=6)
+    expected = [r.latents for r in StreamingVideoPipeline(tiny_components, rolled).generate(
+        GenerationRequest("x", seed=1, num_blocks=4))]
+    assert all(torch.equal(a.latents, b) for a, b in zip(results, expected))
+    pipeline.kv_cache_budget = 100 * per_frame
+    assert not next(pipeline.generate(GenerationRequest("x", num_blocks=4))).window_forced
