@@ -60,11 +60,15 @@ def main() -> None:
     for card in args.card_gib:
         configure_memory(pipeline, "low", total)  # weights off the GPU before the cap applies
         torch.cuda.empty_cache()
-        torch.cuda.set_per_process_memory_fraction(card * GIB / total, device)
+        torch.cuda.set_per_process_memory_fraction(card * GIB / total, torch.cuda.current_device())
         plan = configure_memory(pipeline, "low", int(card * GIB))
         key = f"low@{card:g}GiB"
-        report["profiles"][key] = {"plan": plan.summary(), "window_frames": plan.window_frames,
-                                   **measure(pipeline, args.runs)}
+        try:
+            measured = measure(pipeline, args.runs)
+        except torch.cuda.OutOfMemoryError as err:
+            measured = {"fps_median": 0.0, "first_frames_s_median": 0.0, "peak_allocated_gib": card,
+                        "frames": 0, "oom": str(err).splitlines()[0]}
+        report["profiles"][key] = {"plan": plan.summary(), "window_frames": plan.window_frames, **measured}
         logging.info("%s: %s", key, report["profiles"][key])
     reserved = []
     for i in range(args.repeat):

@@ -191,7 +191,7 @@ def footprint_of(components, frame_tokens: int, latent_height: int, latent_width
     pixels = latent_height * 8 * latent_width * 8
     # Working set of one DiT pass plus the streaming VAE decode of one latent frame (4 video frames
     # through 96-channel full-resolution convs); the factor was calibrated on the H100 high-profile peak.
-    activation = 14 * 4 * pixels * 96 * dtype_bytes + 3 * frame_tokens * 3 * cfg.ffn_dim * dtype_bytes
+    activation = 16 * 4 * pixels * 96 * dtype_bytes + 3 * frame_tokens * 3 * cfg.ffn_dim * dtype_bytes
     return ModelFootprint(
         generator_bytes=module_bytes(generator), generator_block_bytes=module_bytes(generator.blocks[0]),
         generator_blocks=len(generator.blocks), text_encoder_bytes=module_bytes(t5),
