@@ -148,6 +148,11 @@ class MemoryPlan:
     window_forced: bool  # the budget, not the config, imposed the window
     kv_cache_bytes: int
     estimated_peak_bytes: int
+    available_bytes: int
+
+    @property
+    def fits(self) -> bool:
+        return self.estimated_peak_bytes <= self.available_bytes
 
     def summary(self) -> str:
         text = (f"Memory profile **{self.profile.name}** ({self.profile.description}); "
@@ -155,6 +160,9 @@ class MemoryPlan:
         if self.window_forced:
             text += (f". The KV-cache budget forces a rolling attention window of {self.window_frames} latent "
                      f"frames: videos differ from full attention")
+        if not self.fits:
+            text += (f". WARNING: even this needs more than the {self.available_bytes / GIB:.1f} GiB available; "
+                     f"expect out-of-memory errors at this resolution")
         return text
 
 
@@ -218,11 +226,11 @@ def plan_memory(footprint: ModelFootprint, free_bytes: int, latent_frames: int, 
         fitting = max(0, free_bytes - fixed) // footprint.kv_bytes_per_frame
         if fitting >= frames:
             kv = frames * footprint.kv_bytes_per_frame
-            return MemoryPlan(profile, configured_window, False, kv, fixed + kv)
+            return MemoryPlan(profile, configured_window, False, kv, fixed + kv, free_bytes)
         if name == names[-1]:
             window = max(2 * frames_per_block, fitting // frames_per_block * frames_per_block)
             kv = window * footprint.kv_bytes_per_frame
-            return MemoryPlan(profile, window, True, kv, fixed + kv)
+            return MemoryPlan(profile, window, True, kv, fixed + kv, free_bytes)
     raise AssertionError("the last profile always returns")
 
 
