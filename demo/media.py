@@ -4,11 +4,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import imageio_ffmpeg
 from PIL import Image, UnidentifiedImageError
 
 from pipelines.video_io import H264Writer
 
 MAX_IMAGE_PIXELS = 40_000_000
+MAX_VIDEO_FRAMES = 2000
 
 
 class MediaError(ValueError):
@@ -27,6 +29,25 @@ def load_image(path: str | Path) -> Image.Image:
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as err:
         raise MediaError(f"Could not read the upload as an image ({type(err).__name__}).") from err
     return image
+
+
+def read_video(path: str | Path, max_frames: int = MAX_VIDEO_FRAMES) -> list[np.ndarray]:
+    """All frames (RGB uint8) of an uploaded video; refuses unreadable or empty videos."""
+    try:
+        reader = imageio_ffmpeg.read_frames(str(path))
+        meta = next(reader)
+        width, height = meta["size"]
+        frames = []
+        for raw in reader:
+            frames.append(np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 3))
+            if len(frames) >= max_frames:
+                break
+        reader.close()
+    except (OSError, RuntimeError, StopIteration, KeyError) as err:
+        raise MediaError(f"Could not read the upload as a video ({type(err).__name__}).") from err
+    if not frames:
+        raise MediaError("The driving video has no frames.")
+    return frames
 
 
 class StreamRecorder:

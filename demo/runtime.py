@@ -13,6 +13,8 @@ from pipelines.acceleration import accelerate
 from pipelines.config import PipelineConfig, load_config
 from pipelines.core import StreamingVideoPipeline
 from pipelines.memory import MemoryPlan, configure_memory
+from pipelines.pose_animation import PoseAnimator
+from pipelines.pose_condition import LazyPoseEncoders
 from pipelines.weights import WeightsError, load_components
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,7 @@ class Runtime:
     pipeline: StreamingVideoPipeline | None = None
     load_error: str | None = None
     memory_plan: MemoryPlan | None = None
+    poser: PoseAnimator | None = None
     vram_bytes: int | None = None
     gpu_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -86,7 +89,8 @@ def load_runtime(config_path: str | Path | None, weights: str | None, device: st
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     runtime = Runtime(config=config, device=device, vram_bytes=int(vram_gb * 2**30) if vram_gb else None)
     try:
-        components = load_components(config, resolve_weights_source(weights), "cpu")
+        weights_dir = resolve_weights_source(weights)
+        components = load_components(config, weights_dir, "cpu")
     except WeightsError as err:
         log.error("%s", err)
         runtime.load_error = str(err)
@@ -94,4 +98,14 @@ def load_runtime(config_path: str | Path | None, weights: str | None, device: st
     runtime.pipeline = StreamingVideoPipeline(components, config, device)
     runtime.memory_plan = configure_memory(runtime.pipeline, memory_profile, runtime.vram_bytes)
     accelerate(components, compile_models=compile_models and not runtime.memory_plan.profile.stream_generator)
+    runtime.poser = make_pose_animator(runtime.pipeline, weights_dir)
     return runtime
+
+
+def make_pose_animator(pipeline: StreamingVideoPipeline, weights_dir: Path | None) -> PoseAnimator:
+    """Pose tooling with paths from the config's pose section, relative to the weights folder."""
+    pose = pipeline.config.pose
+    base = weights_dir or Path(".")
+    encoders = LazyPoseEncoders(pipeline.generator.config.dim, base / pose["weights"] if pose.get("weights") else None,
+                                pipeline.device, pipeline.dtype, pose.get("random_seed"))
+    return PoseAnimator(pipeline, encoders, base / pose.get("detector_dir", "dwpose"))

@@ -5,10 +5,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from pipelines.core import GenerationRequest
+from pipelines.core import GenerationRequest, RequestError
+from pipelines.weights import WeightsError
 
 from .generation import parse_resolution, pick_seed, stream_video
-from .media import MediaError, load_image
+from .media import MediaError, load_image, read_video
 from .runtime import Runtime
 from .session import SessionControl
 
@@ -19,9 +20,10 @@ EXAMPLE_PROMPTS = [
     "A red fox trots through fresh snow in a pine forest, soft morning light",
     "Close-up of coffee being poured into a glass cup, swirling cream, shallow depth of field",
 ]
-POSE_NOT_READY = ("Pose animation needs the DWPose pose extractor and trained pose-conditioning weights "
-                  "(UniAnimate-style). They are not part of this build yet, so this tab cannot generate; "
-                  "Text to Video and Image to Video work.")
+POSE_HELP = ("Upload the character (reference image) and a driving video. DWPose (local ONNX files) extracts "
+             "body, hand and face keypoints, aligns them to the character and renders the skeleton; or tick "
+             "*already a pose video* to use a rendered skeleton video directly. The generator must have been "
+             "trained with pose encoders: without such weights this tab says so instead of generating.")
 
 
 class Controls:
@@ -69,6 +71,14 @@ def _request(prompt, negative, seed, randomize, blocks, resolution, **extra) -> 
                              num_blocks=int(blocks), height=height, width=width, **extra)
 
 
+def _pose_note(runtime: Runtime) -> str:
+    if runtime.poser is not None and not runtime.poser.encoders.available:
+        return f"**Not available with this model.** {runtime.poser.encoders.missing_message()}"
+    if runtime.is_embedded_default:
+        return POSE_HELP + " The embedded tiny model uses *random* pose encoders: it shows the plumbing only."
+    return POSE_HELP
+
+
 def build_demo(runtime: Runtime) -> gr.Blocks:
     def text_to_video(prompt, negative, seed, randomize, blocks, fps, resolution, session):
         request = _request(prompt, negative, seed, randomize, blocks, resolution)
@@ -84,9 +94,24 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
         request = _request(prompt, negative, seed, randomize, blocks, resolution, image=picture)
         yield from stream_video(runtime, session, request, fps)
 
-    def pose_animation(reference, driving_video, prompt, negative, seed, randomize, blocks, fps, resolution,
-                       session):
-        raise gr.Error(POSE_NOT_READY)
+    def pose_animation(reference, driving_video, is_pose_video, prompt, negative, seed, randomize, blocks, fps,
+                       resolution, session):
+        poser = runtime.poser
+        if poser is None:
+            raise gr.Error(runtime.load_error or "The model is not loaded.")
+        if not poser.encoders.available:
+            raise gr.Error(poser.encoders.missing_message())
+        if not reference or not driving_video:
+            raise gr.Error("Please upload a reference image and a driving video.")
+        height, width = parse_resolution(resolution)
+        try:
+            picture, frames = load_image(reference), read_video(driving_video)
+            with runtime.gpu_lock:
+                request = poser.request(picture, frames, bool(is_pose_video), prompt or "", pick_seed(seed, randomize),
+                                        int(blocks), height, width)
+        except (MediaError, WeightsError, RequestError) as err:
+            raise gr.Error(str(err)) from err
+        yield from stream_video(runtime, session, request, fps)
 
     def request_stop(session: SessionControl) -> str:
         session.stop_requested.set()
@@ -126,11 +151,12 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
                     with gr.Column():
                         i2v_out = Outputs()
             with gr.Tab("Pose Animation", id="pose"):
-                gr.Markdown(f"**Not available yet.** {POSE_NOT_READY}", elem_id="pose-note")
+                gr.Markdown(_pose_note(runtime), elem_id="pose-note")
                 with gr.Row():
                     with gr.Column():
                         reference = gr.Image(label="Reference image (the character)", type="filepath")
                         driving = gr.Video(label="Driving video or pose video")
+                        is_pose_video = gr.Checkbox(label="The driving video is already a rendered pose video")
                         pose = Controls(runtime)
                     with gr.Column():
                         pose_out = Outputs()
@@ -138,7 +164,7 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
         for controls, outputs, handler, extra, name in (
                 (t2v, t2v_out, text_to_video, [], "text_to_video"),
                 (i2v, i2v_out, image_to_video, [image], "image_to_video"),
-                (pose, pose_out, pose_animation, [reference, driving], "pose_animation")):
+                (pose, pose_out, pose_animation, [reference, driving, is_pose_video], "pose_animation")):
             event = controls.generate.click(handler, inputs=extra + controls.inputs + [session], outputs=outputs.all,
                                             api_name=name, concurrency_id="gpu", concurrency_limit=1)
             controls.stop.click(request_stop, inputs=[session], outputs=[outputs.status], queue=False,

@@ -53,6 +53,7 @@ class PipelineConfig:
     dtype: str = "bfloat16"
     negative_prompt: str = ""
     resolutions: list[str] = field(default_factory=list)  # "WIDTHxHEIGHT" choices offered in the UI
+    pose: dict[str, Any] = field(default_factory=dict)  # weights / detector_dir (relative to weights) / random_seed
     source: str = ""
 
     @property

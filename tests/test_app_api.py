@@ -7,7 +7,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from pipelines.video_io import count_frames
+from pipelines.video_io import count_frames, write_video
 
 ROOT_EXAMPLE = "assets/examples/clouds_drifting_over_mountains.png"
 T2V_ARGS = ("", 7, False, 2, 16, "96x64")  # negative, seed, randomize, blocks, fps, resolution
@@ -36,9 +36,31 @@ def test_other_resolution_and_seed_randomisation(client):
     assert isinstance(result[4], (int, float))
 
 
-def test_pose_tab_explains_what_is_missing(client):
-    with pytest.raises(AppError, match="DWPose"):
-        client.predict(None, None, "dance", *T2V_ARGS, api_name="/pose_animation")
+@pytest.fixture(scope="module")
+def pose_video(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pose") / "pose.mp4"
+    frames = np.zeros((20, 64, 96, 3), dtype=np.uint8)
+    for i, frame in enumerate(frames):
+        frame[20:44, 10 + 3 * i:20 + 3 * i] = (255, 0, 0)  # a moving red limb
+    write_video(path, [frames], 16)
+    return str(path)
+
+
+def test_pose_video_endpoint_streams_reference_plus_blocks(client, pose_video):
+    result = client.predict(handle_file(ROOT_EXAMPLE), handle_file(pose_video), True, "dance",
+                            *T2V_ARGS, api_name="/pose_animation")
+    assert count_frames(result[3]) == 25  # reference frame + 2 blocks x 12 frames
+
+
+def test_pose_extraction_names_missing_dwpose_files(client, pose_video):
+    with pytest.raises(AppError, match="yolox_l.onnx"):
+        client.predict(handle_file(ROOT_EXAMPLE), handle_file(pose_video), False, "dance", *T2V_ARGS,
+                       api_name="/pose_animation")
+
+
+def test_pose_tab_requires_both_uploads(client):
+    with pytest.raises(AppError, match="reference image and a driving video"):
+        client.predict(None, None, True, "dance", *T2V_ARGS, api_name="/pose_animation")
 
 
 @pytest.mark.parametrize("prompt", ["", "   "])

@@ -1,0 +1,77 @@
+"""Turns (reference image, driving video or pose video) into a pose-conditioned GenerationRequest.
+
+The request runs through the same StreamingVideoPipeline.generate() as the other tabs: the
+reference latent (plus its pose features) is prefilled into the KV cache as frame 0 and every
+block adds its own slice of the pose tokens.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .core import GenerationRequest, StreamingVideoPipeline, prepare_image
+from .pose_align import align_sequence, pose_frames_for_latents, resample_indices
+from .pose_condition import LazyPoseEncoders, PoseConditioning
+from .pose_draw import draw_pose
+from .pose_extract import PoseDetector, load_dwpose
+
+
+class PoseAnimator:
+    """Per-process pose tooling: lazily loaded pose encoders and DWPose detector."""
+
+    def __init__(self, pipeline: StreamingVideoPipeline, encoders: LazyPoseEncoders,
+                 detector_dir: Path | None = None, detector: PoseDetector | None = None) -> None:
+        self.pipeline = pipeline
+        self.encoders = encoders
+        self.detector_dir = detector_dir
+        self._detector = detector
+        self._lock = threading.Lock()
+
+    def detector(self) -> PoseDetector:
+        with self._lock:
+            if self._detector is None:
+                self._detector = load_dwpose(self.detector_dir or Path("dwpose"))
+            return self._detector
+
+    def pose_video(self, reference: Image.Image, driving: list[np.ndarray], is_pose_video: bool, latent_frames: int,
+                   height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """(pose frames uint8 [4n-3, H, W, 3], reference pose image uint8 [H, W, 3]) at the model size."""
+        indices = resample_indices(len(driving), pose_frames_for_latents(latent_frames))
+        if is_pose_video:
+            frames = np.stack([_fit(driving[i], height, width) for i in indices])
+            return frames, frames[0]
+        detect = self.detector()
+        reference_pixels = _fit(np.asarray(reference.convert("RGB")), height, width)
+        reference_pose = detect(reference_pixels)
+        needed = sorted(set(indices))
+        detected = dict(zip(needed, align_sequence([detect(_fit(driving[i], height, width)) for i in needed],
+                                                   reference_pose)))
+        frames = np.stack([draw_pose(detected[i], width, height) for i in indices])
+        return frames, draw_pose(reference_pose, width, height)
+
+    @torch.no_grad()
+    def request(self, reference: Image.Image, driving: list[np.ndarray], is_pose_video: bool, prompt: str,
+                seed: int, num_blocks: int | None, height: int | None, width: int | None) -> GenerationRequest:
+        base = GenerationRequest(prompt=prompt, seed=seed, num_blocks=num_blocks, height=height, width=width)
+        num_blocks, height, width = self.pipeline.validate(base)
+        latent_frames = num_blocks * self.pipeline.config.frames_per_block
+        pose_frames, reference_pose = self.pose_video(reference, driving, is_pose_video, latent_frames, height, width)
+        encoders = self.encoders.get()
+        tokens = encoders.pose_tokens(pose_frames)
+        vae = self.pipeline.vae
+        reference_latent = vae.encode(prepare_image(reference, height, width))
+        reference_latent = reference_latent + encoders.reference_features(reference_pose).to(reference_latent)
+        frame_tokens = self.pipeline.generator.frame_tokens(height // 8, width // 8)
+        return GenerationRequest(prompt=prompt, seed=seed, num_blocks=num_blocks, height=height, width=width,
+                                 conditioning=PoseConditioning(tokens, frame_tokens, prefix_frames=1),
+                                 reference_latent=reference_latent)
+
+
+def _fit(frame: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Cover-resize and centre-crop an RGB frame to height x width (as images are for I2V)."""
+    tensor = prepare_image(Image.fromarray(frame), height, width)
+    return ((tensor[0, :, 0].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
