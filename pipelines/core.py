@@ -18,6 +18,7 @@ from PIL import Image
 
 from .config import PipelineConfig
 from .kv_cache import AttentionWindow, KVCache
+from .overlap import run_ahead
 from .scheduler import FewStepSchedule, make_multistep_solver
 from .vae import frames_for_latents, to_uint8_frames
 from .weights import Components
@@ -93,6 +94,8 @@ class StreamingVideoPipeline:
         self.window = AttentionWindow(None if config.local_attn_size == -1 else config.local_attn_size,
                                       config.sink_size)
         self.kv_cache_budget: int | None = None  # bytes per KV cache; set by low-VRAM planning
+        # Denoise block k+1 in a worker thread while block k is decoded (costs both working sets at once).
+        self.overlap_decode = False
         if config.sampler.kind == "few_step":
             self.schedule = FewStepSchedule(config.sampler.denoising_steps, config.sampler.timestep_shift,
                                             config.sampler.warp_denoising_step)
@@ -178,31 +181,45 @@ class StreamingVideoPipeline:
             self._write_context(first_latent, 0, contexts, caches, request.conditioning, timestep=0)
             prefix_pixels = decoder.decode_block(first_latent)
 
-        for index in range(num_blocks):
-            if cancel is not None and cancel():
-                log.info("generation cancelled before block %d/%d", index + 1, num_blocks)
+        def denoised_blocks() -> Iterator[tuple[int, torch.Tensor, float]]:
+            for index in range(num_blocks):
+                if cancel is not None and cancel():
+                    log.info("generation cancelled before block %d/%d", index + 1, num_blocks)
+                    return
+                block_start = time.perf_counter()
+                start_frame = prefix_frames + index * fpb
+                bias = None if request.conditioning is None else request.conditioning.token_bias(start_frame, fpb)
+                noisy = noise[:, :, index * fpb:(index + 1) * fpb]
+                if cfg.uses_cfg:
+                    clean = self._denoise_multistep(noisy, start_frame, contexts, caches, bias)
+                else:
+                    clean = self._denoise_few_step(noisy, start_frame, contexts[0], caches[0], bias, rng)
+                self._write_context(clean, start_frame, contexts, caches, request.conditioning,
+                                    timestep=cfg.sampler.context_noise, bias=bias)
+                if self.device.type == "cuda":
+                    torch.cuda.current_stream(self.device).synchronize()
+                yield index, clean, time.perf_counter() - block_start
+
+        if self.overlap_decode:
+            blocks = run_ahead(denoised_blocks, self.device)
+        else:
+            blocks = ((item, None) for item in denoised_blocks())
+        for (index, clean, denoise_s), ready in blocks:
+            if cancel is not None and cancel():  # blocks denoised ahead are dropped on Stop
+                blocks.close()
                 return
-            block_start = time.perf_counter()
-            start_frame = prefix_frames + index * fpb
-            bias = None if request.conditioning is None else request.conditioning.token_bias(start_frame, fpb)
-            noisy = noise[:, :, index * fpb:(index + 1) * fpb]
-            if cfg.uses_cfg:
-                clean = self._denoise_multistep(noisy, start_frame, contexts, caches, bias)
-            else:
-                clean = self._denoise_few_step(noisy, start_frame, contexts[0], caches[0], bias, rng)
-            self._write_context(clean, start_frame, contexts, caches, request.conditioning,
-                                timestep=cfg.sampler.context_noise, bias=bias)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
             decode_start = time.perf_counter()
+            if ready is not None:
+                torch.cuda.current_stream(self.device).wait_event(ready)
+                clean.record_stream(torch.cuda.current_stream(self.device))
             pixels = decoder.decode_block(clean)
             if prefix_pixels is not None:
                 pixels, prefix_pixels = torch.cat([prefix_pixels, pixels], dim=2), None
             frames = to_uint8_frames(pixels)
             now = time.perf_counter()
             yield BlockResult(index=index, num_blocks=num_blocks, frames=frames, latents=clean.float().cpu(),
-                              denoise_s=decode_start - block_start, decode_s=now - decode_start,
-                              elapsed_s=now - started, window_frames=window.window_frames, window_forced=forced)
+                              denoise_s=denoise_s, decode_s=now - decode_start, elapsed_s=now - started,
+                              window_frames=window.window_frames, window_forced=forced)
 
     def _timesteps(self, value: float, frames: int) -> torch.Tensor:
         return torch.full((1, frames), float(value), device=self.device, dtype=torch.float32)
