@@ -281,6 +281,5 @@ def configure_memory(pipeline, requested: str = "auto", vram_bytes: int | None =
     apply_profile(pipeline.components, plan.profile, device)
     fixed = footprint.resident_bytes(plan.profile) + footprint.activation_bytes
     pipeline.kv_cache_budget = max(0, vram_bytes - fixed)
-    pipeline.overlap_decode = device.type == "cuda" and not plan.profile.stream_generator
     log.info("%s", plan.summary())
     return plan
