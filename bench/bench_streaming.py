@@ -72,7 +72,6 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the static-shape block parts")
     parser.add_argument("--fast-kernels", action="store_true",
                         help="pipelines.acceleration: cuDNN autotuning + channels-last VAE (+ --compile)")
-    parser.add_argument("--overlap", action="store_true", help="denoise block k+1 while block k decodes")
     parser.add_argument("--sdpa", choices=["auto", "cudnn", "flash", "efficient"], default="auto",
                         help="force one scaled_dot_product_attention backend")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
@@ -101,14 +100,10 @@ def main() -> None:
     time_generation(pipeline, "warm-up prompt", seed=0)
     logging.info("warm-up generation %.1fs", time.perf_counter() - warm_start)
 
-    # torch.compile is not thread-safe: compile everything serially in the warm-up, then overlap.
-    pipeline.overlap_decode = args.overlap
-    if args.overlap and args.compile:
-        time_generation(pipeline, "second warm-up with overlap", seed=0)
     runs = [time_generation(pipeline, PROMPTS[i % len(PROMPTS)], seed=i + 1) for i in range(args.runs)]
     summary = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "config": args.config,
-        "compile": args.compile, "fast_kernels": args.fast_kernels, "overlap": args.overlap, "sdpa": args.sdpa, "dtype": config.dtype, "height": config.height, "width": config.width,
+        "compile": args.compile, "fast_kernels": args.fast_kernels, "sdpa": args.sdpa, "dtype": config.dtype, "height": config.height, "width": config.width,
         "frames": runs[0]["frames"],
         "first_frames_s_median": statistics.median(r["first_frames_s"] for r in runs),
         "fps_median": statistics.median(r["fps"] for r in runs),
@@ -122,7 +117,7 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(summary, indent=2))
-    print(f"{summary['device']} compile={args.compile} fast={args.fast_kernels} overlap={args.overlap} sdpa={args.sdpa} frames={summary['frames']} "
+    print(f"{summary['device']} compile={args.compile} fast={args.fast_kernels} sdpa={args.sdpa} frames={summary['frames']} "
           f"first={summary['first_frames_s_median']:.3f}s fps={summary['fps_median']:.1f} "
           f"denoise/block={summary['block_denoise_ms_median']:.0f}ms decode/block={summary['block_decode_ms_median']:.0f}ms "
           f"peak={summary['peak_allocated_gib']:.1f}GiB")

@@ -18,7 +18,6 @@ from PIL import Image
 
 from .config import PipelineConfig
 from .kv_cache import AttentionWindow, KVCache
-from .overlap import run_ahead
 from .scheduler import FewStepSchedule, make_multistep_solver
 from .vae import frames_for_latents, to_uint8_frames
 from .weights import Components
@@ -94,8 +93,6 @@ class StreamingVideoPipeline:
         self.window = AttentionWindow(None if config.local_attn_size == -1 else config.local_attn_size,
                                       config.sink_size)
         self.kv_cache_budget: int | None = None  # bytes per KV cache; set by low-VRAM planning
-        # Denoise block k+1 in a worker thread while block k is decoded (costs both working sets at once).
-        self.overlap_decode = False
         if config.sampler.kind == "few_step":
             self.schedule = FewStepSchedule(config.sampler.denoising_steps, config.sampler.timestep_shift,
                                             config.sampler.warp_denoising_step)
@@ -200,18 +197,8 @@ class StreamingVideoPipeline:
                     torch.cuda.current_stream(self.device).synchronize()
                 yield index, clean, time.perf_counter() - block_start
 
-        if self.overlap_decode:
-            blocks = run_ahead(denoised_blocks, self.device)
-        else:
-            blocks = ((item, None) for item in denoised_blocks())
-        for (index, clean, denoise_s), ready in blocks:
-            if cancel is not None and cancel():  # blocks denoised ahead are dropped on Stop
-                blocks.close()
-                return
+        for index, clean, denoise_s in denoised_blocks():
             decode_start = time.perf_counter()
-            if ready is not None:
-                torch.cuda.current_stream(self.device).wait_event(ready)
-                clean.record_stream(torch.cuda.current_stream(self.device))
             pixels = decoder.decode_block(clean)
             if prefix_pixels is not None:
                 pixels, prefix_pixels = torch.cat([prefix_pixels, pixels], dim=2), None

@@ -124,36 +124,3 @@ def test_prompt_padding_is_zeroed(tiny_components):
     assert embeds.shape == (1, 32, 32)
     assert embeds[0, length:].abs().sum() == 0 and embeds[0, :length].abs().sum() > 0
 
-
-@pytest.fixture()
-def overlapped(tiny_components, tiny_config):
-    pipeline = StreamingVideoPipeline(tiny_components, tiny_config)
-    pipeline.overlap_decode = True
-    return pipeline
-
-
-def test_overlapped_decode_gives_the_same_blocks(tiny_pipeline, overlapped):
-    serial = list(tiny_pipeline.generate(GenerationRequest("waves", seed=21, num_blocks=4)))
-    ahead = list(overlapped.generate(GenerationRequest("waves", seed=21, num_blocks=4)))
-    assert [r.index for r in ahead] == [0, 1, 2, 3]
-    assert all(np.array_equal(a.frames, b.frames) for a, b in zip(serial, ahead))
-
-
-def test_overlapped_decode_cancels_and_stops_its_worker(overlapped):
-    import threading
-    seen = []
-    for result in overlapped.generate(GenerationRequest("x", seed=0, num_blocks=6), cancel=lambda: len(seen) >= 2):
-        seen.append(result.index)
-    assert seen == [0, 1]
-    stream = overlapped.generate(GenerationRequest("x", seed=0, num_blocks=6))
-    next(stream)
-    stream.close()
-    assert not any(t.name == "denoise-ahead" for t in threading.enumerate())
-
-
-def test_overlapped_decode_reraises_worker_errors(overlapped, monkeypatch):
-    def broken(*args, **kwargs):
-        raise RuntimeError("denoiser failed")
-    monkeypatch.setattr(overlapped, "_denoise_few_step", broken)
-    with pytest.raises(RuntimeError, match="denoiser failed"):
-        list(overlapped.generate(GenerationRequest("x", num_blocks=2)))
