@@ -17,9 +17,9 @@ import torch
 from PIL import Image
 
 from .config import PipelineConfig
-from .kv_cache import AttentionWindow, KVCache
+from .kv_cache import AttentionWindow, KVCache, kv_bytes_per_frame
 from .scheduler import FewStepSchedule, make_multistep_solver
-from .vae import frames_for_latents, to_uint8_frames
+from .vae import to_uint8_frames
 from .weights import Components
 
 log = logging.getLogger(__name__)
@@ -120,17 +120,13 @@ class StreamingVideoPipeline:
         if self.kv_cache_budget is None:
             return self.window, False
         cfg = self.generator.config
-        per_frame = frame_tokens * cfg.num_layers * 2 * cfg.dim * torch.finfo(self.dtype).bits // 8
+        per_frame = kv_bytes_per_frame(cfg.num_layers, cfg.dim, frame_tokens, self.dtype)
         needed = latent_frames if self.window.window_frames is None else min(latent_frames, self.window.window_frames)
         if needed * per_frame <= self.kv_cache_budget:
             return self.window, False
         fpb = self.config.frames_per_block
         frames = max(2 * fpb, self.kv_cache_budget // per_frame // fpb * fpb)
         return AttentionWindow(frames, min(self.window.sink_frames, frames - fpb)), True
-
-    def video_frames(self, num_blocks: int, with_image: bool) -> int:
-        latents = num_blocks * self.config.frames_per_block + (1 if with_image else 0)
-        return frames_for_latents(latents)
 
     def generate(self, request: GenerationRequest, cancel: CancelCheck | None = None) -> Iterator[BlockResult]:
         """Yields each block as soon as it is decoded; all per-run GPU memory is freed at the end."""
@@ -149,7 +145,7 @@ class StreamingVideoPipeline:
         started = time.perf_counter()
         cfg, model = self.config, self.generator
         fpb = cfg.frames_per_block
-        latent_h, latent_w = height // 8, width // 8
+        latent_h, latent_w = cfg.latent_size(height, width)
         frame_tokens = model.frame_tokens(latent_h, latent_w)
         channels = model.config.in_dim
 

@@ -43,10 +43,6 @@ class KVCache:
         self._write: tuple[int, int] | None = None
         self._evict: int = 0
 
-    @property
-    def num_bytes(self) -> int:
-        return self.keys.numel() * self.keys.element_size() * 2
-
     def begin(self, start_token: int, num_tokens: int) -> None:
         """Plans where tokens [start, start+num) go; called once per forward, before the layers."""
         end = start_token + num_tokens
@@ -81,6 +77,11 @@ class KVCache:
         self.local_end = self._write[1]
         self.global_end = start_token + num_tokens
         self._write = None
+
+
+def kv_bytes_per_frame(num_layers: int, dim: int, frame_tokens: int, dtype: torch.dtype) -> int:
+    """Keys + values of one latent frame over all layers."""
+    return frame_tokens * num_layers * 2 * dim * torch.finfo(dtype).bits // 8
 
 
 def block_causal_mask(block_frames: list[int], frame_tokens: int, window: AttentionWindow,

@@ -15,6 +15,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .kv_cache import kv_bytes_per_frame
+
 log = logging.getLogger(__name__)
 
 GIB = 2**30
@@ -44,10 +46,6 @@ class BlockStreamer:
             self._hooks.append(block.register_forward_pre_hook(self._pre_hook(index)))
             self._hooks.append(block.register_forward_hook(self._post_hook(index)))
         self._active: dict[int, int] = {}
-
-    @property
-    def slot_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.slots[0])
 
     def _bind(self, block: nn.Module, tensors: list[torch.Tensor]) -> None:
         params = dict(block.named_parameters())
@@ -174,9 +172,6 @@ class ModelFootprint:
     generator_block_bytes: int
     generator_blocks: int
     text_encoder_bytes: int
-    text_layer_bytes: int
-    text_layers: int
-    text_embedding_bytes: int
     vae_bytes: int
     kv_bytes_per_frame: int
     activation_bytes: int
@@ -203,9 +198,8 @@ def footprint_of(components, frame_tokens: int, latent_height: int, latent_width
     return ModelFootprint(
         generator_bytes=module_bytes(generator), generator_block_bytes=module_bytes(generator.blocks[0]),
         generator_blocks=len(generator.blocks), text_encoder_bytes=module_bytes(t5),
-        text_layer_bytes=module_bytes(t5.encoder.block[0]), text_layers=len(t5.encoder.block),
-        text_embedding_bytes=module_bytes(t5.shared), vae_bytes=module_bytes(components.vae.model),
-        kv_bytes_per_frame=frame_tokens * cfg.num_layers * 2 * cfg.dim * dtype_bytes,
+        vae_bytes=module_bytes(components.vae.model),
+        kv_bytes_per_frame=kv_bytes_per_frame(cfg.num_layers, cfg.dim, frame_tokens, generator.dtype),
         activation_bytes=activation)
 
 

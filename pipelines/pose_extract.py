@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -139,6 +139,3 @@ class DWPoseOnnx:
         locations, confidence = decode_simcc(simcc_x[0], simcc_y[0])
         return locations / [in_w, in_h] * size + [left, top], confidence
 
-
-def extract_poses(frames: Iterable[np.ndarray], detector: PoseDetector) -> list[PoseFrame]:
-    return [detector(frame) for frame in frames]
