@@ -165,11 +165,10 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
                 (t2v, t2v_out, text_to_video, [], "text_to_video"),
                 (i2v, i2v_out, image_to_video, [image], "image_to_video"),
                 (pose, pose_out, pose_animation, [reference, driving, is_pose_video], "pose_animation")):
-            event = controls.generate.click(handler, inputs=extra + controls.inputs + [session], outputs=outputs.all,
-                                            api_name=name, concurrency_id="gpu", concurrency_limit=1)
+            controls.generate.click(handler, inputs=extra + controls.inputs + [session], outputs=outputs.all,
+                                    api_name=name, concurrency_id="gpu", concurrency_limit=1)
             controls.stop.click(request_stop, inputs=[session], outputs=[outputs.status], queue=False,
                                 api_name=f"stop_{name}")
             controls.prompt.submit(handler, inputs=extra + controls.inputs + [session], outputs=outputs.all,
                                    api_name=False, concurrency_id="gpu", concurrency_limit=1)
-            del event
     return demo
