@@ -91,3 +91,14 @@ def test_seed_and_resolution_helpers():
     assert parse_resolution("832x480") == (480, 832)
     with pytest.raises(gr.Error):
         parse_resolution("big")
+
+
+def test_memory_profile_can_be_changed_at_runtime(tiny_config):
+    runtime = load_runtime("configs/tiny.yaml", None, "cpu")
+    assert runtime.memory_plan.profile.name == "high"
+    summary = runtime.set_memory_profile("low")
+    assert "**low**" in summary and runtime.pipeline.generator.weight_streamer is not None
+    final = list(stream_video(runtime, SessionControl(), GenerationRequest("x", num_blocks=1), 16))[-1]
+    assert final[2].startswith("Done.")
+    runtime.set_memory_profile("high")
+    assert runtime.pipeline.generator.weight_streamer is None
