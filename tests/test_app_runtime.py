@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 from demo.generation import parse_resolution, pick_seed, stream_video
 from demo.runtime import Runtime, load_runtime, resolve_weights_source
 from demo.session import SessionControl
+from demo.ui import build_demo
 from pipelines.core import GenerationRequest, StreamingVideoPipeline
 from pipelines.weights import WeightsError
 from tiny_checkpoints import write_original_layout
@@ -18,6 +19,7 @@ def test_missing_weights_keep_app_alive_with_clear_message(tmp_path):
     runtime = load_runtime("configs/self_forcing_dmd.yaml", str(tmp_path))
     assert runtime.pipeline is None
     assert "Wan-AI/Wan2.1-T2V-1.3B" in runtime.banner()
+    build_demo(runtime)  # the page still builds, so the app can serve the message
     with pytest.raises(gr.Error, match="Wan-AI/Wan2.1-T2V-1.3B"):
         next(stream_video(runtime, SessionControl(), GenerationRequest("x"), 16))
 
