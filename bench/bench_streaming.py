@@ -54,15 +54,18 @@ def time_generation(pipeline: StreamingVideoPipeline, prompt: str, seed: int) ->
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    blocks, frames, first = [], 0, None
+    blocks: dict[int, dict] = {}
+    frames, first = 0, None
     for result in pipeline.generate(GenerationRequest(prompt, seed=seed)):
         frames += result.frames.shape[0]
         if first is None:
             first = time.perf_counter() - start
-        blocks.append({"denoise_ms": result.denoise_s * 1e3, "decode_ms": result.decode_s * 1e3})
+        block = blocks.setdefault(result.index, {"denoise_ms": 0.0, "decode_ms": 0.0})
+        block["denoise_ms"] += result.denoise_s * 1e3
+        block["decode_ms"] += result.decode_s * 1e3
     total = time.perf_counter() - start
     return {"first_frames_s": first, "total_s": total, "frames": frames, "fps": frames / total,
-            "blocks": blocks, "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30}
+            "blocks": [blocks[i] for i in sorted(blocks)], "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
 def main() -> None:

@@ -58,16 +58,20 @@ def stream_video(runtime: Runtime, session: SessionControl, request: GenerationR
         raise gr.Error(str(err)) from err
     recorder = StreamRecorder(session.new_run_dir(), int(fps))
     yield StreamUpdate(gr.skip(), gr.skip(), f"Starting: {num_blocks} blocks …", None, request.seed).as_tuple()
-    status = ""
+    status, blocks_done, block_s, first_frame_s = "", 0, 0.0, None
     with runtime.gpu_lock:
         try:
             for result in pipeline.generate(request, cancel=session.stop_requested.is_set):
                 segment = recorder.add_block(result.frames)
-                fps_now = recorder.frames / result.elapsed_s
-                status = (f"Block {result.index + 1}/{num_blocks} · {result.block_s * 1e3:.0f} ms/block · "
-                          f"{fps_now:.1f} FPS · {recorder.frames} frames")
-                if result.index == 0:
-                    status += f" · first frames after {result.elapsed_s:.2f} s"
+                first_frame_s = first_frame_s or result.elapsed_s
+                block_s += result.block_s
+                if result.complete:
+                    blocks_done, last_block_s, block_s = blocks_done + 1, block_s, 0.0
+                    status = (f"Block {blocks_done}/{num_blocks} · {last_block_s * 1e3:.0f} ms/block · "
+                              f"{recorder.frames / result.elapsed_s:.1f} FPS · {recorder.frames} frames · "
+                              f"first frame after {first_frame_s:.2f} s")
+                else:
+                    status = f"Block {result.index + 1}/{num_blocks} · first frame after {first_frame_s:.2f} s"
                 if result.window_forced:
                     status += f" · rolling window of {result.window_frames} latent frames (memory budget)"
                 yield StreamUpdate(str(segment), result.frames[-1], status, None, request.seed).as_tuple()
@@ -79,7 +83,7 @@ def stream_video(runtime: Runtime, session: SessionControl, request: GenerationR
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-    stopped = session.stop_requested.is_set() and recorder.segments < num_blocks
-    done = f"Stopped after block {recorder.segments}/{num_blocks}." if stopped else "Done."
+    stopped = session.stop_requested.is_set() and blocks_done < num_blocks
+    done = f"Stopped after block {blocks_done}/{num_blocks}." if stopped else "Done."
     yield StreamUpdate(gr.skip(), gr.skip(), f"{done} {status}", str(final) if final else None,
                        request.seed).as_tuple()

@@ -50,13 +50,17 @@ class GenerationRequest:
 
 @dataclass
 class BlockResult:
+    """Newly decoded frames of block `index`. A block arrives in one result, except that the very
+    first video frame of a run is sent on its own as soon as it exists (complete=False)."""
+
     index: int
     num_blocks: int
     frames: np.ndarray  # uint8 [T, H, W, 3]
-    latents: torch.Tensor  # clean latents of this block, [1, C, F, h, w], on the CPU
-    denoise_s: float
+    latents: torch.Tensor | None  # clean latents of the whole block [1, C, F, h, w] (CPU) when complete
+    denoise_s: float  # denoising time of this block, on its first result only
     decode_s: float
     elapsed_s: float  # since generate() was called
+    complete: bool = True  # this result finishes block `index`
     window_frames: int | None = None  # rolling attention window used, None = every past frame
     window_forced: bool = False  # the KV-cache memory budget (not the config) imposed that window
 
@@ -168,11 +172,20 @@ class StreamingVideoPipeline:
                           model.config.num_heads, model.head_dim, window, self.dtype, self.device)
                   for _ in contexts]
         decoder = self.vae.stream()
-        prefix_pixels = None
+
+        def decoded(index: int, latents: torch.Tensor, denoise_s: float, clean: torch.Tensor | None) -> BlockResult:
+            decode_start = time.perf_counter()
+            frames = to_uint8_frames(decoder.decode_block(latents))
+            now = time.perf_counter()
+            return BlockResult(index=index, num_blocks=num_blocks, frames=frames,
+                               latents=None if clean is None else clean.float().cpu(), denoise_s=denoise_s,
+                               decode_s=now - decode_start, elapsed_s=now - started, complete=clean is not None,
+                               window_frames=window.window_frames, window_forced=forced)
+
         if first_latent is not None:
             first_latent = first_latent.to(self.device, self.dtype)
             self._write_context(first_latent, 0, contexts, caches, request.conditioning, timestep=0)
-            prefix_pixels = decoder.decode_block(first_latent)
+            yield decoded(0, first_latent, 0.0, None)  # the input image is the first frame: show it now
 
         def denoised_blocks() -> Iterator[tuple[int, torch.Tensor, float]]:
             for index in range(num_blocks):
@@ -194,15 +207,12 @@ class StreamingVideoPipeline:
                 yield index, clean, time.perf_counter() - block_start
 
         for index, clean, denoise_s in denoised_blocks():
-            decode_start = time.perf_counter()
-            pixels = decoder.decode_block(clean)
-            if prefix_pixels is not None:
-                pixels, prefix_pixels = torch.cat([prefix_pixels, pixels], dim=2), None
-            frames = to_uint8_frames(pixels)
-            now = time.perf_counter()
-            yield BlockResult(index=index, num_blocks=num_blocks, frames=frames, latents=clean.float().cpu(),
-                              denoise_s=denoise_s, decode_s=now - decode_start, elapsed_s=now - started,
-                              window_frames=window.window_frames, window_forced=forced)
+            if decoder.frames_seen == 0 and clean.shape[2] > 1:
+                # The first latent frame decodes to one video frame: send it before the rest of the block.
+                yield decoded(index, clean[:, :, :1], denoise_s, None)
+                yield decoded(index, clean[:, :, 1:], 0.0, clean)
+            else:
+                yield decoded(index, clean, denoise_s, clean)
 
     def _timesteps(self, value: float, frames: int) -> torch.Tensor:
         return torch.full((1, frames), float(value), device=self.device, dtype=torch.float32)

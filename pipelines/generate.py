@@ -66,16 +66,18 @@ def main(argv: list[str] | None = None) -> int:
                                 negative_prompt=args.negative_prompt, image=image)
     fps = args.fps or config.fps
     writer = None
+    progress = tqdm(total=request.num_blocks or config.num_blocks, unit="block")
     try:
-        blocks = pipeline.generate(request)
-        for result in tqdm(blocks, total=request.num_blocks or config.num_blocks, unit="block"):
+        for result in pipeline.generate(request):
             if writer is None:
                 writer = H264Writer(args.out, result.frames.shape[2], result.frames.shape[1], fps)
             writer.write(result.frames)
+            progress.update(int(result.complete))
     except RequestError as err:
         log.error("%s", err)
         return 2
     finally:
+        progress.close()
         if writer is not None:
             writer.close()
     log.info("wrote %d frames to %s", writer.frames_written, args.out)

@@ -8,6 +8,7 @@ import torch
 
 from pipelines.core import GenerationRequest, StreamingVideoPipeline
 from pipelines.kv_cache import AttentionWindow, KVCache, block_causal_mask
+from streams import block_latents
 
 
 def full_sequence_reference(pipeline: StreamingVideoPipeline, prompt: str, seed: int, num_blocks: int,
@@ -47,7 +48,7 @@ def _pipeline_with_window(base: StreamingVideoPipeline, window_frames: int, sink
 def test_kv_cached_generation_equals_block_causal_full_forward(tiny_pipeline, window_frames, sink):
     pipeline = _pipeline_with_window(tiny_pipeline, window_frames, sink)
     num_blocks = 5
-    cached = [r.latents for r in pipeline.generate(GenerationRequest("a red fox", seed=3, num_blocks=num_blocks))]
+    cached = block_latents(pipeline.generate(GenerationRequest("a red fox", seed=3, num_blocks=num_blocks)))
     reference = full_sequence_reference(pipeline, "a red fox", 3, num_blocks, pipeline.window)
     assert len(cached) == num_blocks
     for b, (got, want) in enumerate(zip(cached, reference)):
@@ -56,9 +57,9 @@ def test_kv_cached_generation_equals_block_causal_full_forward(tiny_pipeline, wi
 
 def test_rolling_window_changes_late_blocks_only(tiny_pipeline):
     """Control for the test above: a window that evicts must alter blocks that lost context."""
-    full = [r.latents for r in tiny_pipeline.generate(GenerationRequest("a red fox", seed=3, num_blocks=4))]
-    rolled = [r.latents for r in _pipeline_with_window(tiny_pipeline, 6, 0).generate(
-        GenerationRequest("a red fox", seed=3, num_blocks=4))]
+    full = block_latents(tiny_pipeline.generate(GenerationRequest("a red fox", seed=3, num_blocks=4)))
+    rolled = block_latents(_pipeline_with_window(tiny_pipeline, 6, 0).generate(
+        GenerationRequest("a red fox", seed=3, num_blocks=4)))
     assert torch.equal(full[0], rolled[0]) and torch.equal(full[1], rolled[1])
     assert not torch.allclose(full[3], rolled[3], atol=1e-4)
 

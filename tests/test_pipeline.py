@@ -12,19 +12,24 @@ from PIL import Image
 from pipelines.core import GenerationRequest, RequestError, StreamingVideoPipeline, prepare_image
 from pipelines.model import CausalWanModel
 from pipelines.scheduler import FewStepSchedule
+from streams import block_frames
 
 
 def _frames(pipeline, request):
-    return [r.frames for r in pipeline.generate(request)]
+    return block_frames(pipeline.generate(request))
 
 
 def test_blocks_stream_with_wan_frame_counts(tiny_pipeline):
     results = list(tiny_pipeline.generate(GenerationRequest("waves", seed=0, num_blocks=3)))
-    assert [r.index for r in results] == [0, 1, 2]
-    assert [r.frames.shape for r in results] == [(9, 64, 96, 3), (12, 64, 96, 3), (12, 64, 96, 3)]
+    # The first video frame is sent alone as soon as it is decoded, then the rest of block 0.
+    assert [(r.index, r.complete, r.frames.shape[0]) for r in results] == [(0, False, 1), (0, True, 8),
+                                                                            (1, True, 12), (2, True, 12)]
+    assert [f.shape for f in block_frames(results)] == [(9, 64, 96, 3), (12, 64, 96, 3), (12, 64, 96, 3)]
     assert all(r.frames.dtype == np.uint8 for r in results)
-    assert results[0].elapsed_s < results[-1].elapsed_s
-    assert all(r.denoise_s > 0 and r.decode_s > 0 for r in results)
+    assert [r.elapsed_s for r in results] == sorted(r.elapsed_s for r in results)
+    assert results[0].latents is None and all(r.latents.shape[2] == 3 for r in results[1:])
+    assert all(r.decode_s > 0 for r in results)
+    assert [r.denoise_s > 0 for r in results] == [True, False, True, True]
 
 
 def test_seed_reproducible_and_distinct(tiny_pipeline):
@@ -45,7 +50,9 @@ def test_i2v_first_frame_is_the_image_through_the_vae(tiny_pipeline, tiny_compon
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 255, (100, 150, 3), dtype=np.uint8))
     results = list(tiny_pipeline.generate(GenerationRequest("move", seed=2, num_blocks=2, image=image)))
-    assert [r.frames.shape[0] for r in results] == [13, 12]
+    assert [(r.index, r.complete, r.frames.shape[0]) for r in results] == [(0, False, 1), (0, True, 12),
+                                                                            (1, True, 12)]
+    assert results[0].denoise_s == 0  # the image frame is shown before any denoising
     pixels = prepare_image(image, 64, 96)
     roundtrip = tiny_components.vae.decode(tiny_components.vae.encode(pixels))
     expected = ((roundtrip[0, :, 0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
@@ -64,7 +71,8 @@ def test_prepare_image_covers_and_crops():
 def test_cancel_stops_between_blocks(tiny_pipeline):
     seen = []
     for result in tiny_pipeline.generate(GenerationRequest("x", seed=0, num_blocks=5), cancel=lambda: len(seen) >= 2):
-        seen.append(result.index)
+        if result.complete:
+            seen.append(result.index)
     assert seen == [0, 1]
 
 
@@ -80,8 +88,8 @@ def test_bad_requests_raise_user_facing_errors(tiny_pipeline, request_kwargs, me
 
 
 def test_other_resolution(tiny_pipeline):
-    result = next(tiny_pipeline.generate(GenerationRequest("x", num_blocks=1, height=48, width=80)))
-    assert result.frames.shape == (9, 48, 80, 3)
+    frames = _frames(tiny_pipeline, GenerationRequest("x", num_blocks=1, height=48, width=80))
+    assert frames[0].shape == (9, 48, 80, 3)
 
 
 def test_few_step_schedule_matches_self_forcing():

@@ -144,7 +144,7 @@ def test_extraction_path_with_injected_detector(tiny_pipeline):
     assert not np.array_equal(frames[0], frames[-1])
     request = animator.request(reference, driving, False, "dance", seed=3, num_blocks=1, height=64, width=96)
     results = list(tiny_pipeline.generate(request))
-    assert [r.frames.shape[0] for r in results] == [13]
+    assert [r.frames.shape[0] for r in results] == [1, 12]  # the reference frame first, then the block
 
 
 def test_pose_video_mode_needs_no_detector(tiny_pipeline):
