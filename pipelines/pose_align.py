@@ -50,7 +50,3 @@ def resample_indices(source_frames: int, target_frames: int) -> list[int]:
     positions = np.linspace(0, source_frames - 1, target_frames)
     return [int(np.floor(p + 0.5)) for p in positions]  # round half up: even spacing
 
-
-def pose_frames_for_latents(latent_frames: int) -> int:
-    """Pose frames a run of latent frames covers (Wan's 4x temporal compression): 4n - 3."""
-    return 4 * latent_frames - 3

@@ -14,10 +14,11 @@ import torch
 from PIL import Image
 
 from .core import GenerationRequest, StreamingVideoPipeline, prepare_image
-from .pose_align import align_sequence, pose_frames_for_latents, resample_indices
+from .pose_align import align_sequence, resample_indices
 from .pose_condition import LazyPoseEncoders, PoseConditioning
 from .pose_draw import draw_pose
 from .pose_extract import PoseDetector, load_dwpose
+from .vae import frames_for_latents
 
 
 class PoseAnimator:
@@ -40,7 +41,7 @@ class PoseAnimator:
     def pose_video(self, reference: Image.Image, driving: list[np.ndarray], is_pose_video: bool, latent_frames: int,
                    height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
         """(pose frames uint8 [4n-3, H, W, 3], reference pose image uint8 [H, W, 3]) at the model size."""
-        indices = resample_indices(len(driving), pose_frames_for_latents(latent_frames))
+        indices = resample_indices(len(driving), frames_for_latents(latent_frames))
         if is_pose_video:
             frames = np.stack([_fit(driving[i], height, width) for i in indices])
             return frames, frames[0]

@@ -13,12 +13,13 @@ from PIL import Image
 from demo.media import MediaError, read_video
 from pipelines.core import GenerationRequest
 from pipelines.kv_cache import AttentionWindow, KVCache, block_causal_mask
-from pipelines.pose_align import align_sequence, alignment_transform, pose_frames_for_latents, resample_indices
+from pipelines.pose_align import align_sequence, alignment_transform, resample_indices
 from pipelines.pose_animation import PoseAnimator
 from pipelines.pose_condition import LazyPoseEncoders, PoseConditioning
 from pipelines.pose_draw import BODY_COLORS, PoseFrame, draw_pose
 from pipelines.pose_extract import (DETECTOR_FILE, POSE_FILE, decode_simcc, decode_yolox, load_dwpose,
                                     wholebody_to_pose)
+from pipelines.vae import frames_for_latents
 from pipelines.weights import WeightsError
 
 
@@ -60,7 +61,7 @@ def test_alignment_maps_first_driving_body_onto_reference():
 def test_resampling_to_model_frame_count():
     assert resample_indices(5, 9) == [0, 1, 1, 2, 2, 3, 3, 4, 4]
     assert resample_indices(100, 3) == [0, 50, 99]
-    assert pose_frames_for_latents(21) == 81
+    assert frames_for_latents(21) == 81  # pose frames per latent run: Wan's 4n - 3
     with pytest.raises(ValueError, match="no frames"):
         resample_indices(0, 9)
 
@@ -69,7 +70,7 @@ def test_per_block_pose_tokens_equal_full_sequence_conditioning(tiny_pipeline):
     model = tiny_pipeline.generator
     encoders = LazyPoseEncoders(model.config.dim, None, "cpu", torch.float32, random_seed=1).get()
     rng = np.random.default_rng(0)
-    pose_video = rng.integers(0, 255, (pose_frames_for_latents(6), 64, 96, 3), dtype=np.uint8)
+    pose_video = rng.integers(0, 255, (frames_for_latents(6), 64, 96, 3), dtype=np.uint8)
     tokens = encoders.pose_tokens(pose_video)
     frame_tokens = model.frame_tokens(8, 12)
     assert tokens.shape == (1, 6 * frame_tokens, model.config.dim)
