@@ -184,29 +184,26 @@ class StreamingVideoPipeline:
 
         if first_latent is not None:
             first_latent = first_latent.to(self.device, self.dtype)
-            self._write_context(first_latent, 0, contexts, caches, request.conditioning, timestep=0)
+            self._write_context(first_latent, 0, contexts, caches, timestep=0,
+                                bias=self._token_bias(request, 0, prefix_frames))
             yield decoded(0, first_latent, 0.0, None)  # the input image is the first frame: show it now
 
-        def denoised_blocks() -> Iterator[tuple[int, torch.Tensor, float]]:
-            for index in range(num_blocks):
-                if cancel is not None and cancel():
-                    log.info("generation cancelled before block %d/%d", index + 1, num_blocks)
-                    return
-                block_start = time.perf_counter()
-                start_frame = prefix_frames + index * fpb
-                bias = None if request.conditioning is None else request.conditioning.token_bias(start_frame, fpb)
-                noisy = noise[:, :, index * fpb:(index + 1) * fpb]
-                if cfg.uses_cfg:
-                    clean = self._denoise_multistep(noisy, start_frame, contexts, caches, bias)
-                else:
-                    clean = self._denoise_few_step(noisy, start_frame, contexts[0], caches[0], bias, rng)
-                self._write_context(clean, start_frame, contexts, caches, request.conditioning,
-                                    timestep=cfg.sampler.context_noise, bias=bias)
-                if self.device.type == "cuda":
-                    torch.cuda.current_stream(self.device).synchronize()
-                yield index, clean, time.perf_counter() - block_start
-
-        for index, clean, denoise_s in denoised_blocks():
+        for index in range(num_blocks):
+            if cancel is not None and cancel():
+                log.info("generation cancelled before block %d/%d", index + 1, num_blocks)
+                return
+            block_start = time.perf_counter()
+            start_frame = prefix_frames + index * fpb
+            bias = self._token_bias(request, start_frame, fpb)
+            noisy = noise[:, :, index * fpb:(index + 1) * fpb]
+            if cfg.uses_cfg:
+                clean = self._denoise_multistep(noisy, start_frame, contexts, caches, bias)
+            else:
+                clean = self._denoise_few_step(noisy, start_frame, contexts[0], caches[0], bias, rng)
+            self._write_context(clean, start_frame, contexts, caches, timestep=cfg.sampler.context_noise, bias=bias)
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()
+            denoise_s = time.perf_counter() - block_start
             if decoder.frames_seen == 0 and clean.shape[2] > 1:
                 # The first latent frame decodes to one video frame: send it before the rest of the block.
                 yield decoded(index, clean[:, :, :1], denoise_s, None)
@@ -217,12 +214,13 @@ class StreamingVideoPipeline:
     def _timesteps(self, value: float, frames: int) -> torch.Tensor:
         return torch.full((1, frames), float(value), device=self.device, dtype=torch.float32)
 
+    @staticmethod
+    def _token_bias(request: GenerationRequest, start_frame: int, num_frames: int) -> torch.Tensor | None:
+        return None if request.conditioning is None else request.conditioning.token_bias(start_frame, num_frames)
+
     def _write_context(self, clean: torch.Tensor, start_frame: int, contexts: list, caches: list[KVCache],
-                       conditioning: BlockConditioning | None, timestep: float,
-                       bias: torch.Tensor | None = None) -> None:
+                       timestep: float, bias: torch.Tensor | None) -> None:
         """Runs the clean frames through the generator once to store their keys/values."""
-        if bias is None and conditioning is not None:
-            bias = conditioning.token_bias(start_frame, clean.shape[2])
         for context, cache in zip(contexts, caches):
             self.generator(clean, self._timesteps(timestep, clean.shape[2]), context, start_frame=start_frame,
                            kv_cache=cache, token_bias=bias)
