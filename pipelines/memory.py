@@ -45,7 +45,6 @@ class BlockStreamer:
         for index, block in enumerate(blocks):
             self._hooks.append(block.register_forward_pre_hook(self._pre_hook(index)))
             self._hooks.append(block.register_forward_hook(self._post_hook(index)))
-        self._active: dict[int, int] = {}
 
     def _bind(self, block: nn.Module, tensors: list[torch.Tensor]) -> None:
         params = dict(block.named_parameters())
@@ -76,14 +75,13 @@ class BlockStreamer:
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_event(self.ready[slot])
         self._bind(self.blocks[index], self.slots[slot])
-        self.current_slot = slot
-        self._active[index] = slot
+        self.current_slot = slot  # blocks run one at a time: this is the running block's slot
         following = (index + 1) % len(self.blocks)
         if following != index and following not in self.loaded:
             self._load(following, 1 - slot)
 
     def end(self, index: int) -> None:
-        slot = self._active.pop(index)
+        slot = self.current_slot
         if self.cuda:
             self.freed[slot] = torch.cuda.Event()
             self.freed[slot].record(torch.cuda.current_stream(self.device))
