@@ -7,15 +7,13 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from pipelines.acceleration import accelerate
 from pipelines.config import PipelineConfig, load_config
 from pipelines.core import StreamingVideoPipeline
 from pipelines.memory import MemoryPlan, configure_memory
 from pipelines.pose_animation import PoseAnimator
 from pipelines.pose_condition import LazyPoseEncoders
-from pipelines.weights import WeightsError, load_components
+from pipelines.setup import build_pipeline, default_device, vram_bytes
+from pipelines.weights import WeightsError
 
 log = logging.getLogger(__name__)
 
@@ -86,18 +84,15 @@ def load_runtime(config_path: str | Path | None, weights: str | None, device: st
     Weights are read into CPU memory first; the memory plan then decides what goes to the GPU.
     """
     config = load_config(config_path, **{"weights.use_ema": use_ema or None})
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    runtime = Runtime(config=config, device=device, vram_bytes=int(vram_gb * 2**30) if vram_gb else None)
+    runtime = Runtime(config=config, device=device or default_device(), vram_bytes=vram_bytes(vram_gb))
     try:
         weights_dir = resolve_weights_source(weights)
-        components = load_components(config, weights_dir, "cpu")
+        runtime.pipeline, runtime.memory_plan = build_pipeline(config, weights_dir, runtime.device, memory_profile,
+                                                               runtime.vram_bytes, compile_models)
     except WeightsError as err:
         log.error("%s", err)
         runtime.load_error = str(err)
         return runtime
-    runtime.pipeline = StreamingVideoPipeline(components, config, device)
-    runtime.memory_plan = configure_memory(runtime.pipeline, memory_profile, runtime.vram_bytes)
-    accelerate(components, compile_models=compile_models and not runtime.memory_plan.profile.stream_generator)
     runtime.poser = make_pose_animator(runtime.pipeline, weights_dir)
     return runtime
 

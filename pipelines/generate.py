@@ -7,22 +7,16 @@ import os
 import sys
 from pathlib import Path
 
-import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from .acceleration import accelerate
 from .config import DEFAULT_CONFIG, load_config
-from .memory import configure_memory
-from .core import GenerationRequest, RequestError, StreamingVideoPipeline
+from .core import GenerationRequest, RequestError
+from .setup import build_pipeline, default_device, vram_bytes
 from .video_io import H264Writer
-from .weights import WeightsError, load_components
+from .weights import WeightsError
 
 log = logging.getLogger("pipelines.generate")
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("diffusers").setLevel(logging.ERROR)
     try:
         config = load_config(args.config, **{"weights.use_ema": args.use_ema or None, "dtype": args.dtype})
-        components = load_components(config, args.weights, "cpu")
+        pipeline, _ = build_pipeline(config, args.weights, args.device, args.memory_profile,
+                                     vram_bytes(args.vram_gb), args.compile)
         image = Image.open(args.image) if args.image else None
     except WeightsError as err:
         log.error("%s", err)
@@ -59,9 +54,6 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, UnidentifiedImageError) as err:
         log.error("Could not read the input: %s", err)
         return 2
-    pipeline = StreamingVideoPipeline(components, config, args.device)
-    plan = configure_memory(pipeline, args.memory_profile, int(args.vram_gb * 2**30) if args.vram_gb else None)
-    accelerate(components, compile_models=args.compile and not plan.profile.stream_generator)
     request = GenerationRequest(args.prompt, seed=args.seed, num_blocks=args.blocks,
                                 negative_prompt=args.negative_prompt, image=image)
     fps = args.fps or config.fps
