@@ -103,12 +103,11 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
             raise gr.Error(poser.encoders.missing_message())
         if not reference or not driving_video:
             raise gr.Error("Please upload a reference image and a driving video.")
-        height, width = parse_resolution(resolution)
+        base = _request(prompt, negative, seed, randomize, blocks, resolution)
         try:
             picture, frames = load_image(reference), read_video(driving_video)
             with runtime.gpu_lock:
-                request = poser.request(picture, frames, bool(is_pose_video), prompt or "", pick_seed(seed, randomize),
-                                        int(blocks), height, width)
+                request = poser.request(picture, frames, bool(is_pose_video), base)
         except (MediaError, WeightsError, RequestError) as err:
             raise gr.Error(str(err)) from err
         yield from stream_video(runtime, session, request, fps)

@@ -6,6 +6,7 @@ block adds its own slice of the pose tokens.
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 from pathlib import Path
 
@@ -55,9 +56,9 @@ class PoseAnimator:
         return frames, draw_pose(reference_pose, width, height)
 
     @torch.no_grad()
-    def request(self, reference: Image.Image, driving: list[np.ndarray], is_pose_video: bool, prompt: str,
-                seed: int, num_blocks: int | None, height: int | None, width: int | None) -> GenerationRequest:
-        base = GenerationRequest(prompt=prompt, seed=seed, num_blocks=num_blocks, height=height, width=width)
+    def request(self, reference: Image.Image, driving: list[np.ndarray], is_pose_video: bool,
+                base: GenerationRequest) -> GenerationRequest:
+        """`base` (prompt, seed, length, size) plus the pose conditioning and the reference latent."""
         num_blocks, height, width = self.pipeline.validate(base)
         latent_frames = num_blocks * self.pipeline.config.frames_per_block
         pose_frames, reference_pose = self.pose_video(reference, driving, is_pose_video, latent_frames, height, width)
@@ -67,9 +68,9 @@ class PoseAnimator:
         reference_latent = vae.encode(prepare_image(reference, height, width))
         reference_latent = reference_latent + encoders.reference_features(reference_pose).to(reference_latent)
         frame_tokens = self.pipeline.generator.frame_tokens(height // 8, width // 8)
-        return GenerationRequest(prompt=prompt, seed=seed, num_blocks=num_blocks, height=height, width=width,
-                                 conditioning=PoseConditioning(tokens, frame_tokens, prefix_frames=1),
-                                 reference_latent=reference_latent)
+        return dataclasses.replace(base, num_blocks=num_blocks, height=height, width=width,
+                                   conditioning=PoseConditioning(tokens, frame_tokens, prefix_frames=1),
+                                   reference_latent=reference_latent)
 
 
 def _fit(frame: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -143,7 +143,8 @@ def test_extraction_path_with_injected_detector(tiny_pipeline):
     assert frames.shape == (9, 64, 96, 3) and reference_pose.shape == (64, 96, 3)
     assert detector.calls == 1 + 5  # the reference once, each distinct driving frame once
     assert not np.array_equal(frames[0], frames[-1])
-    request = animator.request(reference, driving, False, "dance", seed=3, num_blocks=1, height=64, width=96)
+    request = animator.request(reference, driving, False,
+                               GenerationRequest("dance", seed=3, num_blocks=1, height=64, width=96))
     results = list(tiny_pipeline.generate(request))
     assert [r.frames.shape[0] for r in results] == [1, 12]  # the reference frame first, then the block
 
@@ -152,10 +153,11 @@ def test_pose_video_mode_needs_no_detector(tiny_pipeline):
     animator = PoseAnimator(tiny_pipeline, LazyPoseEncoders(64, None, "cpu", torch.float32, random_seed=0),
                             detector_dir=Path("/nonexistent"))
     driving = [np.full((64, 96, 3), v, dtype=np.uint8) for v in range(0, 250, 25)]
-    request = animator.request(Image.new("RGB", (96, 64)), driving, True, "dance", 1, 2, 64, 96)
+    base = GenerationRequest("dance", seed=1, num_blocks=2, height=64, width=96)
+    request = animator.request(Image.new("RGB", (96, 64)), driving, True, base)
     assert isinstance(request, GenerationRequest) and request.reference_latent.shape == (1, 16, 1, 8, 12)
     with pytest.raises(WeightsError, match=DETECTOR_FILE):
-        animator.request(Image.new("RGB", (96, 64)), driving, False, "dance", 1, 2, 64, 96)
+        animator.request(Image.new("RGB", (96, 64)), driving, False, base)
 
 
 def test_simcc_and_wholebody_decoding():
