@@ -20,10 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
-from .weights import WeightsError
+from .weights import WeightsError, read_state
 
 log = logging.getLogger(__name__)
 HIDDEN = 16
@@ -125,7 +124,7 @@ class LazyPoseEncoders:
         else:
             if not self.available:
                 raise WeightsError(self.missing_message())
-            state = _read_state(self.path)
+            state = read_state(self.path)
             expected = encoders.state_dict()
             missing = sorted(set(expected) - set(state))
             wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
@@ -136,11 +135,3 @@ class LazyPoseEncoders:
         log.info("pose encoders loaded (%s)", self.path or "random")
         return encoders.to(self.device, self.dtype).eval().requires_grad_(False)
 
-
-def _read_state(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        if path.suffix == ".safetensors":
-            return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unreadable file: name it
-        raise WeightsError(f"Could not read pose weights {path}: {exc}") from exc

@@ -65,10 +65,13 @@ def _download_hint(path: Path) -> str:
     return f"Download the Hugging Face repo {WAN_REPO} into <weights>/wan_models/Wan2.1-T2V-1.3B/."
 
 
-def _torch_load(path: Path) -> dict:
+def read_state(path: Path) -> dict:
+    """A .safetensors or torch checkpoint file; an unreadable one is named in a WeightsError."""
     try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # a truncated or non-torch file: say which one
+    except Exception as exc:  # a truncated or foreign file: say which one
         raise WeightsError(f"Could not read {path}: {exc}. Re-download it.") from exc
 
 
@@ -78,7 +81,7 @@ def _load_safetensors_dir(folder: Path) -> dict[str, torch.Tensor]:
         raise WeightsError(f"Missing weights: no *.safetensors in {folder}. {_download_hint(folder)}")
     state: dict[str, torch.Tensor] = {}
     for file in files:
-        state.update(load_file(str(file)))
+        state.update(read_state(file))
     return state
 
 
@@ -105,7 +108,7 @@ def _load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], source: 
 
 def generator_state_from_checkpoint(path: Path, use_ema: bool) -> dict[str, torch.Tensor]:
     """Self-Forcing .pt -> diffusers-named generator weights."""
-    checkpoint = _torch_load(path)
+    checkpoint = read_state(path)
     key = "generator_ema" if use_ema else "generator"
     if key not in checkpoint:
         raise WeightsError(f"{path} has no '{key}' weights (it has: {', '.join(map(str, checkpoint))}). "
@@ -170,14 +173,14 @@ def _original_components(config: PipelineConfig, weights_dir: Path, generator: C
     base = weights_dir / config.weights.original_dir
     if not config.weights.generator_ckpt:
         source = _require(base / "diffusion_pytorch_model.safetensors", "Wan2.1 DiT weights")
-        _load_into(generator, convert_wan_transformer_to_diffusers(load_file(str(source))), source)
+        _load_into(generator, convert_wan_transformer_to_diffusers(read_state(source)), source)
 
     vae_path = _require(base / VAE_FILE, "Wan2.1 VAE")
     vae_model = AutoencoderKLWan(**config.vae)
-    _load_into(vae_model, convert_wan_vae_to_diffusers(_torch_load(vae_path)), vae_path)
+    _load_into(vae_model, convert_wan_vae_to_diffusers(read_state(vae_path)), vae_path)
 
     t5_path = _require(base / T5_FILE, "UMT5-XXL text encoder")
-    t5_state = _torch_load(t5_path)
+    t5_state = read_state(t5_path)
     try:
         t5_config = umt5_config_from_wan_state(t5_state)
     except (KeyError, ValueError) as exc:
