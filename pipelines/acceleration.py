@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import logging
+import types
 
 import torch
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanResample
 
 from .weights import Components
 
@@ -20,10 +22,12 @@ def accelerate(components: Components, compile_models: bool = False) -> None:
         return
     torch.backends.cudnn.benchmark = True
     vae_to_channels_last(components.vae.model)
+    pad_vae_convs_in_kernel(components.vae.model)
     if compile_models:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         components.generator.compile_blocks(mode="max-autotune-no-cudagraphs", dynamic=False)
         # The decoder's many small norm/activation/pad/cat kernels fuse into few memory passes.
+        make_upsamplers_traceable(components.vae.model)
         components.vae.model.decoder.compile(dynamic=False)
         log.info("torch.compile enabled for the generator blocks and VAE decoder (first generation compiles)")
 
@@ -33,3 +37,56 @@ def vae_to_channels_last(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Conv3d):
             module.weight.data = module.weight.data.to(memory_format=torch.channels_last_3d)
+
+
+def pad_vae_convs_in_kernel(model: torch.nn.Module) -> None:
+    """Lets the conv kernel zero-pad height and width instead of a separate F.pad copy of its input.
+
+    Wan's causal convs pad all three axes with F.pad before an unpadded conv; only the time axis
+    needs that (it is filled from the causal cache). Symmetric spatial zero padding inside the
+    convolution is the same arithmetic without writing and re-reading a padded activation.
+    """
+    for module in model.modules():
+        if isinstance(module, WanCausalConv3d):
+            pad_w, _, pad_h, _, pad_t, _ = module._padding
+            if pad_h or pad_w:
+                module.padding = (0, pad_h, pad_w)
+                module._padding = (0, 0, 0, 0, pad_t, 0)
+
+
+def make_upsamplers_traceable(model: torch.nn.Module) -> None:
+    """Gives each time-upsampling WanResample a forward that torch.compile traces as one graph.
+
+    diffusers marks "first chunk, no time upsampling yet" by storing the string "Rep" in the conv
+    cache and compares cached tensors with it (`tensor == "Rep"`). Some torch versions (2.11)
+    cannot trace that comparison: the whole decoder falls back to per-module frames whose guards
+    make the second generation recompile for ~35 s. The replacement tests the marker with
+    isinstance and otherwise computes exactly what diffusers computes.
+    """
+    for module in model.modules():
+        if isinstance(module, WanResample) and module.mode == "upsample3d":
+            module.forward = types.MethodType(_upsample3d_forward, module)
+
+
+def _upsample3d_forward(self: WanResample, x: torch.Tensor, feat_cache: list | None = None,
+                        feat_idx: list[int] | None = None) -> torch.Tensor:
+    batch, channels, frames, height, width = x.shape
+    if feat_cache is not None and feat_idx is not None:
+        index = feat_idx[0]
+        feat_idx[0] += 1
+        cached = feat_cache[index]
+        if cached is None:
+            feat_cache[index] = "Rep"  # the first latent frame decodes to a single video frame
+        else:
+            first_chunk = isinstance(cached, str)
+            tail = x[:, :, -2:].clone()
+            if tail.shape[2] < 2:
+                previous = torch.zeros_like(tail) if first_chunk else cached[:, :, -1:]
+                tail = torch.cat([previous, tail], dim=2)
+            x = self.time_conv(x) if first_chunk else self.time_conv(x, cached)
+            feat_cache[index] = tail
+            x = x.reshape(batch, 2, channels, frames, height, width)
+            x = torch.stack((x[:, 0], x[:, 1]), 3).reshape(batch, channels, frames * 2, height, width)
+    frames = x.shape[2]
+    x = self.resample(x.permute(0, 2, 1, 3, 4).reshape(batch * frames, channels, height, width))
+    return x.view(batch, frames, *x.shape[1:]).permute(0, 2, 1, 3, 4)

@@ -79,7 +79,13 @@ class FeedForward(nn.Module):
         self.net = nn.ModuleList([_Proj(dim, hidden), nn.Identity(), nn.Linear(hidden, dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net[2](F.gelu(self.net[0].proj(x), approximate="tanh"))
+        up = self.net[0].proj
+        if x.is_cuda:
+            # cuBLASLt applies the tanh GELU in the GEMM epilogue, saving a pass over the
+            # 5.8x wider hidden activation (on the CPU this op would use the exact GELU).
+            hidden = torch._addmm_activation(up.bias, x.flatten(0, -2), up.weight.t(), use_gelu=True)
+            return self.net[2](hidden.unflatten(0, x.shape[:-1]))
+        return self.net[2](F.gelu(up(x), approximate="tanh"))
 
 
 class _Proj(nn.Module):

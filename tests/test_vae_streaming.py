@@ -44,3 +44,52 @@ def test_uint8_conversion_range():
     frames = to_uint8_frames(pixels)
     assert frames.shape == (4, 1, 1, 3) and frames.dtype == np.uint8
     assert frames[:, 0, 0, 0].tolist() == [0, 128, 255, 255]
+
+
+
+def _split_decode(vae, latents, splits):
+    stream, pieces, start = vae.stream(), [], 0
+    for size in splits:
+        pieces.append(stream.decode_block(latents[:, :, start:start + size]))
+        start += size
+    return torch.cat(pieces, dim=2)
+
+
+@pytest.fixture()
+def sped_up_vae(tiny_config):
+    """A private copy of the tiny VAE with the GPU speed rewrites applied (kernel padding, traceable upsampler)."""
+    from pipelines.acceleration import make_upsamplers_traceable, pad_vae_convs_in_kernel
+    from pipelines.weights import load_components
+
+    vae = load_components(tiny_config).vae
+    pad_vae_convs_in_kernel(vae.model)
+    make_upsamplers_traceable(vae.model)
+    return vae
+
+
+def test_speed_rewrites_give_the_same_video(tiny_components, sped_up_vae):
+    """In-kernel spatial padding and the traceable time upsampler must not change any frame."""
+    assert any(getattr(m, "padding", None) == (0, 1, 1) for m in sped_up_vae.model.modules())
+    torch.manual_seed(3)
+    latents = torch.randn(1, 16, 6, 8, 12)
+    expected = tiny_components.vae.stream().decode_block(latents)
+    for splits in ([1, 2, 3], [2, 4], [1, 1, 1, 3]):
+        assert (_split_decode(sped_up_vae, latents, splits) - expected).abs().max().item() <= 1e-5
+    pixels = torch.rand(1, 3, 5, 64, 96) * 2 - 1
+    assert torch.allclose(sped_up_vae.encode(pixels), tiny_components.vae.encode(pixels), atol=1e-5)
+
+
+def test_compiled_decoder_traces_without_breaks_and_never_recompiles(sped_up_vae):
+    """The second generation must reuse the first one's graphs (on torch 2.11 it recompiled for ~35 s)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    sped_up_vae.model.decoder.compile(backend="eager", dynamic=False)
+    latents = torch.randn(1, 16, 7, 8, 12)
+    _split_decode(sped_up_vae, latents, [1, 2, 3, 1])
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 0 and not counters["graph_break"]
+    _split_decode(sped_up_vae, latents, [1, 3, 1, 2])  # other block lengths: same per-frame graphs
+    assert counters["stats"]["unique_graphs"] == graphs
+    torch._dynamo.reset()
