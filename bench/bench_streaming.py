@@ -77,8 +77,6 @@ def main() -> None:
                         help="pipelines.acceleration: cuDNN autotuning + channels-last VAE (+ --compile)")
     parser.add_argument("--sdpa", choices=["auto", "cudnn", "flash", "efficient"], default="auto",
                         help="force one scaled_dot_product_attention backend")
-    parser.add_argument("--coordinate-descent", action="store_true",
-                        help="inductor coordinate-descent tuning of the generated kernels (longer compile)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -86,8 +84,6 @@ def main() -> None:
 
     device = torch.device("cuda")
     config = load_config(args.config)
-    if args.coordinate_descent:
-        torch._inductor.config.coordinate_descent_tuning = True
     build_start = time.perf_counter()
     components = build_components(config, device, config.torch_dtype)
     if args.fast_kernels:
@@ -110,7 +106,7 @@ def main() -> None:
     runs = [time_generation(pipeline, PROMPTS[i % len(PROMPTS)], seed=i + 1) for i in range(args.runs)]
     summary = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "config": args.config,
-        "compile": args.compile, "fast_kernels": args.fast_kernels, "coordinate_descent": args.coordinate_descent, "sdpa": args.sdpa, "dtype": config.dtype, "height": config.height, "width": config.width,
+        "compile": args.compile, "fast_kernels": args.fast_kernels, "sdpa": args.sdpa, "dtype": config.dtype, "height": config.height, "width": config.width,
         "frames": runs[0]["frames"],
         "first_frames_s_median": statistics.median(r["first_frames_s"] for r in runs),
         "fps_median": statistics.median(r["fps"] for r in runs),
