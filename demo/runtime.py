@@ -88,7 +88,7 @@ def load_runtime(config_path: str | Path | None, weights: str | None, device: st
     try:
         weights_dir = resolve_weights_source(weights)
         runtime.pipeline, runtime.memory_plan = build_pipeline(config, weights_dir, runtime.device, memory_profile,
-                                                               runtime.vram_bytes, compile_models)
+                                                               runtime.vram_bytes, compile_models, warm=True)
     except WeightsError as err:
         log.error("%s", err)
         runtime.load_error = str(err)

@@ -12,14 +12,15 @@ from .weights import Components
 log = logging.getLogger(__name__)
 
 
-def accelerate(components: Components, compile_models: bool = False) -> None:
+def accelerate(components: Components, compile_models: bool = False) -> bool:
     """cuDNN autotuning and channels-last VAE convs; optionally torch.compile DiT blocks and VAE decoder.
 
     Block shapes are fixed for a given resolution, so cuDNN's per-shape algorithm search and
     inductor's autotuning are paid once (first generation) and reused by every later block.
+    Returns whether the models were compiled.
     """
     if components.generator.patch_embedding.weight.device.type != "cuda":
-        return
+        return False
     torch.backends.cudnn.benchmark = True
     vae_to_channels_last(components.vae.model)
     pad_vae_convs_in_kernel(components.vae.model)
@@ -30,6 +31,7 @@ def accelerate(components: Components, compile_models: bool = False) -> None:
         make_upsamplers_traceable(components.vae.model)
         components.vae.model.decoder.compile(dynamic=False)
         log.info("torch.compile enabled for the generator blocks and VAE decoder (first generation compiles)")
+    return compile_models
 
 
 def vae_to_channels_last(model: torch.nn.Module) -> None:

@@ -2,15 +2,20 @@
 decides what moves to the device, then the speed settings that plan allows."""
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from .acceleration import accelerate
 from .config import PipelineConfig
-from .core import StreamingVideoPipeline
+from .core import GenerationRequest, StreamingVideoPipeline
 from .memory import GIB, MemoryPlan, configure_memory
 from .weights import load_components
+
+log = logging.getLogger(__name__)
 
 
 def default_device() -> str:
@@ -24,11 +29,32 @@ def vram_bytes(vram_gb: float | None) -> int | None:
 
 def build_pipeline(config: PipelineConfig, weights_dir: str | Path | None, device: str,
                    memory_profile: str = "auto", vram: int | None = None,
-                   compile_models: bool = False) -> tuple[StreamingVideoPipeline, MemoryPlan]:
-    """Loads the weights (raising WeightsError with a user-facing message) and places them."""
+                   compile_models: bool = False, warm: bool = False) -> tuple[StreamingVideoPipeline, MemoryPlan]:
+    """Loads the weights (raising WeightsError with a user-facing message) and places them.
+
+    warm: when the models were compiled, run warm_up() so no user waits for the compiler.
+    """
     components = load_components(config, weights_dir, "cpu")
     pipeline = StreamingVideoPipeline(components, config, device)
     plan = configure_memory(pipeline, memory_profile, vram)
     # Compiled blocks would be re-traced as streamed weights move, so streaming runs eager.
-    accelerate(components, compile_models=compile_models and not plan.profile.stream_generator)
+    compiled = accelerate(components, compile_models=compile_models and not plan.profile.stream_generator)
+    if compiled and warm:
+        warm_up(pipeline)
     return pipeline, plan
+
+
+def warm_up(pipeline: StreamingVideoPipeline) -> None:
+    """Generates a short text-to-video and an image-to-video clip at the default size.
+
+    torch.compile traces and autotunes on first use of each shape (minutes for the full model).
+    These two requests reach every compiled shape the tabs use at that size: the 3-frame blocks,
+    the 1-frame image prefill and the decoder's first-frame, second-frame and steady variants.
+    """
+    start = time.perf_counter()
+    config = pipeline.config
+    image = Image.new("RGB", (config.width, config.height), (128, 128, 128))
+    for request in (GenerationRequest("warm-up", num_blocks=2), GenerationRequest("warm-up", num_blocks=1, image=image)):
+        for _ in pipeline.generate(request):
+            pass
+    log.info("warm-up (compilation) took %.0f s", time.perf_counter() - start)

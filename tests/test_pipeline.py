@@ -132,3 +132,26 @@ def test_prompt_padding_is_zeroed(tiny_components):
     assert embeds.shape == (1, 32, 32)
     assert embeds[0, length:].abs().sum() == 0 and embeds[0, :length].abs().sum() > 0
 
+
+
+def test_warm_up_runs_every_compiled_shape_at_the_default_size(tiny_pipeline, monkeypatch):
+    """The app's compile warm-up must cover text-only blocks and the 1-frame image prefill, to the end."""
+    from pipelines.setup import warm_up
+
+    finished = []
+    generate = tiny_pipeline.generate
+
+    def recording(request, cancel=None):
+        results = list(generate(request, cancel))
+        finished.append((request, results))
+        yield from results
+
+    monkeypatch.setattr(tiny_pipeline, "generate", recording)
+    warm_up(tiny_pipeline)
+    assert [request.image is not None for request, _ in finished] == [False, True]
+    config = tiny_pipeline.config
+    for request, results in finished:
+        assert results[-1].complete and results[-1].index == results[-1].num_blocks - 1
+        assert results[-1].frames.shape[1:3] == (config.height, config.width)
+    text_results = finished[0][1]
+    assert [r.complete for r in text_results] == [False, True, True]  # first frame alone, then 2 blocks
