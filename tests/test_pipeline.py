@@ -154,4 +154,4 @@ def test_warm_up_runs_every_compiled_shape_at_the_default_size(tiny_pipeline, mo
         assert results[-1].complete and results[-1].index == results[-1].num_blocks - 1
         assert results[-1].frames.shape[1:3] == (config.height, config.width)
     text_results = finished[0][1]
-    assert [r.complete for r in text_results] == [False, True, True]  # first frame alone, then 2 blocks
+    assert [r.complete for r in text_results] == [False] + [True] * config.num_blocks  # first frame alone, then blocks
