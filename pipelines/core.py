@@ -97,6 +97,7 @@ class StreamingVideoPipeline:
         self.window = AttentionWindow(None if config.local_attn_size == -1 else config.local_attn_size,
                                       config.sink_size)
         self.kv_cache_budget: int | None = None  # bytes per KV cache; set by low-VRAM planning
+        self.compiled = False  # torch.compile in use: the memory planner reserves its larger decode buffers
         if config.sampler.kind == "few_step":
             self.schedule = FewStepSchedule(config.sampler.denoising_steps, config.sampler.timestep_shift,
                                             config.sampler.warp_denoising_step)

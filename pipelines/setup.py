@@ -36,10 +36,11 @@ def build_pipeline(config: PipelineConfig, weights_dir: str | Path | None, devic
     """
     components = load_components(config, weights_dir, "cpu")
     pipeline = StreamingVideoPipeline(components, config, device)
+    pipeline.compiled = compile_models and pipeline.device.type == "cuda"  # planned for, if the profile allows
     plan = configure_memory(pipeline, memory_profile, vram)
     # Compiled blocks would be re-traced as streamed weights move, so streaming runs eager.
-    compiled = accelerate(components, compile_models=compile_models and not plan.profile.stream_generator)
-    if compiled and warm:
+    pipeline.compiled = accelerate(components, compile_models=pipeline.compiled and not plan.profile.stream_generator)
+    if pipeline.compiled and warm:
         warm_up(pipeline)
     return pipeline, plan
 

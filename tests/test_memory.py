@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from pipelines.core import GenerationRequest, StreamingVideoPipeline
-from pipelines.memory import GIB, PROFILES, ModelFootprint, apply_profile, footprint_of, plan_memory
+from pipelines.memory import (GIB, PROFILES, ModelFootprint, apply_profile, decode_working_set_bytes, footprint_of,
+                              plan_memory)
 from pipelines.weights import load_components
 from streams import block_latents
 
@@ -99,3 +100,21 @@ def test_kv_budget_narrows_attention_window(tiny_pipeline, tiny_config, tiny_com
     assert all(torch.equal(a, b) for a, b in zip(block_latents(results), expected))
     pipeline.kv_cache_budget = 100 * per_frame
     assert not next(pipeline.generate(GenerationRequest("x", num_blocks=4))).window_forced
+
+
+def test_compiled_decoder_memory_is_planned_for():
+    """--compile raised the H100 peak by 5.9 GiB at 832x480; a 24 GiB card must then leave the high profile."""
+    pixels = 832 * 480
+    extra = decode_working_set_bytes(pixels, 2, compiled=True) - decode_working_set_bytes(pixels, 2, compiled=False)
+    assert 5.5 * GIB < extra < 6.5 * GIB
+    compiled = dataclasses.replace(REAL, activation_bytes=REAL.activation_bytes + extra)
+    assert plan_memory(REAL, 24 * GIB, latent_frames=21, frames_per_block=3).profile.name == "high"
+    assert plan_memory(compiled, 24 * GIB, latent_frames=21, frames_per_block=3).profile.name == "medium"
+    assert plan_memory(compiled, 40 * GIB, latent_frames=21, frames_per_block=3).profile.name == "high"
+
+
+def test_footprint_grows_when_compiled(tiny_components):
+    eager = footprint_of(tiny_components, frame_tokens=24, latent_height=8, latent_width=12)
+    compiled = footprint_of(tiny_components, frame_tokens=24, latent_height=8, latent_width=12, compiled=True)
+    assert compiled.activation_bytes > eager.activation_bytes
+    assert dataclasses.replace(compiled, activation_bytes=eager.activation_bytes) == eager
