@@ -67,10 +67,14 @@ class Attention(nn.Module):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                mask: torch.Tensor | None = None) -> torch.Tensor:
-        """q/k/v [B, L, H, D] -> [B, L, H*D] through fused SDPA."""
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             attn_mask=mask)
-        return self.to_out[0](out.transpose(1, 2).flatten(2))
+        """Attention of q/k/v [B, L, H, D] followed by the output projection."""
+        return self.to_out[0](attention(q, k, v, mask))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """q/k/v [B, L, H, D] -> [B, L, H*D] through fused SDPA (which wants heads before tokens)."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return out.transpose(1, 2).flatten(2)
 
 
 class FeedForward(nn.Module):
@@ -120,9 +124,7 @@ class CausalWanBlock(nn.Module):
         q, k, v = self.project_self(x, mods[0], mods[1], rope.cos, rope.sin)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)
-        attended = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                  attn_mask=mask).transpose(1, 2).flatten(2)
-        return self.finish(x, attended, mods, context_kv)
+        return self.finish(x, attention(q, k, v, mask), mods, context_kv)
 
     def project_self(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, cos: torch.Tensor,
                      sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

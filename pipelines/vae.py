@@ -75,8 +75,8 @@ class StreamingDecoder:
         for i in range(x.shape[2]):
             conv_index = [0]
             # contiguous: one memory layout per frame whatever the block length (no compiled variants per length)
-            outputs.append(model.decoder(x[:, :, i:i + 1].contiguous(), feat_cache=self.feature_cache, feat_idx=conv_index,
-                                         first_chunk=self.frames_seen == 0))
+            outputs.append(model.decoder(x[:, :, i:i + 1].contiguous(), feat_cache=self.feature_cache,
+                                         feat_idx=conv_index, first_chunk=self.frames_seen == 0))
             self.frames_seen += 1
         return torch.cat(outputs, dim=2).clamp(-1.0, 1.0)
 
