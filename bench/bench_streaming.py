@@ -28,7 +28,7 @@ from pipelines.acceleration import accelerate  # noqa: E402
 from pipelines.config import load_config  # noqa: E402
 from pipelines.core import GenerationRequest, StreamingVideoPipeline  # noqa: E402
 from pipelines.model import CausalWanModel  # noqa: E402
-from pipelines.setup import warm_up  # noqa: E402
+from pipelines.builder import warm_up  # noqa: E402
 from pipelines.text_encoder import PromptEncoder, umt5_config  # noqa: E402
 from pipelines.vae import WanVAE  # noqa: E402
 from pipelines.weights import Components, byte_tokenizer  # noqa: E402

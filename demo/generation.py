@@ -10,6 +10,7 @@ from typing import Iterator
 import gradio as gr
 import torch
 
+from pipelines import generate
 from pipelines.core import GenerationRequest, RequestError
 
 from .media import StreamRecorder
@@ -39,12 +40,11 @@ def pick_seed(seed: float | int | None, randomize: bool) -> int:
 
 
 def parse_resolution(text: str) -> tuple[int, int]:
-    """'832x480' (width x height) -> (height, width)."""
+    """'832x480' (width x height) -> (height, width); a gr.Error for anything else."""
     try:
-        width, height = (int(v) for v in text.lower().split("x"))
-    except (AttributeError, ValueError) as err:
-        raise gr.Error(f"Resolution must look like 832x480, got {text!r}.") from err
-    return height, width
+        return generate.parse_resolution(str(text))
+    except ValueError as err:
+        raise gr.Error(str(err)) from err
 
 
 def stream_video(runtime: Runtime, session: SessionControl, request: GenerationRequest, fps: int) -> Iterator[tuple]:

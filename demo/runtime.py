@@ -10,9 +10,9 @@ from pathlib import Path
 from pipelines.config import PipelineConfig, load_config
 from pipelines.core import StreamingVideoPipeline
 from pipelines.memory import MemoryPlan, configure_memory
-from pipelines.pose_animation import PoseAnimator
-from pipelines.pose_condition import LazyPoseEncoders
-from pipelines.setup import build_pipeline, default_device, vram_bytes
+from pipelines.pose.animation import PoseAnimator
+from pipelines.pose.condition import LazyPoseEncoders
+from pipelines.builder import build_pipeline, default_device, vram_bytes
 from pipelines.weights import WeightsError
 
 log = logging.getLogger(__name__)
@@ -77,13 +77,13 @@ class Runtime:
 
 
 def load_runtime(config_path: str | Path | None, weights: str | None, device: str | None = None,
-                 compile_models: bool = False, use_ema: bool = False, memory_profile: str = "auto",
+                 compile_models: bool = False, use_ema: bool | None = None, memory_profile: str = "auto",
                  vram_gb: float | None = None) -> Runtime:
     """Loads once at start-up; a weights problem is kept as a message for the UI, not raised.
 
     Weights are read into CPU memory first; the memory plan then decides what goes to the GPU.
     """
-    config = load_config(config_path, **{"weights.use_ema": use_ema or None})
+    config = load_config(config_path, **{"weights.use_ema": use_ema})  # None: the config decides
     runtime = Runtime(config=config, device=device or default_device(), vram_bytes=vram_bytes(vram_gb))
     try:
         weights_dir = resolve_weights_source(weights)

@@ -3,10 +3,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from omegaconf import OmegaConf
+
+if TYPE_CHECKING:  # torch stays out of the import path of command-line parsing
+    import torch
+
+    from .kv_cache import AttentionWindow
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "tiny.yaml"
@@ -61,7 +65,13 @@ class PipelineConfig:
         return self.resolutions or [f"{self.width}x{self.height}"]
 
     @property
-    def torch_dtype(self) -> torch.dtype:
+    def attention_window(self) -> "AttentionWindow":
+        from .kv_cache import AttentionWindow
+        return AttentionWindow.from_config(self.local_attn_size, self.sink_size)
+
+    @property
+    def torch_dtype(self) -> "torch.dtype":
+        import torch
         return getattr(torch, self.dtype)
 
     @property

@@ -18,7 +18,7 @@ from PIL import Image
 
 from .config import PipelineConfig
 from .kv_cache import AttentionWindow, KVCache, kv_bytes_per_frame
-from .scheduler import FewStepSchedule, make_multistep_solver
+from .scheduler import make_sampler, reference_noise
 from .vae import to_uint8_frames
 from .weights import Components
 
@@ -94,15 +94,10 @@ class StreamingVideoPipeline:
         self.generator = components.generator
         self.vae = components.vae
         self.prompt_encoder = components.prompt_encoder
-        self.window = AttentionWindow(None if config.local_attn_size == -1 else config.local_attn_size,
-                                      config.sink_size)
+        self.window = config.attention_window
         self.kv_cache_budget: int | None = None  # bytes per KV cache; set by low-VRAM planning
         self.compiled = False  # torch.compile in use: the memory planner reserves its larger decode buffers
-        if config.sampler.kind == "few_step":
-            self.schedule = FewStepSchedule(config.sampler.denoising_steps, config.sampler.timestep_shift,
-                                            config.sampler.warp_denoising_step)
-        elif config.sampler.kind != "multi_step":
-            raise ValueError(f"unknown sampler kind {config.sampler.kind!r}")
+        self.sampler = make_sampler(config.sampler)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -126,12 +121,9 @@ class StreamingVideoPipeline:
             return self.window, False
         cfg = self.generator.config
         per_frame = kv_bytes_per_frame(cfg.num_layers, cfg.dim, frame_tokens, self.dtype)
-        needed = latent_frames if self.window.window_frames is None else min(latent_frames, self.window.window_frames)
-        if needed * per_frame <= self.kv_cache_budget:
+        if self.window.frames_needed(latent_frames) * per_frame <= self.kv_cache_budget:
             return self.window, False
-        fpb = self.config.frames_per_block
-        frames = max(2 * fpb, self.kv_cache_budget // per_frame // fpb * fpb)
-        return AttentionWindow(frames, min(self.window.sink_frames, frames - fpb)), True
+        return self.window.narrowed(self.kv_cache_budget // per_frame, self.config.frames_per_block), True
 
     def generate(self, request: GenerationRequest, cancel: CancelCheck | None = None) -> Iterator[BlockResult]:
         """Yields each block as soon as it is decoded; all per-run GPU memory is freed at the end."""
@@ -154,15 +146,14 @@ class StreamingVideoPipeline:
         frame_tokens = model.frame_tokens(latent_h, latent_w)
         channels = model.config.in_dim
 
-        contexts = [model.encode_context(self.prompt_encoder.encode(request.prompt, self.device))]
-        if cfg.uses_cfg:
+        prompts = [request.prompt]
+        if self.sampler.num_contexts == 2:
             negative = request.negative_prompt if request.negative_prompt is not None else cfg.negative_prompt
-            contexts.append(model.encode_context(self.prompt_encoder.encode(negative or "", self.device)))
+            prompts.append(negative or "")
+        contexts = [model.encode_context(self.prompt_encoder.encode(text, self.device)) for text in prompts]
 
         rng = torch.Generator(device=self.device).manual_seed(int(request.seed))
-        # Noise is drawn in the reference's [B, F, C, H, W] order so seeds give the same videos.
-        noise = torch.randn((1, num_blocks * fpb, channels, latent_h, latent_w), generator=rng,
-                            device=self.device, dtype=self.dtype).permute(0, 2, 1, 3, 4)
+        noise = reference_noise((1, channels, num_blocks * fpb, latent_h, latent_w), rng, self.device, self.dtype)
 
         first_latent = request.reference_latent
         if first_latent is None and request.image is not None:
@@ -197,10 +188,12 @@ class StreamingVideoPipeline:
             start_frame = prefix_frames + index * fpb
             bias = self._token_bias(request, start_frame, fpb)
             noisy = noise[:, :, index * fpb:(index + 1) * fpb]
-            if cfg.uses_cfg:
-                clean = self._denoise_multistep(noisy, start_frame, contexts, caches, bias)
-            else:
-                clean = self._denoise_few_step(noisy, start_frame, contexts[0], caches[0], bias, rng)
+
+            def predict(latents: torch.Tensor, timestep: float, context_index: int) -> torch.Tensor:
+                return model(latents, self._timesteps(timestep, latents.shape[2]), contexts[context_index],
+                             start_frame=start_frame, kv_cache=caches[context_index], token_bias=bias)
+
+            clean = self.sampler.denoise(noisy, predict, rng)
             self._write_context(clean, start_frame, contexts, caches, timestep=cfg.sampler.context_noise, bias=bias)
             if self.device.type == "cuda":
                 torch.cuda.current_stream(self.device).synchronize()
@@ -225,30 +218,3 @@ class StreamingVideoPipeline:
         for context, cache in zip(contexts, caches):
             self.generator(clean, self._timesteps(timestep, clean.shape[2]), context, start_frame=start_frame,
                            kv_cache=cache, token_bias=bias)
-
-    def _denoise_few_step(self, noisy: torch.Tensor, start_frame: int, context: list, cache: KVCache,
-                          bias: torch.Tensor | None, rng: torch.Generator) -> torch.Tensor:
-        steps = self.schedule.steps.tolist()
-        frames = noisy.shape[2]
-        for i, t in enumerate(steps):
-            flow = self.generator(noisy, self._timesteps(t, frames), context, start_frame=start_frame,
-                                  kv_cache=cache, token_bias=bias)
-            clean = self.schedule.to_x0(flow, noisy, t)
-            if i + 1 < len(steps):
-                fresh = torch.randn(clean.permute(0, 2, 1, 3, 4).shape, generator=rng, device=self.device,
-                                    dtype=clean.dtype).permute(0, 2, 1, 3, 4)
-                noisy = self.schedule.add_noise(clean, fresh, steps[i + 1])
-        return clean
-
-    def _denoise_multistep(self, noisy: torch.Tensor, start_frame: int, contexts: list, caches: list[KVCache],
-                           bias: torch.Tensor | None) -> torch.Tensor:
-        sampler = self.config.sampler
-        solver = make_multistep_solver(sampler.solver, sampler.num_steps, sampler.timestep_shift, self.device)
-        latents = noisy
-        for t in solver.timesteps:
-            ts = self._timesteps(float(t), noisy.shape[2])
-            cond, uncond = (self.generator(latents, ts, ctx, start_frame=start_frame, kv_cache=cache,
-                                           token_bias=bias) for ctx, cache in zip(contexts, caches))
-            flow = uncond + sampler.guidance_scale * (cond - uncond)
-            latents = solver.step(flow, t, latents, return_dict=False)[0]
-        return latents

@@ -23,6 +23,21 @@ class AttentionWindow:
         if self.window_frames is not None and not 0 <= self.sink_frames < self.window_frames:
             raise ValueError("sink_frames must be smaller than window_frames")
 
+    @classmethod
+    def from_config(cls, local_attn_size: int, sink_size: int) -> "AttentionWindow":
+        """The configs' convention: local_attn_size -1 means full attention."""
+        return cls(None if local_attn_size == -1 else local_attn_size, sink_size)
+
+    def frames_needed(self, latent_frames: int) -> int:
+        """How many latent frames the cache must hold for a video of latent_frames."""
+        return latent_frames if self.window_frames is None else min(latent_frames, self.window_frames)
+
+    def narrowed(self, fitting_frames: int, frames_per_block: int) -> "AttentionWindow":
+        """A rolling window of whole blocks (at least two) no longer than fitting_frames, keeping
+        as many sink frames as still leave room for one block of recent frames."""
+        frames = max(2 * frames_per_block, fitting_frames // frames_per_block * frames_per_block)
+        return AttentionWindow(frames, min(self.sink_frames, frames - frames_per_block))
+
 
 class KVCache:
     """Per-layer key/value buffers of one generation (never shared between sessions)."""

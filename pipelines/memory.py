@@ -1,136 +1,24 @@
-"""Low-VRAM operation: per-block weight streaming, memory profiles and the KV-cache budget.
+"""Memory planning for small GPUs: which weights stay resident, and how large the KV cache may be.
 
-BlockStreamer keeps a ModuleList's weights in pinned CPU memory and copies each block into one
-of two GPU slots just before it runs, on a side CUDA stream, while the previous block computes
-(the idea of FramePack's DynamicSwapInstaller, done with double buffering). Outputs are
-bit-identical to the resident model: the same weights are used, only their location moves.
+The planner picks the most resident profile (pipelines.memory_profiles) whose weights, KV cache
+and activations fit the free memory; the mechanism that moves streamed weights lives in
+pipelines.weight_streaming.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import nn
 
-from .kv_cache import kv_bytes_per_frame
+from .kv_cache import AttentionWindow, kv_bytes_per_frame
+from .memory_profiles import PROFILES, MemoryProfile
+from .weight_streaming import BlockStreamer
 
 log = logging.getLogger(__name__)
 
 GIB = 2**30
-
-
-class BlockStreamer:
-    """Streams the weights of `blocks` (identical modules) to `device` one block at a time."""
-
-    def __init__(self, blocks: nn.ModuleList, device: torch.device | str) -> None:
-        self.blocks = blocks
-        self.device = torch.device(device)
-        self.cuda = self.device.type == "cuda"
-        self.names = [name for name, _ in blocks[0].named_parameters()]
-        self.masters: list[list[torch.Tensor]] = []
-        for block in blocks:
-            tensors = [p.data.to("cpu") for _, p in block.named_parameters()]
-            self.masters.append([t.pin_memory() if self.cuda else t for t in tensors])
-            self._bind(block, self.masters[-1])
-        self.slots = [[torch.empty_like(t, device=self.device) for t in self.masters[0]] for _ in range(2)]
-        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
-        self.ready: list[torch.cuda.Event | None] = [None, None]
-        self.freed: list[torch.cuda.Event | None] = [None, None]
-        self.loaded: dict[int, int] = {}  # block index -> slot holding its weights
-        self.current_slot = 1
-        self._hooks = []
-        for index, block in enumerate(blocks):
-            self._hooks.append(block.register_forward_pre_hook(self._pre_hook(index)))
-            self._hooks.append(block.register_forward_hook(self._post_hook(index)))
-
-    def _bind(self, block: nn.Module, tensors: list[torch.Tensor]) -> None:
-        params = dict(block.named_parameters())
-        for name, tensor in zip(self.names, tensors):
-            params[name].data = tensor
-
-    def _load(self, index: int, slot: int) -> None:
-        """Copies block `index` into `slot` once the slot's previous user has finished."""
-        if self.cuda:
-            with torch.cuda.stream(self.copy_stream):
-                if self.freed[slot] is not None:
-                    self.copy_stream.wait_event(self.freed[slot])
-                for dst, src in zip(self.slots[slot], self.masters[index]):
-                    dst.copy_(src, non_blocking=True)
-                self.ready[slot] = torch.cuda.Event()
-                self.ready[slot].record(self.copy_stream)
-        else:
-            for dst, src in zip(self.slots[slot], self.masters[index]):
-                dst.copy_(src)
-        self.loaded[index] = slot
-
-    def begin(self, index: int) -> None:
-        slot = self.loaded.pop(index, None)
-        if slot is None:
-            slot = 1 - self.current_slot
-            self._load(index, slot)
-            self.loaded.pop(index)
-        if self.cuda:
-            torch.cuda.current_stream(self.device).wait_event(self.ready[slot])
-        self._bind(self.blocks[index], self.slots[slot])
-        self.current_slot = slot  # blocks run one at a time: this is the running block's slot
-        following = (index + 1) % len(self.blocks)
-        if following != index and following not in self.loaded:
-            self._load(following, 1 - slot)
-
-    def end(self, index: int) -> None:
-        slot = self.current_slot
-        if self.cuda:
-            self.freed[slot] = torch.cuda.Event()
-            self.freed[slot].record(torch.cuda.current_stream(self.device))
-        self._bind(self.blocks[index], self.masters[index])
-
-    @contextlib.contextmanager
-    def use(self, index: int) -> Iterator[nn.Module]:
-        """Block `index` with its weights on the device, for calls that bypass forward()."""
-        self.begin(index)
-        try:
-            yield self.blocks[index]
-        finally:
-            self.end(index)
-
-    def _pre_hook(self, index: int):
-        def hook(module, args):
-            self.begin(index)
-        return hook
-
-    def _post_hook(self, index: int):
-        def hook(module, args, output):
-            self.end(index)
-        return hook
-
-    def remove(self) -> None:
-        """Uninstalls the hooks; weights go back into the (CPU) modules as ordinary tensors."""
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-        for handle in self._hooks:
-            handle.remove()
-        for block, tensors in zip(self.blocks, self.masters):
-            self._bind(block, tensors)
-        self.slots = []
-        self.loaded.clear()
-
-
-@dataclass(frozen=True)
-class MemoryProfile:
-    name: str
-    stream_text_encoder: bool
-    stream_generator: bool
-    description: str
-
-
-PROFILES = {
-    "high": MemoryProfile("high", False, False, "all weights resident on the GPU"),
-    "medium": MemoryProfile("medium", True, False, "text encoder streamed per layer, leaves the GPU after each prompt"),
-    "low": MemoryProfile("low", True, True, "text encoder and generator blocks streamed from pinned CPU memory"),
-}
 
 
 def module_bytes(module: nn.Module) -> int:
@@ -140,18 +28,28 @@ def module_bytes(module: nn.Module) -> int:
 @dataclass(frozen=True)
 class MemoryPlan:
     profile: MemoryProfile
-    window_frames: int | None  # rolling KV window in latent frames; None = attend to every frame
+    window: AttentionWindow  # the attention window the KV cache can hold
     window_forced: bool  # the budget, not the config, imposed the window
     kv_cache_bytes: int
     estimated_peak_bytes: int
     available_bytes: int
+    device_type: str = "cuda"
+
+    @property
+    def window_frames(self) -> int | None:
+        return self.window.window_frames
 
     @property
     def fits(self) -> bool:
         return self.estimated_peak_bytes <= self.available_bytes
 
-    def summary(self) -> str:
-        text = (f"Memory profile **{self.profile.name}** ({self.profile.description}); "
+    def summary(self, markdown: bool = True) -> str:
+        """One line for the UI (markdown) or the log (plain text)."""
+        name = f"**{self.profile.name}**" if markdown else self.profile.name
+        if self.device_type != "cuda":
+            return (f"Memory profile {name}: running on the {self.device_type.upper()}, every weight in main "
+                    f"memory (profiles only matter on a GPU)")
+        text = (f"Memory profile {name} ({self.profile.description}); "
                 f"KV cache {self.kv_cache_bytes / GIB:.1f} GiB; estimated peak {self.estimated_peak_bytes / GIB:.1f} GiB")
         if self.window_forced:
             text += (f". The KV-cache budget forces a rolling attention window of {self.window_frames} latent "
@@ -199,6 +97,7 @@ def decode_working_set_bytes(pixels: int, dtype_bytes: int, compiled: bool) -> i
 
 def footprint_of(components, frame_tokens: int, latent_height: int, latent_width: int,
                  compiled: bool = False) -> ModelFootprint:
+    """Measures the loaded modules (components: weights.Components) for one block's working set."""
     generator, t5 = components.generator, components.prompt_encoder.model
     cfg = generator.config
     dtype_bytes = generator.patch_embedding.weight.element_size()
@@ -215,7 +114,8 @@ def footprint_of(components, frame_tokens: int, latent_height: int, latent_width
 
 
 def plan_memory(footprint: ModelFootprint, free_bytes: int, latent_frames: int, frames_per_block: int,
-                requested: str = "auto", configured_window: int | None = None) -> MemoryPlan:
+                requested: str = "auto", configured: AttentionWindow = AttentionWindow(),
+                device_type: str = "cuda") -> MemoryPlan:
     """The most resident profile whose weights, KV cache and activations fit free_bytes.
 
     When even the lowest allowed profile cannot hold the KV cache of the whole video, the cache
@@ -224,23 +124,24 @@ def plan_memory(footprint: ModelFootprint, free_bytes: int, latent_frames: int, 
     if requested != "auto" and requested not in PROFILES:
         raise ValueError(f"unknown memory profile {requested!r}; choose auto, {', '.join(PROFILES)}")
     names = list(PROFILES) if requested == "auto" else [requested]
-    frames = latent_frames if configured_window is None else min(latent_frames, configured_window)
+    frames = configured.frames_needed(latent_frames)
     for name in names:
         profile = PROFILES[name]
         fixed = footprint.resident_bytes(profile) + footprint.activation_bytes
         fitting = max(0, free_bytes - fixed) // footprint.kv_bytes_per_frame
         if fitting >= frames:
             kv = frames * footprint.kv_bytes_per_frame
-            return MemoryPlan(profile, configured_window, False, kv, fixed + kv, free_bytes)
+            return MemoryPlan(profile, configured, False, kv, fixed + kv, free_bytes, device_type)
         if name == names[-1]:
-            window = max(2 * frames_per_block, fitting // frames_per_block * frames_per_block)
-            kv = window * footprint.kv_bytes_per_frame
-            return MemoryPlan(profile, window, True, kv, fixed + kv, free_bytes)
+            window = configured.narrowed(fitting, frames_per_block)
+            kv = window.window_frames * footprint.kv_bytes_per_frame
+            return MemoryPlan(profile, window, True, kv, fixed + kv, free_bytes, device_type)
     raise AssertionError("the last profile always returns")
 
 
 def apply_profile(components, profile: MemoryProfile, device: torch.device | str) -> None:
-    """Moves weights for `profile`: resident on `device`, or streamed from pinned CPU memory."""
+    """Moves weights (components: weights.Components) for `profile`: resident on `device`, or
+    streamed from pinned CPU memory."""
     device = torch.device(device)
     generator, t5 = components.generator, components.prompt_encoder.model
     _set_streaming(generator, generator.blocks, profile.stream_generator, device)
@@ -249,7 +150,6 @@ def apply_profile(components, profile: MemoryProfile, device: torch.device | str
     components.vae.model.to(device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    log.info("memory profile %s: %s", profile.name, profile.description)
 
 
 def _set_streaming(model: nn.Module, blocks: nn.ModuleList, stream: bool, device: torch.device,
@@ -270,7 +170,8 @@ def _set_streaming(model: nn.Module, blocks: nn.ModuleList, stream: bool, device
 
 
 def configure_memory(pipeline, requested: str = "auto", vram_bytes: int | None = None) -> MemoryPlan:
-    """Plans for the device's free memory (or vram_bytes), moves the weights, sets the KV budget.
+    """Plans for the device's free memory (or vram_bytes), moves the weights, sets the KV budget
+    of `pipeline` (a core.StreamingVideoPipeline).
 
     On a CPU device nothing is constrained: "auto" keeps everything resident.
     """
@@ -280,11 +181,10 @@ def configure_memory(pipeline, requested: str = "auto", vram_bytes: int | None =
     footprint = footprint_of(pipeline.components, frame_tokens, latent_h, latent_w, pipeline.compiled)
     if vram_bytes is None:
         vram_bytes = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 1 << 50
-    window = None if cfg.local_attn_size == -1 else cfg.local_attn_size
     plan = plan_memory(footprint, vram_bytes, cfg.num_blocks * cfg.frames_per_block + 1, cfg.frames_per_block,
-                       requested, window)
+                       requested, cfg.attention_window, device.type)
     apply_profile(pipeline.components, plan.profile, device)
     fixed = footprint.resident_bytes(plan.profile) + footprint.activation_bytes
     pipeline.kv_cache_budget = max(0, vram_bytes - fixed)
-    log.info("%s", plan.summary())
+    log.info("%s", plan.summary(markdown=False))
     return plan

@@ -183,7 +183,7 @@ class CausalWanModel(ModelMixin, ConfigMixin):
         self.proj_out = nn.Linear(dim, math.prod(self.patch) * out_dim)
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim ** 0.5)
         self.rope = RotaryEmbedding3D(dim // num_heads)
-        self.weight_streamer = None  # a memory.BlockStreamer when blocks live in CPU memory
+        self.weight_streamer = None  # a weight_streaming.BlockStreamer when blocks live in CPU memory
 
     @property
     def head_dim(self) -> int:

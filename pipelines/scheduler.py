@@ -1,4 +1,7 @@
-"""Flow-matching timestep schedules: Self-Forcing's few-step list and multi-step solvers.
+"""Samplers for one block of latent frames: Self-Forcing's few-step list and multi-step CFG solvers.
+
+The pipeline core owns the block loop and the KV caches; a BlockSampler owns the maths of
+denoising one block, calling back into the generator through a FlowPredictor.
 
 Few-step: sigmas = linspace(1, 0, 1001)[:-1] warped by shift s (s*sigma / (1 + (s-1)*sigma)),
 timesteps = 1000*sigma; the configured steps [1000, 750, 500, 250] index into that table
@@ -6,10 +9,30 @@ timesteps = 1000*sigma; the configured steps [1000, 750, 500, 250] index into th
 """
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
+from .config import SamplerConfig
+
 NUM_TRAIN_TIMESTEPS = 1000
+
+
+class FlowPredictor(Protocol):
+    """The generator on the current block: velocity for `latents` at `timestep` under context
+    `context_index` (0 = the prompt, 1 = the negative prompt)."""
+
+    def __call__(self, latents: torch.Tensor, timestep: float, context_index: int) -> torch.Tensor: ...
+
+
+def reference_noise(shape: tuple[int, ...], rng: torch.Generator, device: torch.device | str,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """Gaussian noise of shape [B, C, F, H, W] drawn in the reference's [B, F, C, H, W] order,
+    so that a seed gives the same numbers as the reference implementation."""
+    batch, channels, frames, height, width = shape
+    return torch.randn((batch, frames, channels, height, width), generator=rng, device=device,
+                       dtype=dtype).permute(0, 2, 1, 3, 4)
 
 
 class FewStepSchedule:
@@ -54,3 +77,56 @@ def make_multistep_solver(solver: str, steps: int, shift: float, device: torch.d
         raise ValueError(f"unknown solver {solver!r}; choose 'unipc' or 'euler'")
     scheduler.set_timesteps(steps, device=device)
     return scheduler
+
+
+class BlockSampler(Protocol):
+    num_contexts: int  # prompt embeddings (and KV caches) the sampler needs: 2 with CFG
+
+    def denoise(self, noisy: torch.Tensor, predict: FlowPredictor, rng: torch.Generator) -> torch.Tensor:
+        """Pure noise of one block [B, C, F, H, W] -> its clean latents."""
+        ...
+
+
+class FewStepSampler:
+    """Self-Forcing's distilled sampler: predict x0, re-noise to the next listed timestep."""
+
+    num_contexts = 1
+
+    def __init__(self, config: SamplerConfig) -> None:
+        self.schedule = FewStepSchedule(config.denoising_steps, config.timestep_shift, config.warp_denoising_step)
+
+    def denoise(self, noisy: torch.Tensor, predict: FlowPredictor, rng: torch.Generator) -> torch.Tensor:
+        steps = self.schedule.steps.tolist()
+        for i, t in enumerate(steps):
+            clean = self.schedule.to_x0(predict(noisy, t, 0), noisy, t)
+            if i + 1 < len(steps):
+                fresh = reference_noise(clean.shape, rng, clean.device, clean.dtype)
+                noisy = self.schedule.add_noise(clean, fresh, steps[i + 1])
+        return clean
+
+
+class MultiStepCFGSampler:
+    """Non-distilled causal checkpoints: a diffusers flow solver with classifier-free guidance."""
+
+    num_contexts = 2
+
+    def __init__(self, config: SamplerConfig) -> None:
+        self.config = config
+
+    def denoise(self, noisy: torch.Tensor, predict: FlowPredictor, rng: torch.Generator) -> torch.Tensor:
+        cfg = self.config
+        solver = make_multistep_solver(cfg.solver, cfg.num_steps, cfg.timestep_shift, noisy.device)
+        latents = noisy
+        for t in solver.timesteps:
+            cond, uncond = predict(latents, float(t), 0), predict(latents, float(t), 1)
+            flow = uncond + cfg.guidance_scale * (cond - uncond)
+            latents = solver.step(flow, t, latents, return_dict=False)[0]
+        return latents
+
+
+def make_sampler(config: SamplerConfig) -> BlockSampler:
+    if config.kind == "few_step":
+        return FewStepSampler(config)
+    if config.kind == "multi_step":
+        return MultiStepCFGSampler(config)
+    raise ValueError(f"unknown sampler kind {config.kind!r}; choose 'few_step' or 'multi_step'")

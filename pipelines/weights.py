@@ -112,7 +112,7 @@ def generator_state_from_checkpoint(path: Path, use_ema: bool) -> dict[str, torc
     key = "generator_ema" if use_ema else "generator"
     if key not in checkpoint:
         raise WeightsError(f"{path} has no '{key}' weights (it has: {', '.join(map(str, checkpoint))}). "
-                           f"{'Run without --use-ema' if use_ema else 'Use the Self-Forcing checkpoint'}.")
+                           f"{'Run with --no-ema (or weights.use_ema: false)' if use_ema else 'Run with --use-ema'}.")
     state = {k.removeprefix("model."): v for k, v in checkpoint[key].items()}
     return convert_wan_transformer_to_diffusers(state)
 

@@ -15,7 +15,7 @@ def full_sequence_reference(pipeline: StreamingVideoPipeline, prompt: str, seed:
                             window: AttentionWindow) -> list[torch.Tensor]:
     """Few-step Self-Forcing sampling where every call is one full forward over all frames so far
     (clean past blocks at t=0, the current block noisy), masked block-causally. Same RNG draws."""
-    model, schedule, cfg = pipeline.generator, pipeline.schedule, pipeline.config
+    model, schedule, cfg = pipeline.generator, pipeline.sampler.schedule, pipeline.config
     fpb = cfg.frames_per_block
     h, w = cfg.height // 8, cfg.width // 8
     context = model.encode_context(pipeline.prompt_encoder.encode(prompt))

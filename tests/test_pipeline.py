@@ -136,7 +136,7 @@ def test_prompt_padding_is_zeroed(tiny_components):
 
 def test_warm_up_runs_every_compiled_shape_at_the_default_size(tiny_pipeline, monkeypatch):
     """The app's compile warm-up must cover text-only blocks and the 1-frame image prefill, to the end."""
-    from pipelines.setup import warm_up
+    from pipelines.builder import warm_up
 
     finished = []
     generate = tiny_pipeline.generate

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .pose_draw import CONFIDENCE, PoseFrame
+from .draw import CONFIDENCE, PoseFrame
 
 
 def _shared_points(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

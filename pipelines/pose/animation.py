@@ -14,12 +14,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .core import GenerationRequest, StreamingVideoPipeline, prepare_image
-from .pose_align import align_sequence, resample_indices
-from .pose_condition import LazyPoseEncoders, PoseConditioning
-from .pose_draw import draw_pose
-from .pose_extract import PoseDetector, load_dwpose
-from .vae import frames_for_latents
+from ..core import GenerationRequest, StreamingVideoPipeline, prepare_image
+from .align import align_sequence, resample_indices
+from .condition import LazyPoseEncoders, PoseConditioning
+from .draw import draw_pose
+from .extract import PoseDetector, load_dwpose
+from ..vae import frames_for_latents
 
 
 class PoseAnimator:

@@ -1,0 +1,60 @@
+"""Command-line options shared by app.py and `python -m pipelines.generate`.
+
+Each option can also be given as an environment variable (named in its help), which is how a
+Hugging Face Space is configured. This module imports nothing heavy, so `--help` is instant.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+from .config import DEFAULT_CONFIG
+from .memory_profiles import PROFILE_CHOICES
+_TRUE = {"1", "true", "yes", "on"}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows defaults and keeps the description's line breaks."""
+
+
+def env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(name) or default
+
+
+def env_flag(name: str) -> bool | None:
+    """SF_X=1/0 as True/False; unset as None (the config decides)."""
+    value = os.environ.get(name)
+    return None if value is None or value == "" else value.strip().lower() in _TRUE
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """Which model, which weights, and where it runs."""
+    group = parser.add_argument_group("model (environment variables in brackets)")
+    group.add_argument("--config", default=env("SF_CONFIG", str(DEFAULT_CONFIG)),
+                       help="YAML in configs/; the default is the embedded tiny model [SF_CONFIG]")
+    group.add_argument("--weights", default=env("SF_WEIGHTS_DIR"),
+                       help="folder with the downloaded weights, or hf://owner/repo on a Space [SF_WEIGHTS_DIR]")
+    group.add_argument("--device", default=env("SF_DEVICE"), help="cuda or cpu; default: cuda when available [SF_DEVICE]")
+    ema = group.add_mutually_exclusive_group()
+    ema.add_argument("--use-ema", dest="use_ema", action="store_true", default=env_flag("SF_USE_EMA"),
+                     help="load the checkpoint's EMA generator weights ('generator_ema'); default: the config's "
+                          "weights.use_ema [SF_USE_EMA=1]")
+    ema.add_argument("--no-ema", dest="use_ema", action="store_false",
+                     help="load the plain 'generator' weights instead of the EMA ones [SF_USE_EMA=0]")
+    group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=bool(env_flag("SF_COMPILE")),
+                       help="torch.compile the generator and VAE decoder on CUDA (compiles before serving) [SF_COMPILE]")
+    group.add_argument("--memory-profile", choices=PROFILE_CHOICES, default=env("SF_MEMORY_PROFILE", "auto"),
+                       help="high: all weights on the GPU; medium: text encoder streamed; low: generator blocks "
+                            "streamed too; auto: the most resident that fits [SF_MEMORY_PROFILE]")
+    group.add_argument("--vram-gb", type=float, default=_float_env("SF_VRAM_GB"),
+                       help="plan for this much GPU memory (GiB) instead of the free amount [SF_VRAM_GB]")
+
+
+def _float_env(name: str) -> float | None:
+    value = env(name)
+    return float(value) if value else None
+
+
+def config_overrides(args: argparse.Namespace) -> dict:
+    """The dotted config keys that command-line options override (None leaves the config's value)."""
+    return {"weights.use_ema": args.use_ema}

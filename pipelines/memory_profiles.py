@@ -1,0 +1,24 @@
+"""The memory profiles, in one list that the planner, the CLIs and the UI all read.
+
+Kept free of torch imports so that command-line parsing (`--help`) stays instant.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MemoryProfile:
+    name: str
+    stream_text_encoder: bool
+    stream_generator: bool
+    description: str
+
+
+# Most resident first: "auto" takes the first one that fits.
+PROFILES: dict[str, MemoryProfile] = {
+    "high": MemoryProfile("high", False, False, "all weights resident on the GPU"),
+    "medium": MemoryProfile("medium", True, False, "text encoder streamed per layer, leaves the GPU after each prompt"),
+    "low": MemoryProfile("low", True, True, "text encoder and generator blocks streamed from pinned CPU memory"),
+}
+PROFILE_CHOICES: list[str] = ["auto", *PROFILES]

@@ -1,0 +1,1 @@
+"""DWPose-driven animation: keypoint extraction, skeleton drawing, alignment and pose conditioning."""
