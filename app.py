@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
+import signal
+import sys
 
 from pipelines.cli_options import HelpFormatter, add_model_options, env
+
+log = logging.getLogger("app")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,21 +21,65 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--host", default=env("SF_HOST", "0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1"),
                         help="address to listen on [SF_HOST]")
     server.add_argument("--port", type=int, default=int(env("SF_PORT", "7860")), help="[SF_PORT]")
+    server.add_argument("--outputs", default=env("SF_OUTPUTS_DIR", "outputs"),
+                        help="folder for session videos (removed when a session or the server ends) and the "
+                             "run-metrics log [SF_OUTPUTS_DIR]")
+    server.add_argument("--output-cap-mb", type=float, default=float(env("SF_OUTPUT_CAP_MB", "2000")),
+                        help="the oldest session videos are deleted beyond this total size [SF_OUTPUT_CAP_MB]")
+    server.add_argument("--admin-token", default=env("SF_ADMIN_TOKEN"),
+                        help="lets whoever enters it change server-wide settings (memory profile) in the UI and "
+                             "API; without it they are fixed at start [SF_ADMIN_TOKEN]")
     return parser
+
+
+def remove_outputs_on_exit(store) -> None:
+    """Session videos go at shutdown, also on SIGTERM (how Spaces and process managers stop servers)."""
+    atexit.register(store.remove_sessions)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("diffusers").setLevel(logging.ERROR)
-    from demo.runtime import load_runtime  # heavy imports after parsing: --help stays instant
+    from demo.outputs import OutputStore  # heavy imports after parsing: --help stays instant
+    from demo.runtime import load_runtime
     from demo.ui import build_demo
 
+    store = OutputStore(args.outputs, int(args.output_cap_mb * 1e6))
+    remove_outputs_on_exit(store)
     runtime = load_runtime(args.config, args.weights, args.device, args.compile, args.use_ema,
-                           args.memory_profile, args.vram_gb)
+                           args.memory_profile, args.vram_gb, args.prompt_extender, store, args.admin_token)
     demo = build_demo(runtime)
     demo.queue(max_size=32, default_concurrency_limit=1)
-    demo.launch(server_name=args.host, server_port=args.port, show_error=True)
+    serve(demo, runtime, args.host, args.port, [str(store.root)])
+
+
+def serve(demo, runtime, host: str, port: int, allowed_paths: list[str]) -> None:
+    """The Gradio app at / and Prometheus metrics at /metrics, on one server."""
+    import gradio as gr
+    import uvicorn
+    from fastapi import FastAPI, Response
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    from demo.ui import BROWSER_TIMING_JS, CSS, queue_length
+
+    runtime.metrics.watch_queue(lambda: queue_length(demo))
+    app = FastAPI()
+    app.add_api_route("/metrics", lambda: Response(generate_latest(runtime.metrics.registry),
+                                                   media_type=CONTENT_TYPE_LATEST), methods=["GET"])
+    app = gr.mount_gradio_app(app, demo, path="/", allowed_paths=allowed_paths, show_error=True,
+                              css=CSS, js=BROWSER_TIMING_JS, footer_links=["api", "gradio", "settings"])
+    log.info("serving on http://%s:%d (metrics at /metrics)", host, port)
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            # Open event streams (browsers, API clients) are cancelled after the grace period below;
+            # uvicorn would log each cancellation as an application error with a traceback.
+            logging.getLogger("uvicorn.error").setLevel(logging.CRITICAL)
+            await super().shutdown(sockets)
+
+    Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)).run()
 
 
 if __name__ == "__main__":

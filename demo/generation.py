@@ -1,8 +1,10 @@
 """The one streaming handler behind every tab: runs the pipeline core and yields UI updates."""
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
+import math
 import random
 from dataclasses import dataclass
 from typing import Iterator
@@ -11,14 +13,23 @@ import gradio as gr
 import torch
 
 from pipelines import generate
-from pipelines.core import GenerationRequest, RequestError
+from pipelines.core import MAX_SEED, GenerationRequest, RequestError
+from pipelines.prompt_extender import ExtenderError
 
 from .media import StreamRecorder
+from .metrics import RunRecord
 from .runtime import Runtime
 from .session import SessionControl
 
 log = logging.getLogger(__name__)
-MAX_SEED = 2**31 - 1
+
+
+class UserError(gr.Error):
+    """An expected problem with the user's input: shown in the UI, logged as one line, no traceback."""
+
+    def __init__(self, message: str) -> None:
+        log.info("refused request: %s", message)
+        super().__init__(message, print_exception=False)
 
 
 @dataclass
@@ -28,62 +39,134 @@ class StreamUpdate:
     status: str
     video: str | None
     seed: int
+    extended_prompt: object = dataclasses.field(default_factory=gr.skip)
 
     def as_tuple(self) -> tuple:
-        return self.segment, self.preview, self.status, self.video, self.seed
+        return self.segment, self.preview, self.status, self.video, self.seed, self.extended_prompt
+
+
+def whole_number(value: float | int | str | None, name: str, low: int | None = None, high: int | None = None) -> int:
+    """An integer input from the UI or the API, refused (not rounded) when it is not one; the range
+    check is left to the caller when low/high are None."""
+    span = f" from {low} to {high}" if low is not None and high is not None else ""
+    message = f"{name} must be a whole number{span}, got {value!r}."
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UserError(message) from None
+    if not math.isfinite(number) or number != int(number):
+        raise UserError(message)
+    if (low is not None and number < low) or (high is not None and number > high):
+        raise UserError(message)
+    return int(number)
 
 
 def pick_seed(seed: float | int | None, randomize: bool) -> int:
-    if randomize or seed is None:
+    """The seed to use: random when asked (or empty), otherwise exactly the given one."""
+    if randomize or seed is None or seed == "":
         return random.randint(0, MAX_SEED)
-    return int(seed) % (MAX_SEED + 1)
+    return whole_number(seed, "Seed", 0, MAX_SEED)
 
 
 def parse_resolution(text: str) -> tuple[int, int]:
-    """'832x480' (width x height) -> (height, width); a gr.Error for anything else."""
+    """'832x480' (width x height) -> (height, width); a user error for anything else."""
     try:
         return generate.parse_resolution(str(text))
     except ValueError as err:
-        raise gr.Error(str(err)) from err
+        raise UserError(str(err)) from err
 
 
-def stream_video(runtime: Runtime, session: SessionControl, request: GenerationRequest, fps: int) -> Iterator[tuple]:
-    """Yields (segment, preview, status, final mp4, seed) as each block is decoded."""
+def extend_request(runtime: Runtime, session: SessionControl, tab: str, request: GenerationRequest,
+                   extend: bool, edited: str | None) -> tuple[GenerationRequest, object, str]:
+    """Applies prompt extension: (request to run, update of the extended-prompt box, status note).
+
+    The box's text is used as it is (the user may have edited it) while it belongs to the current
+    prompt; a new prompt is extended afresh. Failures leave the typed prompt in use.
+    """
+    prompt = (request.prompt or "").strip()
+    if not extend or not prompt or runtime.extender is None:
+        return request, gr.skip(), ""
+    if edited and edited.strip() and session.extended_from.get(tab) == prompt:
+        return dataclasses.replace(request, prompt=edited.strip()), gr.skip(), ""
+    try:
+        text = runtime.extend_prompt(prompt)
+    except ExtenderError as err:
+        log.warning("%s", err)
+        return request, gr.skip(), f" · prompt extension failed ({err}); used the prompt as typed"
+    session.extended_from[tab] = prompt
+    return dataclasses.replace(request, prompt=text), text, ""
+
+
+def truncation_note(runtime: Runtime, prompt: str) -> str:
+    encoder = runtime.pipeline.prompt_encoder
+    tokens = encoder.token_count(prompt)
+    if tokens <= encoder.text_len:
+        return ""
+    return f" · prompt cut to its first {encoder.text_len} of {tokens} tokens (the text encoder's limit)"
+
+
+def stream_video(runtime: Runtime, session: SessionControl, request: GenerationRequest, fps: int, tab: str = "t2v",
+                 extended_prompt: object = None, note: str = "") -> Iterator[tuple]:
+    """Yields (segment, preview, status, final mp4, seed, extended prompt) as each block is decoded,
+    and appends the run's metrics when it ends (done, stopped or failed)."""
     if runtime.pipeline is None:
-        raise gr.Error(runtime.load_error or "The model is not loaded.")
+        raise UserError(runtime.load_error or "The model is not loaded.")
     pipeline = runtime.pipeline
     try:
-        num_blocks, _, _ = pipeline.validate(request)
+        num_blocks, height, width = pipeline.validate(request)
     except RequestError as err:
-        raise gr.Error(str(err)) from err
+        raise UserError(str(err)) from err
+    extended_prompt = gr.skip() if extended_prompt is None else extended_prompt
+    note += truncation_note(runtime, request.prompt)
     recorder = StreamRecorder(session.new_run_dir(), int(fps))
-    yield StreamUpdate(gr.skip(), gr.skip(), f"Starting: {num_blocks} blocks …", None, request.seed).as_tuple()
-    status, blocks_done, block_s, first_frame_s = "", 0, 0.0, None
-    with runtime.gpu_lock:
+    run = RunRecord(tab=tab, model=runtime.config.name, device=str(pipeline.device), resolution=f"{width}x{height}",
+                    blocks=num_blocks, profile=runtime.memory_plan.profile.name if runtime.memory_plan else None)
+    yield StreamUpdate(gr.skip(), gr.skip(), f"Starting: {num_blocks} blocks …{note}", None, request.seed,
+                       extended_prompt).as_tuple()
+    status, block_s, total_block_s = "", 0.0, 0.0
+    cuda = pipeline.device.type == "cuda"
+    with runtime.gpu_lock, session.running():
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(pipeline.device)
         try:
             for result in pipeline.generate(request, cancel=session.stop_requested.is_set):
                 segment = recorder.add_block(result.frames)
-                first_frame_s = first_frame_s or result.elapsed_s
+                run.server_first_frame_s = run.server_first_frame_s or result.elapsed_s
                 block_s += result.block_s
+                run.fps = recorder.frames / result.elapsed_s
                 if result.complete:
-                    blocks_done, last_block_s, block_s = blocks_done + 1, block_s, 0.0
-                    status = (f"Block {blocks_done}/{num_blocks} · {last_block_s * 1e3:.0f} ms/block · "
-                              f"{recorder.frames / result.elapsed_s:.1f} FPS · {recorder.frames} frames · "
-                              f"first frame after {first_frame_s:.2f} s")
+                    run.blocks_done += 1
+                    total_block_s += block_s
+                    run.ms_per_block = total_block_s * 1e3 / run.blocks_done
+                    status = (f"Block {run.blocks_done}/{num_blocks} · {block_s * 1e3:.0f} ms/block · "
+                              f"{run.fps:.1f} FPS · {recorder.frames} frames · "
+                              f"first frame after {run.server_first_frame_s:.2f} s (server)")
+                    block_s = 0.0
                 else:
-                    status = f"Block {result.index + 1}/{num_blocks} · first frame after {first_frame_s:.2f} s"
+                    status = (f"Block {result.index + 1}/{num_blocks} · "
+                              f"first frame after {run.server_first_frame_s:.2f} s (server)")
                 if result.window_forced:
                     status += f" · rolling window of {result.window_frames} latent frames (memory budget)"
+                status += note
                 yield StreamUpdate(str(segment), result.frames[-1], status, None, request.seed).as_tuple()
         except torch.cuda.OutOfMemoryError as err:
-            log.warning("out of GPU memory: %s", err)
-            raise gr.Error("Out of GPU memory. Try fewer blocks or a lower resolution.") from err
+            log.warning("out of GPU memory: %s", str(err).splitlines()[0])
+            run.failed = "out of GPU memory"
+            raise UserError("Out of GPU memory. Try fewer blocks or a lower resolution.") from err
+        except GeneratorExit:  # the browser went away: the run stops here, like a Stop
+            raise
+        except BaseException as err:
+            run.failed = run.failed or type(err).__name__
+            raise
         finally:
             final = recorder.finish()
+            run.cancelled = run.blocks_done < num_blocks and not run.failed
+            run.browser_first_frame_s = session.browser_first_frame_s
+            run.peak_gpu_bytes = torch.cuda.max_memory_allocated(pipeline.device) if cuda else None
+            runtime.metrics.record(run)
             gc.collect()
-            if torch.cuda.is_available():
+            if cuda:
                 torch.cuda.empty_cache()
-    stopped = session.stop_requested.is_set() and blocks_done < num_blocks
-    done = f"Stopped after block {blocks_done}/{num_blocks}." if stopped else "Done."
+    done = f"Stopped after block {run.blocks_done}/{num_blocks}." if run.cancelled else "Done."
     yield StreamUpdate(gr.skip(), gr.skip(), f"{done} {status}", str(final) if final else None,
                        request.seed).as_tuple()

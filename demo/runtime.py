@@ -1,6 +1,7 @@
 """The process-wide, read-only model runtime: config, weights and the one pipeline core."""
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import threading
@@ -13,7 +14,12 @@ from pipelines.memory import MemoryPlan, configure_memory
 from pipelines.pose.animation import PoseAnimator
 from pipelines.pose.condition import LazyPoseEncoders
 from pipelines.builder import build_pipeline, default_device, vram_bytes
+from pipelines.inspect import Report, inspect_folder
+from pipelines.prompt_extender import PromptExtender, extender_device, find_extender_folder
 from pipelines.weights import WeightsError
+
+from .metrics import RunMetrics
+from .outputs import OutputStore
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +55,35 @@ class Runtime:
     memory_plan: MemoryPlan | None = None
     poser: PoseAnimator | None = None
     vram_bytes: int | None = None
+    extender: PromptExtender | None = None
+    weights_report: Report | None = None  # what the weights inspector found in the weights folder
+    outputs: OutputStore | None = None  # None: each session writes to its own temporary folder
+    admin_token: str | None = None  # lets the holder change server-wide settings from the UI/API
+    metrics: RunMetrics = field(default_factory=RunMetrics)
     gpu_lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def set_memory_profile(self, requested: str) -> str:
-        """Re-plans and moves the weights (waits for a running generation to finish)."""
+    @property
+    def extender_note(self) -> str:
+        """Why the Extend prompt option is off, or which model it uses."""
+        if self.extender is not None:
+            return f"Rewrites a short prompt into a detailed caption with {self.extender.folder.name} (greedy, cached)."
+        return ("No prompt extender: put an instruction-tuned causal LM (e.g. Qwen/Qwen2.5-1.5B-Instruct) in "
+                "<weights>/prompt_extender/ or pass --prompt-extender DIR.")
+
+    def extend_prompt(self, prompt: str) -> str:
+        """Runs the extender where the memory plan leaves room (raises ExtenderError)."""
+        assert self.extender is not None and self.pipeline is not None
+        profile = self.memory_plan.profile.name if self.memory_plan else None
+        with self.gpu_lock:
+            return self.extender.extend(prompt, extender_device(self.pipeline.device, profile))
+
+    def set_memory_profile(self, requested: str, token: str | None = None) -> str:
+        """Re-plans and moves the weights for every user (waits for a running generation to finish).
+
+        Server-wide, so only with the operator's admin token; PermissionError otherwise.
+        """
+        if self.admin_token is None or not hmac.compare_digest(str(token or ""), self.admin_token):
+            raise PermissionError("Changing the memory profile needs the operator's admin token.")
         if self.pipeline is None:
             return self.banner()
         with self.gpu_lock:
@@ -64,8 +95,9 @@ class Runtime:
         return self.config.weights.layout == "random"
 
     def banner(self) -> str:
+        verdict = f" · **Weights folder:** {self.weights_report.verdict()}" if self.weights_report else ""
         if self.pipeline is None:
-            return f"**Model not loaded:** {self.load_error}"
+            return f"**Model not loaded:** {self.load_error}{verdict}"
         text = f"**Model:** {self.pipeline.components.description} · **device:** {self.device}"
         if self.memory_plan is not None:
             text += f" · {self.memory_plan.summary()}"
@@ -73,20 +105,24 @@ class Runtime:
             text += (" · this is the embedded tiny model with random weights: it shows how streaming works and "
                      "makes abstract patterns. Start with `--config configs/self_forcing_dmd.yaml --weights DIR` "
                      "for real videos.")
-        return text
+        return text + verdict
 
 
 def load_runtime(config_path: str | Path | None, weights: str | None, device: str | None = None,
                  compile_models: bool = False, use_ema: bool | None = None, memory_profile: str = "auto",
-                 vram_gb: float | None = None) -> Runtime:
+                 vram_gb: float | None = None, prompt_extender: str | None = None,
+                 outputs: OutputStore | None = None, admin_token: str | None = None) -> Runtime:
     """Loads once at start-up; a weights problem is kept as a message for the UI, not raised.
 
     Weights are read into CPU memory first; the memory plan then decides what goes to the GPU.
     """
     config = load_config(config_path, **{"weights.use_ema": use_ema})  # None: the config decides
-    runtime = Runtime(config=config, device=device or default_device(), vram_bytes=vram_bytes(vram_gb))
+    runtime = Runtime(config=config, device=device or default_device(), vram_bytes=vram_bytes(vram_gb),
+                      outputs=outputs, admin_token=admin_token or None,
+                      metrics=RunMetrics(outputs.metrics_path if outputs else None))
     try:
         weights_dir = resolve_weights_source(weights)
+        runtime.weights_report = inspect_weights(weights_dir)
         runtime.pipeline, runtime.memory_plan = build_pipeline(config, weights_dir, runtime.device, memory_profile,
                                                                runtime.vram_bytes, compile_models, warm=True)
     except WeightsError as err:
@@ -94,13 +130,29 @@ def load_runtime(config_path: str | Path | None, weights: str | None, device: st
         runtime.load_error = str(err)
         return runtime
     runtime.poser = make_pose_animator(runtime.pipeline, weights_dir)
+    folder = find_extender_folder(weights_dir, prompt_extender)
+    runtime.extender = PromptExtender(folder) if folder is not None else None
     return runtime
+
+
+def inspect_weights(weights_dir: Path | None) -> Report | None:
+    """The inspector's report of the weights folder, logged and kept for the banner (never fatal)."""
+    if weights_dir is None:
+        return None
+    try:
+        report = inspect_folder(weights_dir)
+    except Exception:  # the inspector only informs: a surprise in an odd folder must not stop the app
+        log.exception("could not inspect %s", weights_dir)
+        return None
+    log.info("weights inspector:\n%s", report.text())
+    return report
 
 
 def make_pose_animator(pipeline: StreamingVideoPipeline, weights_dir: Path | None) -> PoseAnimator:
     """Pose tooling with paths from the config's pose section, relative to the weights folder."""
     pose = pipeline.config.pose
-    base = weights_dir or Path(".")
-    encoders = LazyPoseEncoders(pipeline.generator.config.dim, base / pose["weights"] if pose.get("weights") else None,
-                                pipeline.device, pipeline.dtype, pose.get("random_seed"))
-    return PoseAnimator(pipeline, encoders, base / pose.get("detector_dir", "dwpose"))
+    weights_file = weights_dir / pose["weights"] if weights_dir and pose.get("weights") else None
+    encoders = LazyPoseEncoders(pipeline.generator.config.dim, weights_file, pipeline.device, pipeline.dtype,
+                                pose.get("random_seed"))
+    detector_dir = weights_dir / pose.get("detector_dir", "dwpose") if weights_dir else None
+    return PoseAnimator(pipeline, encoders, detector_dir)

@@ -4,11 +4,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import gradio as gr
+from PIL import Image
 
 from pipelines.core import GenerationRequest, RequestError
+from pipelines.memory_profiles import PROFILE_CHOICES
 from pipelines.weights import WeightsError
 
-from .generation import parse_resolution, pick_seed, stream_video
+from .generation import UserError, extend_request, parse_resolution, pick_seed, stream_video, whole_number
 from .media import MediaError, load_image, read_video
 from .runtime import Runtime
 from .session import SessionControl
@@ -20,10 +22,48 @@ EXAMPLE_PROMPTS = [
     "A red fox trots through fresh snow in a pine forest, soft morning light",
     "Close-up of coffee being poured into a glass cup, swirling cream, shallow depth of field",
 ]
+# Time from the click to the first frame on screen, measured by the page: each Generate stores the
+# click time and the preview's current image; the first different, loaded image ends the measurement.
+CLICK_JS = """(...args) => { const img = document.querySelector('#preview-TAB img');
+  window.sfRun = {tab: 'TAB', t0: performance.now(), src: img ? img.src : null, reported: false}; return args; }"""
+BROWSER_TIMING_JS = """() => { setInterval(() => {
+  const run = window.sfRun; if (!run || run.reported) return;
+  const img = document.querySelector(`#preview-${run.tab} img`);
+  if (!img || !img.src || img.src === run.src || !img.complete || !img.naturalWidth) return;
+  run.reported = true;
+  const box = document.querySelector(`#browser-report-${run.tab} textarea`);
+  if (!box) return;
+  box.value = ((performance.now() - run.t0) / 1000).toFixed(3);
+  box.dispatchEvent(new Event('input', {bubbles: true})); }, 10); }"""
+CSS = ".sf-hidden { display: none !important; }"
+MIN_FPS, MAX_FPS = 8, 30
 POSE_HELP = ("Upload the character (reference image) and a driving video. DWPose (local ONNX files) extracts "
              "body, hand and face keypoints, aligns them to the character and renders the skeleton; or tick "
              "*already a pose video* to use a rendered skeleton video directly. The generator must have been "
              "trained with pose encoders: without such weights this tab says so instead of generating.")
+
+
+class ImageUpload(gr.Image):
+    """gr.Image whose unreadable uploads reach the app's own checks (and their message) instead of
+    failing inside Gradio's preprocessing with server paths in the error."""
+
+    is_template = True  # rendered by the frontend's Image component
+
+    def preprocess(self, payload):
+        try:
+            return super().preprocess(payload)
+        except (OSError, ValueError, Image.DecompressionBombError):
+            return payload.path
+
+
+class CheckedSlider(gr.Slider):
+    """gr.Slider whose API values reach the handler's own checks (one log line, the app's message)
+    instead of Gradio's bounds error, which prints a traceback."""
+
+    is_template = True  # rendered by the frontend's Slider component
+
+    def preprocess(self, payload):
+        return payload
 
 
 class Controls:
@@ -31,16 +71,24 @@ class Controls:
 
     def __init__(self, runtime: Runtime) -> None:
         cfg = runtime.config
-        self.prompt = gr.Textbox(label="Prompt", lines=3, placeholder="Describe the video …")
+        self.prompt = gr.Textbox(label="Prompt", lines=1, max_lines=6,
+                                 placeholder="Describe the video … (Enter generates)",
+                                 info="Enter generates; long prompts wrap")
+        with gr.Row():
+            extendable = runtime.extender is not None
+            self.extend = gr.Checkbox(label="Extend prompt", value=extendable, interactive=extendable,
+                                      info=runtime.extender_note)
+        self.extended = gr.Textbox(value="", label="Extended prompt", lines=3, visible=runtime.extender is not None,
+                                   info="editable: generation uses this text while it belongs to the prompt above")
         self.negative = gr.Textbox(label="Negative prompt", value=cfg.negative_prompt, visible=cfg.uses_cfg)
         with gr.Row():
-            self.seed = gr.Number(label="Seed", value=0, precision=0, minimum=0)
+            self.seed = gr.Number(label="Seed", value=0, step=1, info="a whole number from 0 to 2**53 - 1")
             self.randomize = gr.Checkbox(label="Randomize seed", value=True)
         with gr.Row():
-            self.blocks = gr.Slider(1, cfg.max_blocks, value=cfg.num_blocks, step=1,
+            self.blocks = CheckedSlider(1, cfg.max_blocks, value=cfg.num_blocks, step=1,
                                     label=f"Blocks ({cfg.frames_per_block} latent frames = "
                                           f"{4 * cfg.frames_per_block} video frames each)")
-            self.fps = gr.Slider(8, 30, value=cfg.fps, step=1, label="Output FPS")
+            self.fps = CheckedSlider(MIN_FPS, MAX_FPS, value=cfg.fps, step=1, label="Output FPS")
         self.resolution = gr.Dropdown(cfg.resolution_choices, value=cfg.resolution_choices[0],
                                       label="Resolution (width x height)")
         with gr.Row():
@@ -49,86 +97,105 @@ class Controls:
 
     @property
     def inputs(self) -> list:
-        return [self.prompt, self.negative, self.seed, self.randomize, self.blocks, self.fps, self.resolution]
+        return [self.prompt, self.negative, self.seed, self.randomize, self.blocks, self.fps, self.resolution,
+                self.extend, self.extended]
 
 
 class Outputs:
-    def __init__(self) -> None:
-        self.stream = gr.Video(label="Live stream", streaming=True, autoplay=True, elem_id="live-stream")
-        self.preview = gr.Image(label="Latest frame", elem_id="preview", interactive=False, height=240)
-        self.status = gr.Markdown("Ready.", elem_id="status")
-        self.video = gr.File(label="Download mp4", elem_id="download")
+    def __init__(self, tab: str) -> None:
+        self.stream = gr.Video(label="Live stream", streaming=True, autoplay=True, elem_id=f"live-stream-{tab}")
+        self.preview = gr.Image(label="Latest frame", elem_id=f"preview-{tab}", interactive=False, height=240)
+        self.status = gr.Markdown("Ready.", elem_id=f"status-{tab}", label="Status")
+        self.timing = gr.Markdown("", elem_id=f"browser-timing-{tab}")
+        # The page writes its own click-to-first-frame time here (see BROWSER_TIMING_JS).
+        self.report = gr.Textbox(elem_id=f"browser-report-{tab}", elem_classes=["sf-hidden"], show_label=False)
+        self.video = gr.File(label="Download mp4", elem_id=f"download-{tab}")
         self.seed = gr.Number(label="Seed used", precision=0, interactive=False)
 
-    @property
-    def all(self) -> list:
-        return [self.stream, self.preview, self.status, self.video, self.seed]
+    def all(self, controls: Controls) -> list:
+        return [self.stream, self.preview, self.status, self.video, self.seed, controls.extended]
 
 
 def _request(prompt, negative, seed, randomize, blocks, resolution, **extra) -> GenerationRequest:
     height, width = parse_resolution(resolution)
     return GenerationRequest(prompt=prompt or "", negative_prompt=negative, seed=pick_seed(seed, randomize),
-                             num_blocks=int(blocks), height=height, width=width, **extra)
+                             num_blocks=whole_number(blocks, "Blocks"), height=height, width=width,
+                             **extra)
 
 
 def _pose_note(runtime: Runtime) -> str:
-    if runtime.poser is not None and not runtime.poser.encoders.available:
-        return f"**Not available with this model.** {runtime.poser.encoders.missing_message()}"
+    poser = runtime.poser
+    if poser is not None and not poser.encoders.available:
+        return f"**Not available with this model.** {poser.encoders.missing_message()}"
+    note = POSE_HELP
     if runtime.is_embedded_default:
-        return POSE_HELP + " The embedded tiny model uses *random* pose encoders: it shows the plumbing only."
-    return POSE_HELP
+        note += " The embedded tiny model uses *random* pose encoders: it shows the plumbing only."
+    missing = poser.detector_missing() if poser is not None else None
+    if missing:
+        note += f"\n\n**Pose extraction unavailable:** {missing}"
+    return note
 
 
 def build_demo(runtime: Runtime) -> gr.Blocks:
-    def text_to_video(prompt, negative, seed, randomize, blocks, fps, resolution, session):
-        request = _request(prompt, negative, seed, randomize, blocks, resolution)
-        yield from stream_video(runtime, session, request, fps)
+    def run(tab: str, session: SessionControl, request: GenerationRequest, fps, extend, extended):
+        fps = whole_number(fps, "Output FPS", MIN_FPS, MAX_FPS)
+        request, box, note = extend_request(runtime, session, tab, request, bool(extend), extended)
+        yield from stream_video(runtime, session, request, fps, tab, box, note)
 
-    def image_to_video(image, prompt, negative, seed, randomize, blocks, fps, resolution, session):
+    def text_to_video(prompt, negative, seed, randomize, blocks, fps, resolution, extend, extended, session):
+        request = _request(prompt, negative, seed, randomize, blocks, resolution)
+        yield from run("t2v", session, request, fps, extend, extended)
+
+    def image_to_video(image, prompt, negative, seed, randomize, blocks, fps, resolution, extend, extended, session):
         if not image:
-            raise gr.Error("Please upload an image.")
+            raise UserError("Please upload an image.")
         try:
             picture = load_image(image)
         except MediaError as err:
-            raise gr.Error(str(err)) from err
+            raise UserError(str(err)) from err
         request = _request(prompt, negative, seed, randomize, blocks, resolution, image=picture)
-        yield from stream_video(runtime, session, request, fps)
+        yield from run("i2v", session, request, fps, extend, extended)
 
     def pose_animation(reference, driving_video, is_pose_video, prompt, negative, seed, randomize, blocks, fps,
-                       resolution, session):
+                       resolution, extend, extended, session):
         poser = runtime.poser
         if poser is None:
-            raise gr.Error(runtime.load_error or "The model is not loaded.")
+            raise UserError(runtime.load_error or "The model is not loaded.")
         if not poser.encoders.available:
-            raise gr.Error(poser.encoders.missing_message())
+            raise UserError(poser.encoders.missing_message())
         if not reference or not driving_video:
-            raise gr.Error("Please upload a reference image and a driving video.")
+            raise UserError("Please upload a reference image and a driving video.")
         base = _request(prompt, negative, seed, randomize, blocks, resolution)
         try:
             picture, frames = load_image(reference), read_video(driving_video)
             with runtime.gpu_lock:
                 request = poser.request(picture, frames, bool(is_pose_video), base)
         except (MediaError, WeightsError, RequestError) as err:
-            raise gr.Error(str(err)) from err
-        yield from stream_video(runtime, session, request, fps)
+            raise UserError(str(err)) from err
+        yield from run("pose", session, request, fps, extend, extended)
+
+    def report_browser_timing(seconds: str, session: SessionControl) -> str:
+        try:
+            value = float(seconds)
+        except ValueError:
+            return gr.skip()
+        session.browser_first_frame_s = value
+        runtime.metrics.record_browser_first_frame(value)
+        return f"First frame on screen **{value:.2f} s** after the click (measured in this browser)"
 
     def request_stop(session: SessionControl) -> str:
-        session.stop_requested.set()
-        return "Stopping after the current block …"
+        if session.request_stop():
+            return "Stopping after the current block …"
+        return "Nothing is running."
 
-    with gr.Blocks(title="Self-Forcing streaming video") as demo:
-        session = gr.State(SessionControl, delete_callback=lambda s: s.cleanup())
+    with gr.Blocks(title="Self-Forcing streaming video", delete_cache=(600, 3600)) as demo:
+        session = gr.State(lambda: SessionControl(runtime.outputs), delete_callback=lambda s: s.cleanup())
         gr.Markdown("# Streaming causal video diffusion (Self-Forcing · Wan2.1-T2V-1.3B)")
         gr.Markdown(runtime.banner(), elem_id="banner")
-        with gr.Accordion("Memory (low-VRAM GPUs)", open=False):
-            with gr.Row():
-                profile = gr.Dropdown(["auto", "high", "medium", "low"], value="auto", label="Memory profile",
-                                      info="low streams the generator's blocks from CPU memory for small GPUs; "
-                                           "it applies to every user of this server")
-                apply_profile = gr.Button("Apply")
-            plan = gr.Markdown(runtime.memory_plan.summary() if runtime.memory_plan else "", elem_id="memory-plan")
-            apply_profile.click(runtime.set_memory_profile, inputs=[profile], outputs=[plan],
-                                concurrency_id="gpu", concurrency_limit=1, api_name="set_memory_profile")
+        if runtime.weights_report is not None:
+            with gr.Accordion("Weights folder (python -m pipelines.inspect)", open=runtime.pipeline is None):
+                gr.Markdown(runtime.weights_report.markdown(), elem_id="weights-report")
+        _memory_panel(runtime)
         with gr.Tabs():
             with gr.Tab("Text to Video", id="t2v"):
                 with gr.Row():
@@ -136,38 +203,87 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
                         t2v = Controls(runtime)
                         gr.Examples([[p] for p in EXAMPLE_PROMPTS], inputs=[t2v.prompt])
                     with gr.Column():
-                        t2v_out = Outputs()
+                        t2v_out = Outputs("t2v")
             with gr.Tab("Image to Video", id="i2v"):
                 with gr.Row():
                     with gr.Column():
-                        image = gr.Image(label="First frame (resized and centre-cropped to the model size)",
-                                         type="filepath", sources=["upload", "clipboard"])
+                        image = ImageUpload(label="First frame (resized and centre-cropped to the model size)",
+                                            type="filepath", sources=["upload", "clipboard"])
                         i2v = Controls(runtime)
                         examples = sorted((ASSETS / "examples").glob("*.png"))
                         if examples:
                             gr.Examples([[str(p), p.stem.replace("_", " ")] for p in examples],
                                         inputs=[image, i2v.prompt])
                     with gr.Column():
-                        i2v_out = Outputs()
+                        i2v_out = Outputs("i2v")
             with gr.Tab("Pose Animation", id="pose"):
                 gr.Markdown(_pose_note(runtime), elem_id="pose-note")
                 with gr.Row():
                     with gr.Column():
-                        reference = gr.Image(label="Reference image (the character)", type="filepath")
+                        reference = ImageUpload(label="Reference image (the character)", type="filepath")
                         driving = gr.Video(label="Driving video or pose video")
                         is_pose_video = gr.Checkbox(label="The driving video is already a rendered pose video")
                         pose = Controls(runtime)
                     with gr.Column():
-                        pose_out = Outputs()
+                        pose_out = Outputs("pose")
 
-        for controls, outputs, handler, extra, name in (
-                (t2v, t2v_out, text_to_video, [], "text_to_video"),
-                (i2v, i2v_out, image_to_video, [image], "image_to_video"),
-                (pose, pose_out, pose_animation, [reference, driving, is_pose_video], "pose_animation")):
-            controls.generate.click(handler, inputs=extra + controls.inputs + [session], outputs=outputs.all,
-                                    api_name=name, concurrency_id="gpu", concurrency_limit=1)
+        _stats_panel(runtime)
+        for tab, controls, outputs, handler, extra, name in (
+                ("t2v", t2v, t2v_out, text_to_video, [], "text_to_video"),
+                ("i2v", i2v, i2v_out, image_to_video, [image], "image_to_video"),
+                ("pose", pose, pose_out, pose_animation, [reference, driving, is_pose_video], "pose_animation")):
+            for trigger, api_name in ((controls.generate.click, name), (controls.prompt.submit, False)):
+                trigger(handler, inputs=extra + controls.inputs + [session], outputs=outputs.all(controls),
+                        api_name=api_name, concurrency_id="gpu", concurrency_limit=1,
+                        js=CLICK_JS.replace("TAB", tab))
             controls.stop.click(request_stop, inputs=[session], outputs=[outputs.status], queue=False,
                                 api_name=f"stop_{name}")
-            controls.prompt.submit(handler, inputs=extra + controls.inputs + [session], outputs=outputs.all,
-                                   api_name=False, concurrency_id="gpu", concurrency_limit=1)
+            outputs.report.change(report_browser_timing, inputs=[outputs.report, session], outputs=[outputs.timing],
+                                 queue=False, api_name=False)
+    _hide_internal_endpoints(demo)
     return demo
+
+
+def _memory_panel(runtime: Runtime) -> None:
+    """The memory plan for everyone; changing it (server-wide) only with the operator's admin token."""
+    with gr.Accordion("Memory (low-VRAM GPUs)", open=False):
+        plan = gr.Markdown(runtime.memory_plan.summary() if runtime.memory_plan else "", elem_id="memory-plan")
+        if runtime.admin_token is None:
+            gr.Markdown("The operator sets the profile at start (`--memory-profile`); start with "
+                        "`--admin-token TOKEN` to change it here.")
+            return
+        with gr.Row():
+            profile = gr.Dropdown(PROFILE_CHOICES, value="auto", label="Memory profile",
+                                  info="applies to every user of this server")
+            token = gr.Textbox(label="Admin token", type="password")
+            apply = gr.Button("Apply")
+        def set_profile(requested: str, given_token: str) -> str:
+            try:
+                return runtime.set_memory_profile(requested, given_token)
+            except PermissionError as err:
+                raise UserError(str(err)) from err
+
+        apply.click(set_profile, inputs=[profile, token], outputs=[plan], concurrency_id="gpu",
+                    concurrency_limit=1, api_name="set_memory_profile")
+
+
+def _stats_panel(runtime: Runtime) -> None:
+    """The last runs of this server and their p50/p95 (from the metrics log; no prompts are logged)."""
+    with gr.Accordion("Stats", open=False) as accordion:
+        table = gr.Markdown(elem_id="stats")
+        refresh = gr.Button("Refresh", size="sm")
+    for event in (accordion.expand, refresh.click):
+        event(runtime.metrics.summary_markdown, outputs=[table], queue=False, api_name=False)
+
+
+def queue_length(demo: gr.Blocks) -> int:
+    """Requests waiting for the GPU in Gradio's queue (0 before the queue has started)."""
+    queues = getattr(getattr(demo, "_queue", None), "event_queue_per_concurrency_id", {})
+    return sum(len(q.queue) for q in queues.values())
+
+
+def _hide_internal_endpoints(demo: gr.Blocks) -> None:
+    """The per-session state's initialiser is a load event, not something for API users."""
+    for fn in demo.fns.values():
+        if fn.name == "<lambda>":
+            fn.api_visibility = "private"

@@ -14,7 +14,12 @@ _TRUE = {"1", "true", "yes", "on"}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows defaults and keeps the description's line breaks."""
+    """Shows defaults (unless there is none to show) and keeps the description's line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def env(name: str, default: str | None = None) -> str | None:
@@ -46,6 +51,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--memory-profile", choices=PROFILE_CHOICES, default=env("SF_MEMORY_PROFILE", "auto"),
                        help="high: all weights on the GPU; medium: text encoder streamed; low: generator blocks "
                             "streamed too; auto: the most resident that fits [SF_MEMORY_PROFILE]")
+    group.add_argument("--prompt-extender", default=env("SF_PROMPT_EXTENDER"),
+                       help="folder of an instruction-tuned causal LM that extends short prompts (relative to "
+                            "--weights or absolute); default: <weights>/prompt_extender or the first causal LM "
+                            "folder found there [SF_PROMPT_EXTENDER]")
     group.add_argument("--vram-gb", type=float, default=_float_env("SF_VRAM_GB"),
                        help="plan for this much GPU memory (GiB) instead of the free amount [SF_VRAM_GB]")
 

@@ -25,6 +25,10 @@ from .weights import Components
 log = logging.getLogger(__name__)
 
 
+# Seeds are exact integers in every client: JavaScript numbers (the browser, JSON) are exact up to 2**53 - 1.
+MAX_SEED = 2**53 - 1
+
+
 class RequestError(ValueError):
     """A request the pipeline cannot run (bad prompt, size, length or image); message is user-facing."""
 
@@ -107,6 +111,8 @@ class StreamingVideoPipeline:
         """Returns (num_blocks, height, width) or raises RequestError with a user-facing message."""
         if not request.prompt or not request.prompt.strip():
             raise RequestError("Please enter a prompt.")
+        if not 0 <= request.seed <= MAX_SEED:
+            raise RequestError(f"Seed must be a whole number from 0 to {MAX_SEED}.")
         num_blocks = self.config.num_blocks if request.num_blocks is None else request.num_blocks
         if not 1 <= num_blocks <= self.config.max_blocks:
             raise RequestError(f"Number of blocks must be between 1 and {self.config.max_blocks}.")

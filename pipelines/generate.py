@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -17,17 +18,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate a video with a causal (Self-Forcing) Wan2.1 model and write it as an H.264 mp4.")
     add_model_options(parser)
     video = parser.add_argument_group("video")
-    video.add_argument("--prompt", required=True)
+    video.add_argument("--prompt", required=True, help="what the video shows")
+    video.add_argument("--extend-prompt", action="store_true",
+                       help="rewrite the prompt into a detailed caption with the prompt extender first "
+                            "(see --prompt-extender)")
     video.add_argument("--negative-prompt", help="used by multi-step (CFG) configs; default: the config's")
     video.add_argument("--image", type=Path, help="first frame (image-to-video)")
-    video.add_argument("--seed", type=int, default=0)
+    video.add_argument("--seed", type=int, default=0, help="a whole number from 0 to 2**53 - 1")
     video.add_argument("--blocks", type=int, help="number of 3-latent-frame blocks (7 = 81 frames); "
                                                   "default: the config's num_blocks")
     video.add_argument("--resolution", help="WIDTHxHEIGHT, multiples of 16 (e.g. 832x480 or 480x832); "
                                             "default: the config's size")
     video.add_argument("--fps", type=int, help="frames per second of the mp4; default: the config's fps")
     video.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: the config's dtype")
-    video.add_argument("--out", type=Path, default=Path("output.mp4"))
+    video.add_argument("--out", type=Path, default=Path("output.mp4"), help="the mp4 to write")
     return parser
 
 
@@ -38,6 +42,24 @@ def parse_resolution(text: str) -> tuple[int, int]:
         raise ValueError(f"Resolution must look like 832x480 (width x height), got {text!r}.")
     width, height = (int(p) for p in parts)
     return height, width
+
+
+def extended_prompt(args: argparse.Namespace, pipeline, plan) -> str:
+    """The extender's rewrite of --prompt; the prompt as typed (with a warning) when there is none."""
+    from .prompt_extender import ExtenderError, PromptExtender, extender_device, find_extender_folder
+
+    folder = find_extender_folder(Path(args.weights).expanduser() if args.weights else None, args.prompt_extender)
+    if folder is None:
+        log.warning("--extend-prompt: no prompt extender found (put an instruction-tuned causal LM in "
+                    "<weights>/prompt_extender/ or pass --prompt-extender DIR); using the prompt as typed")
+        return args.prompt
+    try:
+        text = PromptExtender(folder).extend(args.prompt, extender_device(pipeline.device, plan.profile.name))
+    except ExtenderError as err:
+        log.warning("%s; using the prompt as typed", err)
+        return args.prompt
+    log.info("extended prompt: %s", text)
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         height, width = parse_resolution(args.resolution) if args.resolution else (None, None)
         config = load_config(args.config, **config_overrides(args), dtype=args.dtype)
-        pipeline, _ = build_pipeline(config, args.weights, args.device or default_device(), args.memory_profile,
+        pipeline, plan = build_pipeline(config, args.weights, args.device or default_device(), args.memory_profile,
                                      vram_bytes(args.vram_gb), args.compile)
         image = Image.open(args.image) if args.image else None
         request = GenerationRequest(args.prompt, seed=args.seed, num_blocks=args.blocks,
@@ -69,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, UnidentifiedImageError) as err:
         log.error("Could not read the input: %s", err)
         return 2
+    if args.extend_prompt:
+        request = dataclasses.replace(request, prompt=extended_prompt(args, pipeline, plan))
     fps = args.fps or config.fps
     writer = None
     progress = tqdm(total=num_blocks, unit="block")

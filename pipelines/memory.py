@@ -95,22 +95,26 @@ def decode_working_set_bytes(pixels: int, dtype_bytes: int, compiled: bool) -> i
     return int(eager * (1 + COMPILED_DECODE_EXTRA)) if compiled else eager
 
 
+def activation_bytes(frame_tokens: int, ffn_dim: int, latent_height: int, latent_width: int, dtype_bytes: int,
+                     compiled: bool = False) -> int:
+    """Working set of one DiT pass over a 3-frame block plus the streaming VAE decode of one latent frame."""
+    pixels = latent_height * 8 * latent_width * 8
+    return decode_working_set_bytes(pixels, dtype_bytes, compiled) + 3 * frame_tokens * 3 * ffn_dim * dtype_bytes
+
+
 def footprint_of(components, frame_tokens: int, latent_height: int, latent_width: int,
                  compiled: bool = False) -> ModelFootprint:
     """Measures the loaded modules (components: weights.Components) for one block's working set."""
     generator, t5 = components.generator, components.prompt_encoder.model
     cfg = generator.config
     dtype_bytes = generator.patch_embedding.weight.element_size()
-    pixels = latent_height * 8 * latent_width * 8
-    # Working set of one DiT pass plus the streaming VAE decode of one latent frame.
-    activation = (decode_working_set_bytes(pixels, dtype_bytes, compiled)
-                  + 3 * frame_tokens * 3 * cfg.ffn_dim * dtype_bytes)
     return ModelFootprint(
         generator_bytes=module_bytes(generator), generator_block_bytes=module_bytes(generator.blocks[0]),
         generator_blocks=len(generator.blocks), text_encoder_bytes=module_bytes(t5),
         vae_bytes=module_bytes(components.vae.model),
         kv_bytes_per_frame=kv_bytes_per_frame(cfg.num_layers, cfg.dim, frame_tokens, generator.dtype),
-        activation_bytes=activation)
+        activation_bytes=activation_bytes(frame_tokens, cfg.ffn_dim, latent_height, latent_width, dtype_bytes,
+                                          compiled))
 
 
 def plan_memory(footprint: ModelFootprint, free_bytes: int, latent_frames: int, frames_per_block: int,

@@ -92,6 +92,10 @@ class PromptEncoder:
         """Where the encoder layers run (the token embedding may stay on the CPU when streaming)."""
         return self.model.encoder.final_layer_norm.weight.device
 
+    def token_count(self, prompt: str) -> int:
+        """Tokens of the cleaned prompt including the end token; only text_len of them are encoded."""
+        return len(self.tokenizer(clean_prompt(prompt), add_special_tokens=True).input_ids)
+
     @torch.no_grad()
     def encode(self, prompt: str, device: torch.device | str | None = None) -> torch.Tensor:
         """[1, text_len, d_model] embeddings with padding positions zeroed (kept on the CPU memo)."""

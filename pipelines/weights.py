@@ -160,7 +160,8 @@ def load_components(config: PipelineConfig, weights_dir: str | Path | None = Non
     if config.weights.generator_ckpt and layout != "random":
         ckpt = _require(weights_dir / config.weights.generator_ckpt, "Self-Forcing generator checkpoint")
         _load_into(generator, generator_state_from_checkpoint(ckpt, config.weights.use_ema), ckpt)
-        components.description += f" + {ckpt.name} ({'EMA' if config.weights.use_ema else 'generator'})"
+        weights = "EMA weights ('generator_ema')" if config.weights.use_ema else "non-EMA weights ('generator')"
+        components.description += f" + {ckpt.name}, {weights}"
 
     components.generator.to(device=device, dtype=dtype).eval().requires_grad_(False)
     components.vae.model.to(device=device, dtype=dtype)

@@ -89,18 +89,26 @@ def test_session_state_survives_gradio_deepcopy():
 
 def test_seed_and_resolution_helpers():
     assert pick_seed(5, False) == 5
-    assert 0 <= pick_seed(5, True) < 2**31
+    assert pick_seed(2**53 - 1, False) == 2**53 - 1  # the largest seed every client represents exactly
+    assert 0 <= pick_seed(5, True) <= 2**53 - 1
+    for bad in (2**53, 2**63, 1e30, -1, 2.5, "9223372036854775808", "abc", float("nan")):
+        with pytest.raises(gr.Error, match="Seed must be a whole number"):
+            pick_seed(bad, False)
     assert parse_resolution("832x480") == (480, 832)
     with pytest.raises(gr.Error):
         parse_resolution("big")
 
 
 def test_memory_profile_can_be_changed_at_runtime(tiny_config):
-    runtime = load_runtime("configs/tiny.yaml", None, "cpu")
+    runtime = load_runtime("configs/tiny.yaml", None, "cpu", admin_token="secret")
     assert runtime.memory_plan.profile.name == "high"
-    summary = runtime.set_memory_profile("low")
+    for wrong in (None, "", "guess"):
+        with pytest.raises(PermissionError, match="admin token"):
+            runtime.set_memory_profile("low", wrong)
+    assert runtime.pipeline.generator.weight_streamer is None
+    summary = runtime.set_memory_profile("low", "secret")
     assert "**low**" in summary and runtime.pipeline.generator.weight_streamer is not None
     final = list(stream_video(runtime, SessionControl(), GenerationRequest("x", num_blocks=1), 16))[-1]
     assert final[2].startswith("Done.")
-    runtime.set_memory_profile("high")
+    runtime.set_memory_profile("high", "secret")
     assert runtime.pipeline.generator.weight_streamer is None

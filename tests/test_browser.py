@@ -31,8 +31,8 @@ def page(app_server, tmp_path_factory):
         browser.close()
 
 
-def _status(page) -> str:
-    return page.locator("#status").first.inner_text()
+def _status(page, tab: str = "t2v") -> str:
+    return page.locator(f"#status-{tab}").inner_text()
 
 
 def _set_blocks(page, value: int) -> None:
@@ -42,7 +42,7 @@ def _set_blocks(page, value: int) -> None:
 
 
 def _preview_src(page) -> str | None:
-    image = page.locator("#preview img").first
+    image = page.locator("#preview-t2v img").first
     return image.get_attribute("src") if image.count() else None
 
 
@@ -71,7 +71,41 @@ def test_preview_updates_block_by_block_while_streaming(page):
     distinct_before_end = len(set(seen))
     assert distinct_before_end >= 3, f"preview changed only {distinct_before_end} times: streaming not visible"
     assert sum("Block" in s and "/6" in s and not s.startswith("Done") for s in statuses) >= 2
-    assert page.locator("#download a").count() >= 1 or "video.mp4" in page.locator("#download").inner_text()
+    assert page.locator("#download-t2v a").count() >= 1 or "video.mp4" in page.locator("#download-t2v").inner_text()
+    # Both times to the first frame are reported: the server's in the status, the browser's beside it.
+    assert "(server)" in _status(page)
+    timing = page.locator("#browser-timing-t2v").inner_text()
+    assert "First frame on screen" in timing and "after the click" in timing, timing
+    seconds = float(timing.split("screen")[1].split("s after")[0])
+    server_seconds = float(_status(page).split("first frame after")[1].split("s (server)")[0])
+    assert seconds >= server_seconds > 0
+
+
+def test_enter_in_the_prompt_generates(page):
+    _set_blocks(page, 1)
+    prompt = page.get_by_label("Prompt").first
+    prompt.fill("a lantern")
+    prompt.press("Enter")
+    deadline = time.monotonic() + 60
+    while not _status(page).startswith("Done."):
+        assert time.monotonic() < deadline, _status(page)
+        time.sleep(0.1)
+    assert "Block 1/1" in _status(page) and prompt.input_value() == "a lantern"
+
+
+def test_stop_while_idle_says_nothing_runs(page):
+    page.get_by_role("button", name="Stop").first.click()
+    deadline = time.monotonic() + 10
+    while _status(page) != "Nothing is running.":
+        assert time.monotonic() < deadline, _status(page)
+        time.sleep(0.1)
+
+
+def test_pose_tab_says_what_is_missing_when_it_opens(page):
+    page.get_by_role("tab", name="Pose Animation").click()
+    note = page.locator("#pose-note").inner_text()
+    assert "Pose extraction unavailable" in note and "--weights" in note
+    page.get_by_role("tab", name="Text to Video").click()
 
 
 def test_stop_button_stops_the_run(page):

@@ -126,6 +126,10 @@ def write_original_layout(components: Components, root: Path) -> Path:
 def write_diffusers_layout(components: Components, root: Path, folder: str = "Wan2.1-T2V-1.3B-Diffusers") -> Path:
     base = root / folder
     (base / "transformer").mkdir(parents=True, exist_ok=True)
+    (base / "model_index.json").write_text(json.dumps({
+        "_class_name": "WanPipeline", "_diffusers_version": "0.33.0.dev0", "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+        "text_encoder": ["transformers", "UMT5EncoderModel"], "tokenizer": ["transformers", "T5TokenizerFast"],
+        "transformer": ["diffusers", "WanTransformer3DModel"], "vae": ["diffusers", "AutoencoderKLWan"]}))
     cfg = components.generator.config
     (base / "transformer" / "config.json").write_text(json.dumps({
         "_class_name": "WanTransformer3DModel", "num_attention_heads": cfg.num_heads,
@@ -142,3 +146,27 @@ def write_diffusers_layout(components: Components, root: Path, folder: str = "Wa
     components.prompt_encoder.tokenizer.save_pretrained(base / "tokenizer")
     write_self_forcing_checkpoint(components, root / "checkpoints" / "self_forcing_dmd.pt")
     return root
+
+
+CHAT_TEMPLATE = ("{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def write_tiny_causal_lm(folder: Path, seed: int = 0) -> Path:
+    """A tiny random instruct LM in the exact folder layout of a Hugging Face download:
+    config.json, generation_config.json, model.safetensors, tokenizer files with a chat template."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from pipelines.weights import byte_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = byte_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=None, tie_word_embeddings=False)
+    model = Qwen2ForCausalLM(config)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder

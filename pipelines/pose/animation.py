@@ -18,7 +18,7 @@ from ..core import GenerationRequest, StreamingVideoPipeline, prepare_image
 from .align import align_sequence, resample_indices
 from .condition import LazyPoseEncoders, PoseConditioning
 from .draw import draw_pose
-from .extract import PoseDetector, load_dwpose
+from .extract import PoseDetector, load_dwpose, missing_dwpose_message
 from ..vae import frames_for_latents
 
 
@@ -36,8 +36,12 @@ class PoseAnimator:
     def detector(self) -> PoseDetector:
         with self._lock:
             if self._detector is None:
-                self._detector = load_dwpose(self.detector_dir or Path("dwpose"))
+                self._detector = load_dwpose(self.detector_dir)
             return self._detector
+
+    def detector_missing(self) -> str | None:
+        """What DWPose still needs (None when ready), checked without loading it."""
+        return None if self._detector is not None else missing_dwpose_message(self.detector_dir)
 
     def pose_video(self, reference: Image.Image, driving: list[np.ndarray], is_pose_video: bool, latent_frames: int,
                    height: int, width: int) -> tuple[np.ndarray, np.ndarray]:

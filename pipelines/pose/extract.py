@@ -31,13 +31,25 @@ _STD = np.array([58.395, 57.12, 57.375], dtype=np.float32)
 _OPENPOSE_FROM_COCO = [0, 17, 6, 8, 10, 5, 7, 9, 12, 14, 16, 11, 13, 15, 2, 1, 4, 3]
 
 
-def load_dwpose(folder: str | Path, providers: list[str] | None = None) -> "DWPoseOnnx":
-    """Opens the two ONNX files in folder, or says which file is missing and where to get it."""
-    folder = Path(folder)
+def missing_dwpose_message(folder: Path | None) -> str | None:
+    """None when both ONNX files are there, else what is missing and where to get it."""
+    if folder is None:
+        return (f"DWPose pose extraction needs a weights folder: start the app with --weights DIR and put "
+                f"{DETECTOR_FILE} and {POSE_FILE} (Hugging Face repo {DWPOSE_REPO}) in DIR/dwpose/. "
+                f"A rendered pose video works without them.")
     for name in (DETECTOR_FILE, POSE_FILE):
         if not (folder / name).is_file():
-            raise WeightsError(f"DWPose needs {folder / name}: download {DETECTOR_FILE} and {POSE_FILE} from the "
-                               f"Hugging Face repo {DWPOSE_REPO} into {folder}.")
+            return (f"DWPose needs {folder / name}: download {DETECTOR_FILE} and {POSE_FILE} from the "
+                    f"Hugging Face repo {DWPOSE_REPO} into {folder}. A rendered pose video works without them.")
+    return None
+
+
+def load_dwpose(folder: str | Path | None, providers: list[str] | None = None) -> "DWPoseOnnx":
+    """Opens the two ONNX files in folder, or says which file is missing and where to get it."""
+    folder = None if folder is None else Path(folder)
+    missing = missing_dwpose_message(folder)
+    if missing:
+        raise WeightsError(missing)
     try:
         import onnxruntime
     except ImportError as exc:
