@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("diffusers").setLevel(logging.ERROR)
+    from demo.zerogpu import adapt_arguments
+
+    args = adapt_arguments(args)
     from demo.outputs import OutputStore  # heavy imports after parsing: --help stays instant
     from demo.runtime import load_runtime
     from demo.ui import build_demo

@@ -129,7 +129,7 @@ def stream_video(runtime: Runtime, session: SessionControl, request: GenerationR
         if cuda:
             torch.cuda.reset_peak_memory_stats(pipeline.device)
         try:
-            for result in pipeline.generate(request, cancel=session.stop_requested.is_set):
+            for result in runtime.generate_blocks(request, session.stop_requested.is_set):
                 segment = recorder.add_block(result.frames)
                 run.server_first_frame_s = run.server_first_frame_s or result.elapsed_s
                 block_s += result.block_s
@@ -149,6 +149,8 @@ def stream_video(runtime: Runtime, session: SessionControl, request: GenerationR
                     status += f" · rolling window of {result.window_frames} latent frames (memory budget)"
                 status += note
                 yield StreamUpdate(str(segment), result.frames[-1], status, None, request.seed).as_tuple()
+                if result.complete and session.stop_requested.is_set():
+                    break  # (the core checks too; this ends a ZeroGPU call, which cannot see the flag)
         except torch.cuda.OutOfMemoryError as err:
             log.warning("out of GPU memory: %s", str(err).splitlines()[0])
             run.failed = "out of GPU memory"

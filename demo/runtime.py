@@ -7,9 +7,12 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
 
 from pipelines.config import PipelineConfig, load_config
-from pipelines.core import StreamingVideoPipeline
+from pipelines.core import BlockResult, GenerationRequest, StreamingVideoPipeline
 from pipelines.memory import MemoryPlan, configure_memory
 from pipelines.pose.animation import PoseAnimator
 from pipelines.pose.condition import LazyPoseEncoders
@@ -20,6 +23,7 @@ from pipelines.weights import WeightsError
 
 from .metrics import RunMetrics
 from .outputs import OutputStore
+from .zerogpu import gpu_generator, on_zero_gpu
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +65,7 @@ class Runtime:
     admin_token: str | None = None  # lets the holder change server-wide settings from the UI/API
     metrics: RunMetrics = field(default_factory=RunMetrics)
     gpu_lock: threading.Lock = field(default_factory=threading.Lock)
+    _gpu_generate: Callable | None = field(default=None, repr=False)
 
     @property
     def extender_note(self) -> str:
@@ -70,12 +75,23 @@ class Runtime:
         return ("No prompt extender: put an instruction-tuned causal LM (e.g. Qwen/Qwen2.5-1.5B-Instruct) in "
                 "<weights>/prompt_extender/ or pass --prompt-extender DIR.")
 
+    def generate_blocks(self, request: GenerationRequest, cancel: Callable[[], bool]) -> Iterator[BlockResult]:
+        """The pipeline core's blocks; on a ZeroGPU Space inside a spaces.GPU call sized to the request
+        (there the caller's stop check between blocks ends the call)."""
+        if not on_zero_gpu():
+            return self.pipeline.generate(request, cancel=cancel)
+        if self._gpu_generate is None:
+            self._gpu_generate = gpu_generator(self.pipeline.generate, lambda req: self.pipeline.validate(req)[0])
+        return self._gpu_generate(request)
+
     def extend_prompt(self, prompt: str) -> str:
         """Runs the extender where the memory plan leaves room (raises ExtenderError)."""
         assert self.extender is not None and self.pipeline is not None
         profile = self.memory_plan.profile.name if self.memory_plan else None
+        # On ZeroGPU the main process has no GPU: the extender runs on the CPU there.
+        device = torch.device("cpu") if on_zero_gpu() else extender_device(self.pipeline.device, profile)
         with self.gpu_lock:
-            return self.extender.extend(prompt, extender_device(self.pipeline.device, profile))
+            return self.extender.extend(prompt, device)
 
     def set_memory_profile(self, requested: str, token: str | None = None) -> str:
         """Re-plans and moves the weights for every user (waits for a running generation to finish).

@@ -18,6 +18,7 @@ from PIL import Image
 
 from .config import PipelineConfig
 from .kv_cache import AttentionWindow, KVCache, kv_bytes_per_frame
+from .lora import LoraChoice, LoraError, LoraMerger
 from .scheduler import make_sampler, reference_noise
 from .vae import to_uint8_frames
 from .weights import Components
@@ -50,6 +51,7 @@ class GenerationRequest:
     width: int | None = None
     conditioning: BlockConditioning | None = None
     reference_latent: torch.Tensor | None = field(default=None, repr=False)
+    loras: tuple[LoraChoice, ...] = ()  # adapters merged into the generator for this request
 
 
 @dataclass
@@ -102,6 +104,7 @@ class StreamingVideoPipeline:
         self.kv_cache_budget: int | None = None  # bytes per KV cache; set by low-VRAM planning
         self.compiled = False  # torch.compile in use: the memory planner reserves its larger decode buffers
         self.sampler = make_sampler(config.sampler)
+        self.loras = LoraMerger(self.generator)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -119,6 +122,13 @@ class StreamingVideoPipeline:
         height, width = request.height or self.config.height, request.width or self.config.width
         if height % 16 or width % 16 or not (16 <= height <= 1280 and 16 <= width <= 1280):
             raise RequestError("Height and width must be multiples of 16 between 16 and 1280.")
+        for choice in request.loras:
+            if not 0 <= choice.scale <= 2:
+                raise RequestError(f"LoRA strength must be between 0 and 2, got {choice.scale}.")
+            try:
+                self.loras.load(choice.path)
+            except LoraError as err:
+                raise RequestError(str(err)) from err
         return num_blocks, height, width
 
     def attention_window_for(self, latent_frames: int, frame_tokens: int) -> tuple[AttentionWindow, bool]:
@@ -146,6 +156,7 @@ class StreamingVideoPipeline:
     def _generate(self, request: GenerationRequest, num_blocks: int, height: int, width: int,
                   cancel: CancelCheck | None) -> Iterator[BlockResult]:
         started = time.perf_counter()
+        self.loras.activate(request.loras)
         cfg, model = self.config, self.generator
         fpb = cfg.frames_per_block
         latent_h, latent_w = cfg.latent_size(height, width)

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from .kv_cache import KVCache
+from .kv_cache import BlockCausalLayout, KVCache
 from .rope import RotaryEmbedding3D, apply_rotary
 
 
@@ -71,8 +72,12 @@ class Attention(nn.Module):
         return self.to_out[0](attention(q, k, v, mask))
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              mask: torch.Tensor | BlockCausalLayout | None = None) -> torch.Tensor:
     """q/k/v [B, L, H, D] -> [B, L, H*D] through fused SDPA (which wants heads before tokens)."""
+    if isinstance(mask, BlockCausalLayout):  # each block's queries over the keys up to its end
+        starts = (0, *mask.token_ends[:-1])
+        return torch.cat([attention(q[:, s:e], k[:, :e], v[:, :e]) for s, e in zip(starts, mask.token_ends)], dim=1)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.transpose(1, 2).flatten(2)
 
@@ -84,7 +89,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         up = self.net[0].proj
-        if x.is_cuda:
+        if x.is_cuda and type(up) is nn.Linear:  # (a training-time LoRA wrapper must run its own forward)
             # cuBLASLt applies the tanh GELU in the GEMM epilogue, saving a pass over the
             # 5.8x wider hidden activation (on the CPU this op would use the exact GELU).
             hidden = torch._addmm_activation(up.bias, x.flatten(0, -2), up.weight.t(), use_gelu=True)
@@ -118,7 +123,7 @@ class CausalWanBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, frame_mod: torch.Tensor, rope: RopeTables,
                 context_kv: tuple[torch.Tensor, torch.Tensor], layer: int,
-                kv_cache: KVCache | None, mask: torch.Tensor | None) -> torch.Tensor:
+                kv_cache: KVCache | None, mask: torch.Tensor | BlockCausalLayout | None) -> torch.Tensor:
         """x [B, F*S, C]; frame_mod [B, F, 6, C] (one modulation per latent frame)."""
         mods = (self.scale_shift_table.unsqueeze(1) + frame_mod).chunk(6, dim=2)
         q, k, v = self.project_self(x, mods[0], mods[1], rope.cos, rope.sin)
@@ -184,6 +189,7 @@ class CausalWanModel(ModelMixin, ConfigMixin):
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim ** 0.5)
         self.rope = RotaryEmbedding3D(dim // num_heads)
         self.weight_streamer = None  # a weight_streaming.BlockStreamer when blocks live in CPU memory
+        self.gradient_checkpointing = False  # training: recompute each block in the backward pass
 
     @property
     def head_dim(self) -> int:
@@ -212,7 +218,7 @@ class CausalWanModel(ModelMixin, ConfigMixin):
 
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor,
                 context_kv: list[tuple[torch.Tensor, torch.Tensor]], start_frame: int = 0,
-                kv_cache: KVCache | None = None, attn_mask: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None, attn_mask: torch.Tensor | BlockCausalLayout | None = None,
                 token_bias: torch.Tensor | None = None) -> torch.Tensor:
         """Flow prediction for latents [B, C, F, H, W] at per-frame timesteps [B, F].
 
@@ -238,7 +244,11 @@ class CausalWanModel(ModelMixin, ConfigMixin):
         if kv_cache is not None:
             kv_cache.begin(start_frame * grid[1] * grid[2], x.shape[1])
         for layer, block in enumerate(self.blocks):
-            x = block(x, frame_mod, rope, context_kv[layer], layer, kv_cache, attn_mask)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, frame_mod, rope, context_kv[layer], layer, kv_cache, attn_mask,
+                               use_reentrant=False)
+            else:
+                x = block(x, frame_mod, rope, context_kv[layer], layer, kv_cache, attn_mask)
         if kv_cache is not None:
             kv_cache.commit(start_frame * grid[1] * grid[2], x.shape[1])
 

@@ -194,3 +194,19 @@ def test_cli_resolution_and_bad_blocks(tmp_path):
     assert "block/s" not in bad.stderr and "0%" not in bad.stderr  # no progress bar before the error
     wrong = _run_cli("--prompt", "x", "--resolution", "big", "--device", "cpu", "--out", str(tmp_path / "no.mp4"))
     assert wrong.returncode == 2 and "Resolution must look like 832x480" in wrong.stderr
+
+
+def test_bench_compare_flags_regressions(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    from compare import main as compare_main
+
+    base = {"device": "H100", "fps_median": 27.0, "first_frames_s_median": 0.25,
+            "profiles": {"low@8GiB": {"fps_median": 8.0, "first_frames_s_median": 1.0}}}
+    cases = {"same": (base, 0), "faster": ({**base, "fps_median": 30.0}, 0),
+             "slower_fps": ({**base, "fps_median": 25.0}, 1), "later_first_frame": ({**base, "first_frames_s_median": 0.27}, 1),
+             "slower_low_profile": ({**base, "profiles": {"low@8GiB": {"fps_median": 7.0, "first_frames_s_median": 1.0}}}, 1),
+             "within_5_percent": ({**base, "fps_median": 26.0, "first_frames_s_median": 0.26}, 0)}
+    (tmp_path / "base.json").write_text(json.dumps(base))
+    for name, (new, expected) in cases.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(new))
+        assert compare_main([str(tmp_path / f"{name}.json"), str(tmp_path / "base.json")]) == expected, name

@@ -29,8 +29,12 @@ HIDDEN = 16
 
 
 class PoseEncoders(nn.Module):
-    def __init__(self, model_dim: int, latent_channels: int = 16) -> None:
+    """source_dim: the width the pose convs end in when it differs from the generator's (UniAnimate's
+    public encoders are 5120 wide, for Wan 14B): a trainable 'pose_proj' maps it to model_dim."""
+
+    def __init__(self, model_dim: int, latent_channels: int = 16, source_dim: int | None = None) -> None:
         super().__init__()
+        width = source_dim or model_dim
 
         def conv3d(cin, cout, kernel=3, stride=1, padding=1):
             return nn.Conv3d(cin, cout, kernel, stride=stride, padding=padding)
@@ -39,7 +43,8 @@ class PoseEncoders(nn.Module):
             conv3d(3, HIDDEN), nn.SiLU(), conv3d(HIDDEN, HIDDEN), nn.SiLU(), conv3d(HIDDEN, HIDDEN), nn.SiLU(),
             conv3d(HIDDEN, HIDDEN, stride=(1, 2, 2)), nn.SiLU(),
             conv3d(HIDDEN, HIDDEN, stride=2), nn.SiLU(), conv3d(HIDDEN, HIDDEN, stride=2), nn.SiLU(),
-            conv3d(HIDDEN, model_dim, kernel=(1, 2, 2), stride=(1, 2, 2), padding=0))
+            conv3d(HIDDEN, width, kernel=(1, 2, 2), stride=(1, 2, 2), padding=0))
+        self.pose_proj = nn.Linear(width, model_dim) if width != model_dim else None
         self.randomref_embedding_pose = nn.Sequential(
             nn.Conv2d(3, HIDDEN, 3, padding=1), nn.SiLU(), nn.Conv2d(HIDDEN, HIDDEN, 3, padding=1), nn.SiLU(),
             nn.Conv2d(HIDDEN, HIDDEN, 3, padding=1), nn.SiLU(), nn.Conv2d(HIDDEN, HIDDEN, 3, stride=2, padding=1),
@@ -51,13 +56,21 @@ class PoseEncoders(nn.Module):
         weight = self.dwpose_embedding[0].weight
         video = torch.from_numpy(pose_video).to(weight.device, weight.dtype).permute(3, 0, 1, 2)[None] / 255.0
         video = torch.cat([video[:, :, :1].repeat(1, 1, 3, 1, 1), video], dim=2)
-        return self.dwpose_embedding(video).flatten(2).transpose(1, 2)
+        tokens = self.dwpose_embedding(video).flatten(2).transpose(1, 2)
+        return tokens if self.pose_proj is None else self.pose_proj(tokens)
 
     def reference_features(self, reference_pose: np.ndarray) -> torch.Tensor:
         """uint8 [H, W, 3] -> [1, latent_channels, 1, H/8, W/8], added to the reference latent."""
         weight = self.randomref_embedding_pose[0].weight
         image = torch.tensor(reference_pose).to(weight.device, weight.dtype).permute(2, 0, 1)[None] / 255.0
         return self.randomref_embedding_pose(image).unsqueeze(2)
+
+
+def pose_width(state: dict[str, torch.Tensor]) -> int | None:
+    """Output width of the pose video encoder in a saved state (its last conv)."""
+    convs = sorted((k for k in state if k.startswith("dwpose_embedding.") and k.endswith(".weight")),
+                   key=lambda k: int(k.split(".")[1]))
+    return int(state[convs[-1]].shape[0]) if convs else None
 
 
 class PoseConditioning:
@@ -115,7 +128,8 @@ class LazyPoseEncoders:
             return self._encoders
 
     def _load(self) -> PoseEncoders:
-        encoders = PoseEncoders(self.model_dim)
+        state = read_state(self.path) if self.random_seed is None and self.available else None
+        encoders = PoseEncoders(self.model_dim, source_dim=pose_width(state) if state else None)
         if self.random_seed is not None:
             rng = torch.Generator().manual_seed(self.random_seed)
             with torch.no_grad():
@@ -124,7 +138,6 @@ class LazyPoseEncoders:
         else:
             if not self.available:
                 raise WeightsError(self.missing_message())
-            state = read_state(self.path)
             expected = encoders.state_dict()
             missing = sorted(set(expected) - set(state))
             wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
