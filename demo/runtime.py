@@ -18,6 +18,7 @@ from pipelines.pose.animation import PoseAnimator
 from pipelines.pose.condition import LazyPoseEncoders
 from pipelines.builder import build_pipeline, default_device, vram_bytes
 from pipelines.inspect import Report, inspect_folder
+from pipelines.lora import LoraChoice
 from pipelines.prompt_extender import PromptExtender, extender_device, find_extender_folder
 from pipelines.weights import WeightsError
 
@@ -26,6 +27,7 @@ from .outputs import OutputStore
 from .zerogpu import gpu_generator, on_zero_gpu
 
 log = logging.getLogger(__name__)
+NO_LORA = "none"
 
 HF_PREFIX = "hf://"
 
@@ -61,6 +63,7 @@ class Runtime:
     vram_bytes: int | None = None
     extender: PromptExtender | None = None
     weights_report: Report | None = None  # what the weights inspector found in the weights folder
+    lora_dir: Path | None = None  # <weights>/loras: the LoRAs users can choose
     outputs: OutputStore | None = None  # None: each session writes to its own temporary folder
     admin_token: str | None = None  # lets the holder change server-wide settings from the UI/API
     metrics: RunMetrics = field(default_factory=RunMetrics)
@@ -74,6 +77,19 @@ class Runtime:
             return f"Rewrites a short prompt into a detailed caption with {self.extender.folder.name} (greedy, cached)."
         return ("No prompt extender: put an instruction-tuned causal LM (e.g. Qwen/Qwen2.5-1.5B-Instruct) in "
                 "<weights>/prompt_extender/ or pass --prompt-extender DIR.")
+
+    def lora_names(self) -> list[str]:
+        if self.lora_dir is None or not self.lora_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.lora_dir.glob("*.safetensors"))
+
+    def lora_choice(self, name: str | None, strength: float) -> tuple[LoraChoice, ...]:
+        """The request's LoRA from a name in <weights>/loras (nothing else on the server can be named)."""
+        if not name or name == NO_LORA:
+            return ()
+        if name not in self.lora_names():
+            raise ValueError(f"No LoRA named {name!r} in {self.lora_dir or '<weights>/loras'}.")
+        return (LoraChoice(str(self.lora_dir / name), float(strength)),)
 
     def generate_blocks(self, request: GenerationRequest, cancel: Callable[[], bool]) -> Iterator[BlockResult]:
         """The pipeline core's blocks; on a ZeroGPU Space inside a spaces.GPU call sized to the request
@@ -146,6 +162,7 @@ def load_runtime(config_path: str | Path | None, weights: str | None, device: st
         runtime.load_error = str(err)
         return runtime
     runtime.poser = make_pose_animator(runtime.pipeline, weights_dir)
+    runtime.lora_dir = weights_dir / "loras" if weights_dir else None
     folder = find_extender_folder(weights_dir, prompt_extender)
     runtime.extender = PromptExtender(folder) if folder is not None else None
     return runtime

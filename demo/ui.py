@@ -1,6 +1,7 @@
 """The Gradio Blocks app: Text to Video, Image to Video and Pose Animation tabs on one core."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import gradio as gr
@@ -12,7 +13,7 @@ from pipelines.weights import WeightsError
 
 from .generation import UserError, extend_request, parse_resolution, pick_seed, stream_video, whole_number
 from .media import MediaError, load_image, read_video
-from .runtime import Runtime
+from .runtime import NO_LORA, Runtime
 from .session import SessionControl
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -80,6 +81,13 @@ class Controls:
                                       info=runtime.extender_note)
         self.extended = gr.Textbox(value="", label="Extended prompt", lines=3, visible=runtime.extender is not None,
                                    info="editable: generation uses this text while it belongs to the prompt above")
+        with gr.Row():
+            loras = runtime.lora_names()
+            # Custom values reach the handler, which refuses anything not in <weights>/loras with its own message.
+            self.lora = gr.Dropdown([NO_LORA, *loras], value=NO_LORA, label="LoRA", interactive=bool(loras),
+                                    allow_custom_value=True,
+                                    info="from <weights>/loras/" if loras else "none found in <weights>/loras/")
+            self.lora_strength = CheckedSlider(0, 2, value=1.0, step=0.05, label="LoRA strength")
         self.negative = gr.Textbox(label="Negative prompt", value=cfg.negative_prompt, visible=cfg.uses_cfg)
         with gr.Row():
             self.seed = gr.Number(label="Seed", value=0, step=1, info="a whole number from 0 to 2**53 - 1")
@@ -89,8 +97,8 @@ class Controls:
                                     label=f"Blocks ({cfg.frames_per_block} latent frames = "
                                           f"{4 * cfg.frames_per_block} video frames each)")
             self.fps = CheckedSlider(MIN_FPS, MAX_FPS, value=cfg.fps, step=1, label="Output FPS")
-        self.resolution = gr.Dropdown(cfg.resolution_choices, value=cfg.resolution_choices[0],
-                                      label="Resolution (width x height)")
+        self.resolution = gr.Dropdown(cfg.resolution_choices, value=cfg.resolution_choices[0], allow_custom_value=True,
+                                      label="Resolution (width x height)", info="presets; the pipeline checks others")
         with gr.Row():
             self.generate = gr.Button("Generate", variant="primary")
             self.stop = gr.Button("Stop", variant="stop")
@@ -98,7 +106,7 @@ class Controls:
     @property
     def inputs(self) -> list:
         return [self.prompt, self.negative, self.seed, self.randomize, self.blocks, self.fps, self.resolution,
-                self.extend, self.extended]
+                self.extend, self.extended, self.lora, self.lora_strength]
 
 
 class Outputs:
@@ -137,16 +145,22 @@ def _pose_note(runtime: Runtime) -> str:
 
 
 def build_demo(runtime: Runtime) -> gr.Blocks:
-    def run(tab: str, session: SessionControl, request: GenerationRequest, fps, extend, extended):
+    def run(tab: str, session: SessionControl, request: GenerationRequest, fps, extend, extended, lora, strength):
         fps = whole_number(fps, "Output FPS", MIN_FPS, MAX_FPS)
+        try:
+            request = dataclasses.replace(request, loras=runtime.lora_choice(lora, strength))
+        except (ValueError, TypeError) as err:
+            raise UserError(str(err)) from err
         request, box, note = extend_request(runtime, session, tab, request, bool(extend), extended)
         yield from stream_video(runtime, session, request, fps, tab, box, note)
 
-    def text_to_video(prompt, negative, seed, randomize, blocks, fps, resolution, extend, extended, session):
+    def text_to_video(prompt, negative, seed, randomize, blocks, fps, resolution, extend, extended, lora,
+                      lora_strength, session):
         request = _request(prompt, negative, seed, randomize, blocks, resolution)
-        yield from run("t2v", session, request, fps, extend, extended)
+        yield from run("t2v", session, request, fps, extend, extended, lora, lora_strength)
 
-    def image_to_video(image, prompt, negative, seed, randomize, blocks, fps, resolution, extend, extended, session):
+    def image_to_video(image, prompt, negative, seed, randomize, blocks, fps, resolution, extend, extended, lora,
+                       lora_strength, session):
         if not image:
             raise UserError("Please upload an image.")
         try:
@@ -154,10 +168,10 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
         except MediaError as err:
             raise UserError(str(err)) from err
         request = _request(prompt, negative, seed, randomize, blocks, resolution, image=picture)
-        yield from run("i2v", session, request, fps, extend, extended)
+        yield from run("i2v", session, request, fps, extend, extended, lora, lora_strength)
 
     def pose_animation(reference, driving_video, is_pose_video, prompt, negative, seed, randomize, blocks, fps,
-                       resolution, extend, extended, session):
+                       resolution, extend, extended, lora, lora_strength, session):
         poser = runtime.poser
         if poser is None:
             raise UserError(runtime.load_error or "The model is not loaded.")
@@ -172,7 +186,7 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
                 request = poser.request(picture, frames, bool(is_pose_video), base)
         except (MediaError, WeightsError, RequestError) as err:
             raise UserError(str(err)) from err
-        yield from run("pose", session, request, fps, extend, extended)
+        yield from run("pose", session, request, fps, extend, extended, lora, lora_strength)
 
     def report_browser_timing(seconds: str, session: SessionControl) -> str:
         try:

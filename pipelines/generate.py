@@ -22,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     video.add_argument("--extend-prompt", action="store_true",
                        help="rewrite the prompt into a detailed caption with the prompt extender first "
                             "(see --prompt-extender)")
+    video.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                       help="merge a LoRA into the generator (repeatable; SCALE 0-2, default 1)")
     video.add_argument("--negative-prompt", help="used by multi-step (CFG) configs; default: the config's")
     video.add_argument("--image", type=Path, help="first frame (image-to-video)")
     video.add_argument("--seed", type=int, default=0, help="a whole number from 0 to 2**53 - 1")
@@ -73,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     from .builder import build_pipeline, default_device, vram_bytes
     from .config import load_config
     from .core import GenerationRequest, RequestError
+    from .lora import LoraChoice
     from .video_io import H264Writer
     from .weights import WeightsError
 
@@ -83,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                                      vram_bytes(args.vram_gb), args.compile)
         image = Image.open(args.image) if args.image else None
         request = GenerationRequest(args.prompt, seed=args.seed, num_blocks=args.blocks,
-                                    negative_prompt=args.negative_prompt, image=image, height=height, width=width)
+                                    negative_prompt=args.negative_prompt, image=image, height=height, width=width,
+                                    loras=tuple(LoraChoice.parse(text) for text in args.lora))
         num_blocks, _, _ = pipeline.validate(request)
     except (WeightsError, RequestError, ValueError) as err:
         log.error("%s", err)

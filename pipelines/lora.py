@@ -150,6 +150,7 @@ class LoraMerger:
                 return
             deltas = [(self.load(c.path), c.scale) for c in choices]
             modules = dict(self.model.named_modules())
+            self._weights_changing()
             self._restore(modules)
             for layers, strength in deltas:
                 for name, delta in layers.items():
@@ -159,6 +160,11 @@ class LoraMerger:
                     update = (delta.up @ delta.down) * (delta.scale * strength)
                     weight.copy_((weight.float() + update.to(weight.device)).to(weight.dtype))
             self.active = choices
+
+    def _weights_changing(self) -> None:
+        streamer = getattr(self.model, "weight_streamer", None)
+        if streamer is not None:
+            streamer.invalidate()
 
     def _restore(self, modules: dict[str, nn.Module]) -> None:
         for name, original in self._originals.items():

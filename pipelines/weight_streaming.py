@@ -98,6 +98,12 @@ class BlockStreamer:
             self.end(index)
         return hook
 
+    def invalidate(self) -> None:
+        """The CPU masters changed (a LoRA was merged): drop copies prefetched from the old values."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)  # no copy may still be reading the masters
+        self.loaded.clear()
+
     def remove(self) -> None:
         """Uninstalls the hooks; weights go back into the (CPU) modules as ordinary tensors."""
         if self.cuda:

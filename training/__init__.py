@@ -1,0 +1,1 @@
+"""Fine-tuning the causal generator: data preparation, LoRA / full / pose training."""

@@ -1,0 +1,409 @@
+"""Fine-tune the causal generator on prepared clips: LoRA (default), all weights (--full), pose encoders (--pose).
+
+    accelerate launch -m training.train --config configs/train_lora.yaml --data DATA --out OUT [--weights W]
+    python -m training.train ...            (single process)
+
+Each step runs the whole clip through the project's CausalWanModel in one pass with block-causal
+attention and an independent noise level per 3-frame block (see training/objective.py). Data
+order and noise depend only on (seed, step), so --resume continues exactly where a run stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate.tracking import GeneralTracker
+from torch import nn
+
+from pipelines.cli_options import HelpFormatter
+
+log = logging.getLogger("training.train")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training.train", formatter_class=HelpFormatter,
+                                     description=__doc__)
+    parser.add_argument("--config", default="configs/train_lora.yaml", help="training YAML")
+    parser.add_argument("--data", type=Path, required=True, help="folder written by training.prepare")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (checkpoints, logs, adapter)")
+    parser.add_argument("--weights", help="weights folder of the model being fine-tuned")
+    parser.add_argument("--full", action="store_true", help="train every generator weight instead of a LoRA")
+    parser.add_argument("--pose", action="store_true", help="also train pose encoders (data prepared with --poses)")
+    parser.add_argument("--resume", help="checkpoint folder to continue from, or 'latest'")
+    parser.add_argument("--max-steps", type=int, help="override the config's max_steps")
+    parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is there")
+    return parser
+
+
+def load_training_config(path: str | Path, **overrides) -> dict:
+    from omegaconf import OmegaConf
+
+    defaults = OmegaConf.load(Path(__file__).resolve().parent.parent / "configs" / "train_lora.yaml")
+    merged = OmegaConf.merge(defaults, OmegaConf.load(path))
+    for key, value in overrides.items():
+        if value is not None:
+            OmegaConf.update(merged, key, value)
+    return OmegaConf.to_container(merged, resolve=True)
+
+
+class FlowStep(nn.Module):
+    """Everything trained in one forward: prompt context, optional pose conditioning, the generator
+    pass over the whole clip. One module, so data parallelism sees every use of every weight."""
+
+    def __init__(self, generator: nn.Module, frames_per_block: int, text_len: int,
+                 pose_encoders: nn.Module | None = None) -> None:
+        super().__init__()
+        self.generator = generator
+        self.pose_encoders = pose_encoders
+        self.frames_per_block = frames_per_block
+        self.text_len = text_len
+
+    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, prompts: torch.Tensor, prefix_frames: int,
+                poses: list | None = None, reference_poses: list | None = None) -> torch.Tensor:
+        from pipelines.kv_cache import BlockCausalLayout
+
+        generator = self.generator
+        context = generator.encode_context(prompts)
+        frames, height, width = noisy.shape[2:]
+        frame_tokens = generator.frame_tokens(height, width)
+        blocks = [prefix_frames] * bool(prefix_frames) + [self.frames_per_block] * (
+            (frames - prefix_frames) // self.frames_per_block)
+        bias = None
+        if self.pose_encoders is not None:
+            references = torch.cat([self.pose_encoders.reference_features(p) for p in reference_poses])
+            noisy = torch.cat([noisy[:, :, :prefix_frames] + references.to(noisy), noisy[:, :, prefix_frames:]], 2)
+            tokens = torch.cat([self.pose_encoders.pose_tokens(p) for p in poses])
+            bias = torch.cat([tokens.new_zeros(tokens.shape[0], prefix_frames * frame_tokens, tokens.shape[2]),
+                              tokens], dim=1)
+        return generator(noisy, timesteps, context, attn_mask=BlockCausalLayout.of(blocks, frame_tokens),
+                         token_bias=bias)
+
+
+def collate(items: list[dict], text_len: int) -> dict:
+    prompts = torch.zeros(len(items), text_len, items[0]["prompt"].shape[-1])
+    for row, item in enumerate(items):
+        tokens = min(text_len, item["prompt"].shape[0])
+        prompts[row, :tokens] = item["prompt"][:tokens].float()
+    batch = {"latents": torch.stack([item["latents"].float() for item in items]), "prompts": prompts}
+    if "pose" in items[0]:
+        batch["poses"] = [item["pose"].numpy() for item in items]
+        batch["reference_poses"] = [item["reference_pose"].numpy() for item in items]
+    return batch
+
+
+def sample_indices(step: int, micro: int, rank: int, world: int, batch: int, accum: int, size: int,
+                   seed: int) -> list[int]:
+    """Which clips a process trains on at (step, micro-step): a fresh seeded permutation per epoch,
+    consumed in order, so the order depends only on the seed and the step (exact resumption)."""
+    indices = []
+    for j in range(batch):
+        position = ((step * accum + micro) * world + rank) * batch + j
+        epoch, offset = divmod(position, size)
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        indices.append(int(order[offset]))
+    return indices
+
+
+def learning_rate_factor(step: int, warmup: int, total: int, kind: str) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class CSVTracker(GeneralTracker):
+    """accelerate tracker writing logs/metrics.csv, used when TensorBoard is not installed."""
+
+    name = "csv"
+    requires_logging_directory = True
+    main_process_only = True
+
+    def __init__(self, logging_dir: str | Path) -> None:
+        super().__init__()
+        self.path = Path(logging_dir) / "metrics.csv"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def tracker(self) -> "CSVTracker":
+        return self
+
+    def store_init_configuration(self, values: dict) -> None:
+        (self.path.parent / "config.json").write_text(json.dumps(values, indent=2, default=str))
+
+    def log(self, values: dict, step: int | None = None, **kwargs) -> None:
+        new = not self.path.exists()
+        with self.path.open("a", newline="") as handle:
+            writer = csv.writer(handle)
+            if new:
+                writer.writerow(["step", *values])
+            writer.writerow([step, *values.values()])
+
+
+def make_tracker(out: Path) -> str | CSVTracker:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return CSVTracker(out / "logs")
+    return "tensorboard"
+
+
+class Trainer:
+    def __init__(self, args: argparse.Namespace, cfg: dict) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        self.args, self.cfg = args, cfg
+        precision = cfg["mixed_precision"]
+        use_cuda = torch.cuda.is_available() and not args.cpu
+        if precision == "auto":
+            precision = "bf16" if use_cuda else "no"
+        self.accelerator = Accelerator(mixed_precision=precision, cpu=not use_cuda,
+                                       gradient_accumulation_steps=cfg["gradient_accumulation"],
+                                       log_with=make_tracker(args.out),
+                                       project_config=ProjectConfiguration(project_dir=str(args.out),
+                                                                           logging_dir=str(args.out / "logs")))
+        self.device = self.accelerator.device
+        self._build_model()
+        from .data import CachedClips
+        from .objective import FlowObjective
+
+        self.data = CachedClips(args.data)
+        if args.pose and not self.data.has_poses:
+            raise SystemExit(f"--pose needs clips prepared with --poses; {args.data} has none")
+        self.objective = FlowObjective(**cfg["objective"])
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg["learning_rate"], betas=tuple(cfg["betas"]),
+                                           weight_decay=cfg["weight_decay"])
+        total = cfg["max_steps"]
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: learning_rate_factor(s, cfg["warmup_steps"], total, cfg["lr_schedule"]))
+        self.step_module, self.optimizer, self.scheduler = self.accelerator.prepare(
+            self.step_module, self.optimizer, self.scheduler)
+        self.start_step = 0
+        if args.resume:
+            self.start_step = self.load_checkpoint(self.resolve_resume(args.resume))
+
+    def _build_model(self) -> None:
+        from pipelines.config import load_config
+        from pipelines.pose.condition import PoseEncoders, pose_width
+        from pipelines.weights import load_components, read_state
+
+        from .adapters import add_lora
+
+        cfg, args = self.cfg, self.args
+        self.model_config = load_config(cfg["model_config"])
+        torch.manual_seed(cfg["seed"])
+        self.components = load_components(self.model_config, args.weights, "cpu")
+        generator = self.components.generator
+        generator.gradient_checkpointing = bool(cfg["gradient_checkpointing"])
+        if args.full:
+            generator.float().requires_grad_(True)
+            self.trainable = list(generator.parameters())
+        else:
+            if self.device.type == "cuda":
+                generator.to(torch.bfloat16)  # frozen base in bf16; the LoRA weights stay float32
+            lora = cfg["lora"]
+            self.trainable = add_lora(generator, lora["rank"], lora["alpha"], lora["dropout"], lora["targets"])
+        encoders = None
+        if args.pose:
+            init = cfg["pose"]["init"]
+            state = read_state(Path(init)) if init else None
+            encoders = PoseEncoders(generator.config.dim, source_dim=pose_width(state) if state else None)
+            if state is not None:
+                missing, _ = encoders.load_state_dict(state, strict=False)
+                log.info("pose encoders from %s (new: %s)", init, ", ".join(missing) or "none")
+            encoders.float().requires_grad_(True)
+            self.trainable += list(encoders.parameters())
+        text_len = generator.config.text_len
+        self.step_module = FlowStep(generator, self.model_config.frames_per_block, text_len, encoders).to(self.device)
+
+    # -- one optimisation step
+
+    def loss(self, step: int, micro: int) -> torch.Tensor:
+        from .objective import flow_loss, noisy_latents, velocity_target
+
+        cfg, acc = self.cfg, self.accelerator
+        indices = sample_indices(step, micro, acc.process_index, acc.num_processes, cfg["batch_size"],
+                                 cfg["gradient_accumulation"], len(self.data), cfg["seed"])
+        batch = collate([self.data[i] for i in indices], self.step_module_unwrapped.text_len)
+        seed = ((cfg["seed"] * 1_000_003 + step) * 97 + micro) * 131 + acc.process_index
+        rng = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)  # dropout
+        x0 = batch["latents"]
+        prefix = 1 if self.args.pose else 0
+        fpb = self.model_config.frames_per_block
+        blocks = (x0.shape[2] - prefix) // fpb
+        x0 = x0[:, :, :prefix + blocks * fpb]
+        sigma, in_loss = self.objective.block_sigmas(x0.shape[0], blocks, rng)
+        zeros = torch.zeros(x0.shape[0], prefix)
+        sigma_frames = torch.cat([zeros, sigma.repeat_interleave(fpb, dim=1)], dim=1)
+        weights = torch.cat([zeros, in_loss.float().repeat_interleave(fpb, dim=1)], dim=1)
+        noise = torch.randn(x0.shape, generator=rng)
+        noisy = noisy_latents(x0, noise, sigma_frames)
+        device = self.device
+        prediction = self.step_module(noisy.to(device), (sigma_frames * 1000).to(device), batch["prompts"].to(device),
+                                      prefix, batch.get("poses"), batch.get("reference_poses"))
+        return flow_loss(prediction, velocity_target(x0, noise).to(device), weights.to(device))
+
+    @property
+    def step_module_unwrapped(self) -> FlowStep:
+        return self.accelerator.unwrap_model(self.step_module)
+
+    def train(self) -> list[float]:
+        from tqdm import tqdm
+
+        cfg, acc = self.cfg, self.accelerator
+        acc.init_trackers("train", config={k: v for k, v in cfg.items() if not isinstance(v, (dict, list))})
+        losses: list[float] = []
+        max_steps = cfg["max_steps"]
+        bar = tqdm(range(self.start_step, max_steps), initial=self.start_step, total=max_steps,
+                   disable=not acc.is_main_process, unit="step")
+        started = time.perf_counter()
+        self.step_module.train()
+        for step in bar:
+            step_loss = 0.0
+            for micro in range(cfg["gradient_accumulation"]):
+                with acc.accumulate(self.step_module):
+                    loss = self.loss(step, micro)
+                    acc.backward(loss)
+                    if acc.sync_gradients and cfg["max_grad_norm"]:
+                        acc.clip_grad_norm_(self.trainable, cfg["max_grad_norm"])
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                step_loss += acc.reduce(loss.detach(), reduction="mean").item() / cfg["gradient_accumulation"]
+            losses.append(step_loss)
+            done = step + 1
+            rate = (done - self.start_step) / (time.perf_counter() - started)
+            lr = self.scheduler.get_last_lr()[0]
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", steps_s=f"{rate:.2f}")
+            if done % cfg["log_every"] == 0 or done == max_steps:
+                acc.log({"loss": step_loss, "lr": lr, "steps_per_s": rate}, step=done)
+            if cfg["checkpoint_every"] and done % cfg["checkpoint_every"] == 0 and done < max_steps:
+                self.save_checkpoint(done)
+            if cfg["validate_every"] and done % cfg["validate_every"] == 0:
+                self.validate(done)
+        self.save_final()
+        acc.end_training()
+        return losses
+
+    # -- checkpoints
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().float().cpu().contiguous() for n, p in self.step_module_unwrapped.named_parameters()
+                if p.requires_grad}
+
+    def save_checkpoint(self, step: int) -> Path:
+        from safetensors.torch import save_file
+
+        acc = self.accelerator
+        folder = self.args.out / "checkpoints" / f"step-{step:06d}"
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            folder.mkdir(parents=True, exist_ok=True)
+            save_file(self.trainable_state(), str(folder / "trainable.safetensors"))
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                       folder / "optimizer.pt")
+            (folder / "state.json").write_text(json.dumps({"step": step}))
+            log.info("checkpoint %s", folder)
+        acc.wait_for_everyone()
+        return folder
+
+    def resolve_resume(self, value: str) -> Path:
+        if value != "latest":
+            return Path(value)
+        found = sorted((self.args.out / "checkpoints").glob("step-*"))
+        if not found:
+            raise SystemExit(f"--resume latest: no checkpoint under {self.args.out / 'checkpoints'}")
+        return found[-1]
+
+    def load_checkpoint(self, folder: Path) -> int:
+        from safetensors.torch import load_file
+
+        state = load_file(str(folder / "trainable.safetensors"))
+        module = self.step_module_unwrapped
+        params = dict(module.named_parameters())
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value.to(params[name].dtype))
+        saved = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        step = json.loads((folder / "state.json").read_text())["step"]
+        log.info("resumed from %s at step %d", folder, step)
+        return step
+
+    def save_final(self) -> None:
+        from .adapters import save_lora, save_module
+
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if not acc.is_main_process:
+            return
+        module, out, cfg = self.step_module_unwrapped, self.args.out, self.cfg
+        if self.args.full:
+            path = save_module(module.generator, out / "generator.safetensors")
+        else:
+            path = save_lora(module.generator, out / "lora.safetensors", cfg["lora"]["rank"], cfg["lora"]["alpha"],
+                             self.model_config.name)
+        log.info("wrote %s", path)
+        if module.pose_encoders is not None:
+            log.info("wrote %s", save_module(module.pose_encoders, out / "checkpoints" / "pose_encoders.safetensors"))
+
+    # -- validation videos through the streaming pipeline
+
+    @torch.no_grad()
+    def validate(self, step: int) -> None:
+        from pipelines.core import GenerationRequest, StreamingVideoPipeline
+        from pipelines.video_io import H264Writer
+        from pipelines.weights import Components
+
+        acc = self.accelerator
+        if not acc.is_main_process:
+            return
+        module = self.step_module_unwrapped
+        module.eval()
+        vae, encoder = self.components.vae, self.components.prompt_encoder
+        vae.model.to(self.device)
+        encoder.model.to(self.device)
+        generator = module.generator
+        pipeline = StreamingVideoPipeline(Components(generator, vae, encoder, "validation"), self.model_config,
+                                          self.device)
+        folder = self.args.out / "validation" / f"step-{step:06d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        val = self.cfg["validation"]
+        for index, prompt in enumerate(val["prompts"]):
+            writer = None
+            request = GenerationRequest(prompt, seed=val["seed"], num_blocks=val["blocks"])
+            for result in pipeline.generate(request):
+                if writer is None:
+                    writer = H264Writer(folder / f"prompt-{index}.mp4", result.frames.shape[2],
+                                        result.frames.shape[1], self.model_config.fps)
+                writer.write(result.frames)
+            writer.close()
+        vae.model.to("cpu")
+        encoder.model.to("cpu")
+        module.train()
+        log.info("validation videos in %s", folder)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
+    cfg = load_training_config(args.config, max_steps=args.max_steps)
+    args.out.mkdir(parents=True, exist_ok=True)
+    Trainer(args, cfg).train()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
