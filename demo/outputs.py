@@ -27,6 +27,7 @@ class OutputStore:
         self.sessions = Path(tempfile.mkdtemp(prefix="server-", dir=self.root / "sessions"))
         self.cap_bytes = cap_bytes
         self._lock = threading.Lock()
+        self._by_browser_session: dict[str, Path] = {}  # Gradio session hash -> that session's folder
 
     @property
     def metrics_path(self) -> Path:
@@ -48,6 +49,19 @@ class OutputStore:
                 shutil.rmtree(run, ignore_errors=True)
                 total -= sizes[run]
                 log.info("output cap %.0f MB: removed %s", self.cap_bytes / 1e6, run.relative_to(self.root))
+
+    def track(self, session_hash: str, folder: Path) -> None:
+        """Remembers which folder a browser session writes to, so its folder can go when the tab closes."""
+        with self._lock:
+            self._by_browser_session[session_hash] = folder
+
+    def end_session(self, session_hash: str) -> None:
+        """The browser tab closed: its videos go now (Gradio itself keeps a closed session for an hour)."""
+        with self._lock:
+            folder = self._by_browser_session.pop(session_hash, None)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+            log.info("session ended: removed %s", folder.relative_to(self.root))
 
     def remove_sessions(self) -> None:
         """At shutdown: every session's videos of this server go; the metrics log stays."""

@@ -145,7 +145,10 @@ def _pose_note(runtime: Runtime) -> str:
 
 
 def build_demo(runtime: Runtime) -> gr.Blocks:
-    def run(tab: str, session: SessionControl, request: GenerationRequest, fps, extend, extended, lora, strength):
+    def run(tab: str, session: SessionControl, request: GenerationRequest, fps, extend, extended, lora, strength,
+            browser: gr.Request):
+        if runtime.outputs is not None and browser is not None and browser.session_hash:
+            runtime.outputs.track(browser.session_hash, session.output_dir)
         fps = whole_number(fps, "Output FPS", MIN_FPS, MAX_FPS)
         try:
             request = dataclasses.replace(request, loras=runtime.lora_choice(lora, strength))
@@ -155,12 +158,12 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
         yield from stream_video(runtime, session, request, fps, tab, box, note)
 
     def text_to_video(prompt, negative, seed, randomize, blocks, fps, resolution, extend, extended, lora,
-                      lora_strength, session):
+                      lora_strength, session, browser: gr.Request):
         request = _request(prompt, negative, seed, randomize, blocks, resolution)
-        yield from run("t2v", session, request, fps, extend, extended, lora, lora_strength)
+        yield from run("t2v", session, request, fps, extend, extended, lora, lora_strength, browser)
 
     def image_to_video(image, prompt, negative, seed, randomize, blocks, fps, resolution, extend, extended, lora,
-                       lora_strength, session):
+                       lora_strength, session, browser: gr.Request):
         if not image:
             raise UserError("Please upload an image.")
         try:
@@ -168,10 +171,10 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
         except MediaError as err:
             raise UserError(str(err)) from err
         request = _request(prompt, negative, seed, randomize, blocks, resolution, image=picture)
-        yield from run("i2v", session, request, fps, extend, extended, lora, lora_strength)
+        yield from run("i2v", session, request, fps, extend, extended, lora, lora_strength, browser)
 
     def pose_animation(reference, driving_video, is_pose_video, prompt, negative, seed, randomize, blocks, fps,
-                       resolution, extend, extended, lora, lora_strength, session):
+                       resolution, extend, extended, lora, lora_strength, session, browser: gr.Request):
         poser = runtime.poser
         if poser is None:
             raise UserError(runtime.load_error or "The model is not loaded.")
@@ -186,7 +189,7 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
                 request = poser.request(picture, frames, bool(is_pose_video), base)
         except (MediaError, WeightsError, RequestError) as err:
             raise UserError(str(err)) from err
-        yield from run("pose", session, request, fps, extend, extended, lora, lora_strength)
+        yield from run("pose", session, request, fps, extend, extended, lora, lora_strength, browser)
 
     def report_browser_timing(seconds: str, session: SessionControl) -> str:
         try:
@@ -254,6 +257,11 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
                                 api_name=f"stop_{name}")
             outputs.report.change(report_browser_timing, inputs=[outputs.report, session], outputs=[outputs.timing],
                                  queue=False, api_name=False)
+        if runtime.outputs is not None:
+            def end_session(browser: gr.Request) -> None:
+                runtime.outputs.end_session(browser.session_hash)
+
+            demo.unload(end_session)
     _hide_internal_endpoints(demo)
     return demo
 

@@ -189,7 +189,8 @@ class CausalWanModel(ModelMixin, ConfigMixin):
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim ** 0.5)
         self.rope = RotaryEmbedding3D(dim // num_heads)
         self.weight_streamer = None  # a weight_streaming.BlockStreamer when blocks live in CPU memory
-        self.gradient_checkpointing = False  # training: recompute each block in the backward pass
+        self.gradient_checkpointing = False  # training: recompute blocks in the backward pass ...
+        self.checkpointed_blocks: int | None = None  # ... only the first N of them (None: all)
 
     @property
     def head_dim(self) -> int:
@@ -244,7 +245,8 @@ class CausalWanModel(ModelMixin, ConfigMixin):
         if kv_cache is not None:
             kv_cache.begin(start_frame * grid[1] * grid[2], x.shape[1])
         for layer, block in enumerate(self.blocks):
-            if self.gradient_checkpointing and torch.is_grad_enabled():
+            recompute = self.checkpointed_blocks is None or layer < self.checkpointed_blocks
+            if self.gradient_checkpointing and recompute and torch.is_grad_enabled():
                 x = checkpoint(block, x, frame_mod, rope, context_kv[layer], layer, kv_cache, attn_mask,
                                use_reentrant=False)
             else:

@@ -107,7 +107,10 @@ def _load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], source: 
 
 
 def generator_state_from_checkpoint(path: Path, use_ema: bool) -> dict[str, torch.Tensor]:
-    """Self-Forcing .pt -> diffusers-named generator weights."""
+    """Self-Forcing .pt -> diffusers-named generator weights; a .safetensors file (what
+    `training.train --full` writes) already holds diffusers names and one set of weights."""
+    if path.suffix == ".safetensors":
+        return read_state(path)
     checkpoint = read_state(path)
     key = "generator_ema" if use_ema else "generator"
     if key not in checkpoint:

@@ -122,3 +122,34 @@ def test_stop_button_stops_the_run(page):
         assert time.monotonic() < deadline, _status(page)
         time.sleep(0.1)
     assert _status(page).startswith("Stopped after block"), _status(page)
+
+
+def test_stats_panel_shows_recent_runs_and_percentiles(page):
+    page.get_by_text("Stats", exact=True).click()
+    page.wait_for_function("document.querySelector('#stats') && document.querySelector('#stats').innerText.includes('p50')",
+                           timeout=15_000)
+    stats = page.locator("#stats").inner_text()
+    assert "recent runs" in stats and "first frame on screen (browser)" in stats and "t2v" in stats
+
+
+def test_closing_the_tab_removes_the_session_folder(page, app_server):
+    sessions = Path(__file__).resolve().parent.parent / "outputs" / "sessions"
+    before = set(sessions.glob("server-*/sf-session-*"))
+    context = page.context.browser.new_context()
+    tab = context.new_page()
+    tab.goto(app_server.url, wait_until="domcontentloaded")
+    tab.wait_for_selector("#banner", timeout=60_000)
+    _set_blocks(tab, 1)
+    tab.get_by_label("Prompt").first.fill("a short visit")
+    tab.get_by_role("button", name="Generate").first.click()
+    deadline = time.monotonic() + 60
+    while not _status(tab).startswith("Done."):
+        assert time.monotonic() < deadline, _status(tab)
+        time.sleep(0.1)
+    mine = [d for d in set(sessions.glob("server-*/sf-session-*")) - before if list(d.glob("run*/video.mp4"))]
+    assert len(mine) == 1
+    context.close()
+    deadline = time.monotonic() + 120
+    while mine[0].exists():
+        assert time.monotonic() < deadline, "the closed session's folder is still there"
+        time.sleep(1)

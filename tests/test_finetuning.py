@@ -120,11 +120,11 @@ def test_velocity_target_and_noisy_latents_by_hand():
     assert (sigma[:, 0] == 0).all() and not in_loss[:, 0].any() and in_loss[:, -1].all()
 
 
-def _trainer(tmp_path: Path, data: Path, name: str, **overrides) -> Trainer:
+def _trainer(tmp_path: Path, data: Path, name: str, *flags: str, **overrides) -> Trainer:
     config = tmp_path / f"{name}.yaml"
     OmegaConf.save(OmegaConf.create({**TINY_TRAIN, **overrides}), config)
     args = build_parser().parse_args(["--config", str(config), "--data", str(data), "--out", str(tmp_path / name),
-                                      "--cpu"])
+                                      "--cpu", *flags])
     return Trainer(args, load_training_config(config))
 
 
@@ -310,3 +310,59 @@ def test_app_lora_choice_changes_the_video_and_bad_files_are_refused(trained, tm
     finally:
         server.stop()
     assert json.loads((tmp_path / "outputs" / "metrics.jsonl").read_text().splitlines()[-1])["blocks_done"] == 1
+
+
+def _square_detector(frame: np.ndarray):
+    """A stand-in for DWPose: a 'body' whose neck sits on the bright square of the frame."""
+    from pipelines.pose.draw import PoseFrame
+
+    bright = np.argwhere(frame.max(axis=2) > 150)
+    y, x = (bright.mean(axis=0) / frame.shape[:2]) if len(bright) else (0.5, 0.5)
+    points = np.zeros((18, 3))
+    for index, (dx, dy) in {0: (0, -0.2), 1: (0, 0), 8: (-0.1, 0.3), 11: (0.1, 0.3)}.items():
+        points[index] = (x + dx, y + dy, 1.0)
+    return PoseFrame(bodies=[points])
+
+
+def test_pose_training_writes_encoders_the_pose_tab_loads(source_videos, tiny_build, tmp_path):
+    from pipelines.pose.condition import LazyPoseEncoders, PoseEncoders
+
+    data = tmp_path / "pose_data"
+    with torch.no_grad():  # 37 frames: one reference latent + 3 blocks of 3 latent frames
+        prepare(source_videos, data, tiny_build, 37, 37, source_videos / "captions.csv", _square_detector)
+    clip = CachedClips(data)[0]
+    assert clip["pose"].shape == (33, 64, 96, 3) and clip["reference_pose"].shape == (64, 96, 3)
+    assert clip["pose"].max() > 0  # a skeleton was drawn
+    # start from 'UniAnimate-like' encoders of another width: a pose_proj maps them to the model width
+    wide = PoseEncoders(128)
+    save_file({k: v.contiguous() for k, v in wide.state_dict().items()}, str(tmp_path / "wide.safetensors"))
+    trainer = _trainer(tmp_path, data, "pose", "--pose", max_steps=3, batch_size=1,
+                       pose={"init": str(tmp_path / "wide.safetensors")})
+    losses = trainer.train()
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    saved = tmp_path / "pose" / "checkpoints" / "pose_encoders.safetensors"
+    state = load_file(str(saved))
+    assert state["pose_proj.weight"].shape == (64, 128)
+    assert not torch.equal(state["dwpose_embedding.0.weight"], wide.state_dict()["dwpose_embedding.0.weight"])
+    encoders = LazyPoseEncoders(64, saved, "cpu", torch.float32).get()
+    assert encoders.pose_proj is not None
+    tokens = encoders.pose_tokens(clip["pose"].numpy())
+    assert tokens.shape == (1, 9 * 24, 64)  # 9 latent frames of 4x6 tokens at the model width
+    assert (tmp_path / "pose" / "lora.safetensors").is_file()
+
+
+def test_full_training_writes_a_generator_the_app_loads(prepared, tmp_path, tiny_components):
+    trainer = _trainer(tmp_path, prepared, "full", "--full", max_steps=2, learning_rate=1e-3)
+    trainer.train()
+    saved = tmp_path / "full" / "generator.safetensors"
+    weights = tmp_path / "weights"
+    from tiny_checkpoints import write_original_layout
+    write_original_layout(tiny_components, weights)
+    (weights / "checkpoints" / "mine.safetensors").write_bytes(saved.read_bytes())
+    config = OmegaConf.load("configs/tiny.yaml")
+    config.weights = {"layout": "auto", "generator_ckpt": "checkpoints/mine.safetensors"}
+    OmegaConf.save(config, tmp_path / "mine.yaml")
+    loaded = load_components(load_config(tmp_path / "mine.yaml"), weights)
+    trained = trainer.step_module_unwrapped.generator.state_dict()
+    assert all(torch.equal(loaded.generator.state_dict()[k], trained[k].float()) for k in trained)
+    assert not torch.equal(loaded.generator.proj_out.weight, tiny_components.generator.proj_out.weight)

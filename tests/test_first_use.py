@@ -210,3 +210,12 @@ def test_bench_compare_flags_regressions(tmp_path):
     for name, (new, expected) in cases.items():
         (tmp_path / f"{name}.json").write_text(json.dumps(new))
         assert compare_main([str(tmp_path / f"{name}.json"), str(tmp_path / "base.json")]) == expected, name
+
+
+def test_dwpose_files_are_looked_up_in_the_weights_folder(tmp_path):
+    from demo.runtime import load_runtime
+
+    runtime = load_runtime("configs/tiny.yaml", str(tmp_path), "cpu")
+    assert runtime.poser.detector_dir == tmp_path / "dwpose"
+    assert str(tmp_path / "dwpose" / "yolox_l.onnx") in runtime.poser.detector_missing()
+    assert "--weights" in load_runtime("configs/tiny.yaml", None, "cpu").poser.detector_missing()

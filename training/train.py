@@ -86,6 +86,25 @@ class FlowStep(nn.Module):
                          token_bias=bias)
 
 
+def flow_matching_loss(step_module: nn.Module, batch: dict, objective, frames_per_block: int, prefix_frames: int,
+                       rng: torch.Generator, device: torch.device) -> torch.Tensor:
+    """One training loss: per-block sigmas (clean prefix frames), noisy latents, velocity MSE."""
+    from .objective import flow_loss, noisy_latents, velocity_target
+
+    x0 = batch["latents"]
+    blocks = (x0.shape[2] - prefix_frames) // frames_per_block
+    x0 = x0[:, :, :prefix_frames + blocks * frames_per_block]
+    sigma, in_loss = objective.block_sigmas(x0.shape[0], blocks, rng)
+    zeros = torch.zeros(x0.shape[0], prefix_frames)
+    sigma_frames = torch.cat([zeros, sigma.repeat_interleave(frames_per_block, dim=1)], dim=1)
+    weights = torch.cat([zeros, in_loss.float().repeat_interleave(frames_per_block, dim=1)], dim=1)
+    noise = torch.randn(x0.shape, generator=rng)
+    noisy = noisy_latents(x0, noise, sigma_frames)
+    prediction = step_module(noisy.to(device), (sigma_frames * 1000).to(device), batch["prompts"].to(device),
+                             prefix_frames, batch.get("poses"), batch.get("reference_poses"))
+    return flow_loss(prediction, velocity_target(x0, noise).to(device), weights.to(device))
+
+
 def collate(items: list[dict], text_len: int) -> dict:
     prompts = torch.zeros(len(items), text_len, items[0]["prompt"].shape[-1])
     for row, item in enumerate(items):
@@ -204,6 +223,7 @@ class Trainer:
         self.components = load_components(self.model_config, args.weights, "cpu")
         generator = self.components.generator
         generator.gradient_checkpointing = bool(cfg["gradient_checkpointing"])
+        generator.checkpointed_blocks = cfg.get("checkpointed_blocks")
         if args.full:
             generator.float().requires_grad_(True)
             self.trainable = list(generator.parameters())
@@ -228,30 +248,14 @@ class Trainer:
     # -- one optimisation step
 
     def loss(self, step: int, micro: int) -> torch.Tensor:
-        from .objective import flow_loss, noisy_latents, velocity_target
-
         cfg, acc = self.cfg, self.accelerator
         indices = sample_indices(step, micro, acc.process_index, acc.num_processes, cfg["batch_size"],
                                  cfg["gradient_accumulation"], len(self.data), cfg["seed"])
         batch = collate([self.data[i] for i in indices], self.step_module_unwrapped.text_len)
         seed = ((cfg["seed"] * 1_000_003 + step) * 97 + micro) * 131 + acc.process_index
-        rng = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)  # dropout
-        x0 = batch["latents"]
-        prefix = 1 if self.args.pose else 0
-        fpb = self.model_config.frames_per_block
-        blocks = (x0.shape[2] - prefix) // fpb
-        x0 = x0[:, :, :prefix + blocks * fpb]
-        sigma, in_loss = self.objective.block_sigmas(x0.shape[0], blocks, rng)
-        zeros = torch.zeros(x0.shape[0], prefix)
-        sigma_frames = torch.cat([zeros, sigma.repeat_interleave(fpb, dim=1)], dim=1)
-        weights = torch.cat([zeros, in_loss.float().repeat_interleave(fpb, dim=1)], dim=1)
-        noise = torch.randn(x0.shape, generator=rng)
-        noisy = noisy_latents(x0, noise, sigma_frames)
-        device = self.device
-        prediction = self.step_module(noisy.to(device), (sigma_frames * 1000).to(device), batch["prompts"].to(device),
-                                      prefix, batch.get("poses"), batch.get("reference_poses"))
-        return flow_loss(prediction, velocity_target(x0, noise).to(device), weights.to(device))
+        return flow_matching_loss(self.step_module, batch, self.objective, self.model_config.frames_per_block,
+                                  1 if self.args.pose else 0, torch.Generator().manual_seed(seed), self.device)
 
     @property
     def step_module_unwrapped(self) -> FlowStep:
