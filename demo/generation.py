@@ -40,9 +40,10 @@ class StreamUpdate:
     video: str | None
     seed: int
     extended_prompt: object = dataclasses.field(default_factory=gr.skip)
+    timeline: object = dataclasses.field(default_factory=gr.skip)
 
     def as_tuple(self) -> tuple:
-        return self.segment, self.preview, self.status, self.video, self.seed, self.extended_prompt
+        return self.segment, self.preview, self.status, self.video, self.seed, self.extended_prompt, self.timeline
 
 
 def whole_number(value: float | int | str | None, name: str, low: int | None = None, high: int | None = None) -> int:
@@ -97,6 +98,27 @@ def extend_request(runtime: Runtime, session: SessionControl, tab: str, request:
     return dataclasses.replace(request, prompt=text), text, ""
 
 
+class PromptTimeline:
+    """Which block ranges were generated under which prompt (shown under the video)."""
+
+    def __init__(self) -> None:
+        self.spans: list[list] = []  # [first block, last block, prompt, switch ms]
+
+    def add(self, block: int, prompt: str, switch_ms: float | None) -> None:
+        if self.spans and self.spans[-1][2] == prompt:
+            self.spans[-1][1] = block
+        else:
+            self.spans.append([block, block, prompt, switch_ms])
+
+    def markdown(self) -> str:
+        rows = []
+        for first, last, prompt, switch_ms in self.spans:
+            blocks = f"block {first}" if first == last else f"blocks {first}-{last}"
+            cost = f" (switch took {switch_ms:.0f} ms)" if switch_ms is not None else ""
+            rows.append(f"- {blocks}: {prompt[:120]}{'…' if len(prompt) > 120 else ''}{cost}")
+        return "\n".join(rows)
+
+
 def truncation_note(runtime: Runtime, prompt: str) -> str:
     encoder = runtime.pipeline.prompt_encoder
     tokens = encoder.token_count(prompt)
@@ -122,8 +144,10 @@ def stream_video(runtime: Runtime, session: SessionControl, request: GenerationR
     run = RunRecord(tab=tab, model=runtime.config.name, device=str(pipeline.device), resolution=f"{width}x{height}",
                     blocks=num_blocks, profile=runtime.memory_plan.profile.name if runtime.memory_plan else None)
     yield StreamUpdate(gr.skip(), gr.skip(), f"Starting: {num_blocks} blocks …{note}", None, request.seed,
-                       extended_prompt).as_tuple()
+                       extended_prompt, timeline="").as_tuple()
     status, block_s, total_block_s = "", 0.0, 0.0
+    timeline = PromptTimeline()
+    request = dataclasses.replace(request, steering=session.steering)
     cuda = pipeline.device.type == "cuda"
     with runtime.gpu_lock, session.running():
         if cuda:
@@ -134,8 +158,11 @@ def stream_video(runtime: Runtime, session: SessionControl, request: GenerationR
                 run.server_first_frame_s = run.server_first_frame_s or result.elapsed_s
                 block_s += result.block_s
                 run.fps = recorder.frames / result.elapsed_s
+                timeline_update = gr.skip()
                 if result.complete:
                     run.blocks_done += 1
+                    timeline.add(run.blocks_done, result.prompt, result.switch_ms)
+                    timeline_update = timeline.markdown() if len(timeline.spans) > 1 else gr.skip()
                     total_block_s += block_s
                     run.ms_per_block = total_block_s * 1e3 / run.blocks_done
                     status = (f"Block {run.blocks_done}/{num_blocks} · {block_s * 1e3:.0f} ms/block · "
@@ -148,7 +175,8 @@ def stream_video(runtime: Runtime, session: SessionControl, request: GenerationR
                 if result.window_forced:
                     status += f" · rolling window of {result.window_frames} latent frames (memory budget)"
                 status += note
-                yield StreamUpdate(str(segment), result.frames[-1], status, None, request.seed).as_tuple()
+                yield StreamUpdate(str(segment), result.frames[-1], status, None, request.seed,
+                                   timeline=timeline_update).as_tuple()
                 if result.complete and session.stop_requested.is_set():
                     break  # (the core checks too; this ends a ZeroGPU call, which cannot see the flag)
         except torch.cuda.OutOfMemoryError as err:

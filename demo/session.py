@@ -8,6 +8,8 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
+from pipelines.steering import PromptSteering
+
 from .outputs import OutputStore
 
 
@@ -22,6 +24,7 @@ class SessionControl:
         self.run_count = 0
         self.extended_from: dict[str, str] = {}  # tab -> the prompt whose extension the tab's box holds
         self.browser_first_frame_s: float | None = None  # reported by the page for the current run
+        self.steering = PromptSteering()  # prompt switches for the current run
 
     def __deepcopy__(self, memo: dict) -> "SessionControl":
         # Gradio deep-copies state values between events; the stop flag must stay the same object
@@ -56,7 +59,16 @@ class SessionControl:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.stop_requested.clear()
         self.browser_first_frame_s = None
+        self.steering = PromptSteering()
         return run_dir
+
+    def steer(self, prompt: str, mode: str = "recache") -> bool:
+        """Posts a new prompt for the running generation (ValueError for a bad one); False when none runs."""
+        PromptSteering.check(prompt, mode)
+        if not self.is_running:
+            return False
+        self.steering.post(prompt, mode)
+        return True
 
     def cleanup(self) -> None:
         shutil.rmtree(self.output_dir, ignore_errors=True)

@@ -9,6 +9,7 @@ from PIL import Image
 
 from pipelines.core import GenerationRequest, RequestError
 from pipelines.memory_profiles import PROFILE_CHOICES
+from pipelines.steering import SWITCH_MODES
 from pipelines.weights import WeightsError
 
 from .generation import UserError, extend_request, parse_resolution, pick_seed, stream_video, whole_number
@@ -102,6 +103,11 @@ class Controls:
         with gr.Row():
             self.generate = gr.Button("Generate", variant="primary")
             self.stop = gr.Button("Stop", variant="stop")
+        with gr.Row():
+            self.apply = gr.Button("Apply new prompt", size="sm")
+            self.switch_mode = gr.Radio(list(SWITCH_MODES), value="recache", label="Prompt switch",
+                                        info="while a video streams, Apply conditions it on the prompt above from "
+                                             "its next block; recache also re-encodes the frames in its memory")
 
     @property
     def inputs(self) -> list:
@@ -119,9 +125,10 @@ class Outputs:
         self.report = gr.Textbox(elem_id=f"browser-report-{tab}", elem_classes=["sf-hidden"], show_label=False)
         self.video = gr.File(label="Download mp4", elem_id=f"download-{tab}")
         self.seed = gr.Number(label="Seed used", precision=0, interactive=False)
+        self.timeline = gr.Markdown("", elem_id=f"timeline-{tab}", label="Prompt timeline")
 
     def all(self, controls: Controls) -> list:
-        return [self.stream, self.preview, self.status, self.video, self.seed, controls.extended]
+        return [self.stream, self.preview, self.status, self.video, self.seed, controls.extended, self.timeline]
 
 
 def _request(prompt, negative, seed, randomize, blocks, resolution, **extra) -> GenerationRequest:
@@ -200,6 +207,14 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
         runtime.metrics.record_browser_first_frame(value)
         return f"First frame on screen **{value:.2f} s** after the click (measured in this browser)"
 
+    def steer(prompt: str, mode: str, session: SessionControl) -> str:
+        try:
+            if session.steer(prompt, mode):
+                return f"New prompt ({mode}) from the next block …"
+        except ValueError as err:
+            raise UserError(str(err)) from err
+        return "Nothing is running: press Generate."
+
     def request_stop(session: SessionControl) -> str:
         if session.request_stop():
             return "Stopping after the current block …"
@@ -255,6 +270,8 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
                         js=CLICK_JS.replace("TAB", tab))
             controls.stop.click(request_stop, inputs=[session], outputs=[outputs.status], queue=False,
                                 api_name=f"stop_{name}")
+            controls.apply.click(steer, inputs=[controls.prompt, controls.switch_mode, session],
+                                 outputs=[outputs.status], queue=False, api_name=f"steer_{name}")
             outputs.report.change(report_browser_timing, inputs=[outputs.report, session], outputs=[outputs.timing],
                                  queue=False, api_name=False)
         if runtime.outputs is not None:

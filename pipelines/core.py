@@ -20,6 +20,7 @@ from .config import PipelineConfig
 from .kv_cache import AttentionWindow, KVCache, kv_bytes_per_frame
 from .lora import LoraChoice, LoraError, LoraMerger
 from .scheduler import make_sampler, reference_noise
+from .steering import PromptSteering, PromptSwitch
 from .vae import to_uint8_frames
 from .weights import Components
 
@@ -52,6 +53,7 @@ class GenerationRequest:
     conditioning: BlockConditioning | None = None
     reference_latent: torch.Tensor | None = field(default=None, repr=False)
     loras: tuple[LoraChoice, ...] = ()  # adapters merged into the generator for this request
+    steering: PromptSteering | None = field(default=None, repr=False)  # new prompts while it streams
 
 
 @dataclass
@@ -69,6 +71,8 @@ class BlockResult:
     complete: bool = True  # this result finishes block `index`
     window_frames: int | None = None  # rolling attention window used, None = every past frame
     window_forced: bool = False  # the KV-cache memory budget (not the config) imposed that window
+    prompt: str = ""  # the prompt this block was generated under
+    switch_ms: float | None = None  # a prompt switch before this block took this long (re-cache included)
 
     @property
     def block_s(self) -> float:
@@ -88,6 +92,16 @@ def prepare_image(image: Image.Image, height: int, width: int) -> torch.Tensor:
     array = np.asarray(resized.crop((left, top, left + width, top + height)), dtype=np.float32)
     tensor = torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
     return tensor[None, :, None]
+
+
+@dataclass
+class ContextWrite:
+    """Clean frames written into the KV cache (kept so the cache can be rebuilt under a new prompt)."""
+
+    latents: torch.Tensor
+    start_frame: int
+    timestep: float
+    bias: torch.Tensor | None
 
 
 class StreamingVideoPipeline:
@@ -182,6 +196,9 @@ class StreamingVideoPipeline:
                   for _ in contexts]
         decoder = self.vae.stream()
 
+        prompt, switch_ms = request.prompt, None
+        written: list[ContextWrite] = []  # clean frames in the cache, to rebuild it under a new prompt
+
         def decoded(index: int, latents: torch.Tensor, denoise_s: float, clean: torch.Tensor | None) -> BlockResult:
             decode_start = time.perf_counter()
             frames = to_uint8_frames(decoder.decode_block(latents))
@@ -189,18 +206,29 @@ class StreamingVideoPipeline:
             return BlockResult(index=index, num_blocks=num_blocks, frames=frames,
                                latents=None if clean is None else clean.float().cpu(), denoise_s=denoise_s,
                                decode_s=now - decode_start, elapsed_s=now - started, complete=clean is not None,
-                               window_frames=window.window_frames, window_forced=forced)
+                               window_frames=window.window_frames, window_forced=forced, prompt=prompt,
+                               switch_ms=switch_ms if clean is not None else None)
+
+        def write(clean: torch.Tensor, start_frame: int, timestep: float, bias: torch.Tensor | None) -> None:
+            written.append(ContextWrite(clean, start_frame, timestep, bias))
+            self._write_context(clean, start_frame, contexts, caches, timestep, bias)
 
         if first_latent is not None:
             first_latent = first_latent.to(self.device, self.dtype)
-            self._write_context(first_latent, 0, contexts, caches, timestep=0,
-                                bias=self._token_bias(request, 0, prefix_frames))
+            write(first_latent, 0, 0, self._token_bias(request, 0, prefix_frames))
             yield decoded(0, first_latent, 0.0, None)  # the input image is the first frame: show it now
 
         for index in range(num_blocks):
             if cancel is not None and cancel():
                 log.info("generation cancelled before block %d/%d", index + 1, num_blocks)
                 return
+            switch = request.steering.take() if request.steering is not None else None
+            switch_ms = None
+            if switch is not None and switch.prompt != prompt.strip():
+                switch_ms = self._switch_prompt(switch, contexts, caches, written)
+                prompt = switch.prompt
+                log.info("prompt switched before block %d/%d (%s, %.0f ms)", index + 1, num_blocks, switch.mode,
+                         switch_ms)
             block_start = time.perf_counter()
             start_frame = prefix_frames + index * fpb
             bias = self._token_bias(request, start_frame, fpb)
@@ -211,7 +239,7 @@ class StreamingVideoPipeline:
                              start_frame=start_frame, kv_cache=caches[context_index], token_bias=bias)
 
             clean = self.sampler.denoise(noisy, predict, rng)
-            self._write_context(clean, start_frame, contexts, caches, timestep=cfg.sampler.context_noise, bias=bias)
+            write(clean, start_frame, cfg.sampler.context_noise, bias)
             if self.device.type == "cuda":
                 torch.cuda.current_stream(self.device).synchronize()
             denoise_s = time.perf_counter() - block_start
@@ -221,6 +249,24 @@ class StreamingVideoPipeline:
                 yield decoded(index, clean[:, :, 1:], 0.0, clean)
             else:
                 yield decoded(index, clean, denoise_s, clean)
+
+    def _switch_prompt(self, switch: PromptSwitch, contexts: list, caches: list[KVCache],
+                       written: list["ContextWrite"]) -> float:
+        """Conditions the following blocks on switch.prompt; returns the milliseconds it took."""
+        start = time.perf_counter()
+        contexts[0] = self.generator.encode_context(self.prompt_encoder.encode(switch.prompt, self.device))
+        if switch.mode == "recache":
+            caches[0] = self.rebuilt_cache(caches[0], contexts[0], written)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        return (time.perf_counter() - start) * 1e3
+
+    def rebuilt_cache(self, cache: KVCache, context: list, written: list["ContextWrite"]) -> KVCache:
+        """A cache like `cache`, refilled from the clean frames written so far, under `context`."""
+        fresh = cache.empty_like()
+        for item in written:
+            self._write_context(item.latents, item.start_frame, [context], [fresh], item.timestep, item.bias)
+        return fresh
 
     def _timesteps(self, value: float, frames: int) -> torch.Tensor:
         return torch.full((1, frames), float(value), device=self.device, dtype=torch.float32)

@@ -51,12 +51,17 @@ class KVCache:
         self.rolling = window.window_frames is not None
         self.sink_tokens = window.sink_frames * frame_tokens
         shape = (num_layers, batch, self.capacity, num_heads, head_dim)
+        self._settings = (num_layers, batch, capacity_frames, frame_tokens, num_heads, head_dim, window, dtype, device)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.global_end = 0
         self.local_end = 0
         self._write: tuple[int, int] | None = None
         self._evict: int = 0
+
+    def empty_like(self) -> "KVCache":
+        """A new, empty cache of the same size and window."""
+        return KVCache(*self._settings)
 
     def begin(self, start_token: int, num_tokens: int) -> None:
         """Plans where tokens [start, start+num) go; called once per forward, before the layers."""

@@ -19,7 +19,7 @@ def client(app_server):
 
 
 def test_text_to_video_endpoint_returns_mp4_with_all_frames(client):
-    segment, preview, status, video, seed, extended = client.predict("a lighthouse", *T2V_ARGS,
+    segment, preview, status, video, seed, extended, timeline = client.predict("a lighthouse", *T2V_ARGS,
                                                                      api_name="/text_to_video")
     assert status.startswith("Done.") and "Block 2/2" in status
     assert seed == 7

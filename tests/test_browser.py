@@ -87,13 +87,36 @@ def test_enter_in_the_prompt_generates(page):
     prompt.fill("a lantern")
     prompt.press("Enter")
     deadline = time.monotonic() + 60
-    while not _status(page).startswith("Done."):
+    while not (_status(page).startswith("Done.") and "Block 1/1" in _status(page)):  # (not the previous run's)
         assert time.monotonic() < deadline, _status(page)
         time.sleep(0.1)
-    assert "Block 1/1" in _status(page) and prompt.input_value() == "a lantern"
+    assert prompt.input_value() == "a lantern"
+
+
+def test_apply_switches_the_prompt_mid_stream_and_the_timeline_shows_it(page):
+    _set_blocks(page, 8)
+    prompt = page.get_by_label("Prompt").first
+    prompt.fill("a paper boat")
+    page.get_by_role("button", name="Generate").first.click()
+    deadline = time.monotonic() + 60
+    while "Block 2/8" not in _status(page):
+        assert time.monotonic() < deadline, _status(page)
+        time.sleep(0.05)
+    prompt.fill("a burning candle")
+    page.get_by_role("button", name="Apply new prompt").first.click()
+    deadline = time.monotonic() + 90
+    while not (_status(page).startswith("Done.") and "Block 8/8" in _status(page)):
+        assert time.monotonic() < deadline, _status(page)
+        time.sleep(0.1)
+    timeline = page.locator("#timeline-t2v").inner_text()
+    assert "a paper boat" in timeline and "a burning candle" in timeline and "switch took" in timeline, timeline
 
 
 def test_stop_while_idle_says_nothing_runs(page):
+    deadline = time.monotonic() + 60
+    while not _status(page).startswith(("Done.", "Stopped", "Ready")):
+        assert time.monotonic() < deadline, _status(page)
+        time.sleep(0.1)
     page.get_by_role("button", name="Stop").first.click()
     deadline = time.monotonic() + 10
     while _status(page) != "Nothing is running.":

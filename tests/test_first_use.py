@@ -86,10 +86,11 @@ def test_api_lists_only_public_endpoints_with_named_outputs(client):
     api = client.view_api(print_info=False, return_format="dict")
     assert sorted(api["named_endpoints"]) == sorted(
         ["/text_to_video", "/image_to_video", "/pose_animation", "/stop_text_to_video", "/stop_image_to_video",
-         "/stop_pose_animation"])  # no /SessionControl, no /set_memory_profile without an admin token
+         "/stop_pose_animation", "/steer_text_to_video", "/steer_image_to_video", "/steer_pose_animation"])  # no /SessionControl, no /set_memory_profile without an admin token
     assert not api["unnamed_endpoints"]
     returns = [r["label"] for r in api["named_endpoints"]["/text_to_video"]["returns"]]
-    assert returns == ["Live stream", "Latest frame", "Status", "Download mp4", "Seed used", "Extended prompt"]
+    assert returns == ["Live stream", "Latest frame", "Status", "Download mp4", "Seed used", "Extended prompt",
+                       "Prompt timeline"]
 
 
 def test_expected_errors_leave_one_log_line_and_no_traceback(client, app_server):
@@ -219,3 +220,23 @@ def test_dwpose_files_are_looked_up_in_the_weights_folder(tmp_path):
     assert runtime.poser.detector_dir == tmp_path / "dwpose"
     assert str(tmp_path / "dwpose" / "yolox_l.onnx") in runtime.poser.detector_missing()
     assert "--weights" in load_runtime("configs/tiny.yaml", None, "cpu").poser.detector_missing()
+
+
+def test_prompt_switch_through_the_api_affects_only_that_session(app_server):
+    import time
+
+    runner, other = Client(app_server.url, verbose=False), Client(app_server.url, verbose=False)
+    assert other.predict("x", "recache", api_name="/steer_text_to_video") == "Nothing is running: press Generate."
+    job = runner.submit("a red fox", "", 3, False, 8, 16, "96x64", api_name="/text_to_video")
+    deadline = time.monotonic() + 60
+    while not any("Block 2/8" in str(update[2]) for update in job.outputs()):
+        assert time.monotonic() < deadline and not job.done()
+        time.sleep(0.05)
+    assert runner.predict("a blue whale", "recache", api_name="/steer_text_to_video").startswith("New prompt")
+    assert other.predict("y", "plain", api_name="/steer_text_to_video") == "Nothing is running: press Generate."
+    final = job.result()
+    assert final[2].startswith("Done.")
+    timeline = [u[6] for u in job.outputs() if isinstance(u[6], str) and u[6]][-1]
+    assert "a red fox" in timeline and "a blue whale" in timeline and "switch took" in timeline
+    with pytest.raises(AppError, match="sideways"):
+        runner.predict("z", "sideways", api_name="/steer_text_to_video")
