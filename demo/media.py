@@ -51,7 +51,11 @@ def read_video(path: str | Path, max_frames: int = MAX_VIDEO_FRAMES) -> list[np.
 
 
 class StreamRecorder:
-    """Writes each decoded block as a short .ts segment for the browser and into one final mp4."""
+    """Writes each decoded block as a short .ts segment for the browser and into one progressive mp4
+    (playable even if the run is cut off). Only the last few segments stay on disk: Gradio has
+    copied the older ones to the browser's stream, and a continuous run makes thousands."""
+
+    KEEP_SEGMENTS = 4
 
     def __init__(self, run_dir: Path, fps: int) -> None:
         self.run_dir = run_dir
@@ -61,9 +65,11 @@ class StreamRecorder:
 
     def add_block(self, frames: np.ndarray) -> Path:
         if self.final is None:
-            self.final = H264Writer(self.run_dir / "video.mp4", frames.shape[2], frames.shape[1], self.fps)
+            self.final = H264Writer(self.run_dir / "video.mp4", frames.shape[2], frames.shape[1], self.fps,
+                                    progressive=True)
         self.final.write(frames)
         self.segments += 1
+        (self.run_dir / f"segment{self.segments - self.KEEP_SEGMENTS:03d}.ts").unlink(missing_ok=True)
         segment = H264Writer(self.run_dir / f"segment{self.segments:03d}.ts", frames.shape[2], frames.shape[1],
                              self.fps)
         segment.write(frames)

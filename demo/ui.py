@@ -98,6 +98,9 @@ class Controls:
                                     label=f"Blocks ({cfg.frames_per_block} latent frames = "
                                           f"{4 * cfg.frames_per_block} video frames each)")
             self.fps = CheckedSlider(MIN_FPS, MAX_FPS, value=cfg.fps, step=1, label="Output FPS")
+        self.continuous = gr.Checkbox(label="Continuous", value=False,
+                                      info=f"keep generating block after block (rolling attention window) until Stop "
+                                           f"or {cfg.continuous_minutes:g} minutes of video; Blocks is ignored")
         self.resolution = gr.Dropdown(cfg.resolution_choices, value=cfg.resolution_choices[0], allow_custom_value=True,
                                       label="Resolution (width x height)", info="presets; the pipeline checks others")
         with gr.Row():
@@ -112,7 +115,7 @@ class Controls:
     @property
     def inputs(self) -> list:
         return [self.prompt, self.negative, self.seed, self.randomize, self.blocks, self.fps, self.resolution,
-                self.extend, self.extended, self.lora, self.lora_strength]
+                self.extend, self.extended, self.lora, self.lora_strength, self.continuous]
 
 
 class Outputs:
@@ -131,11 +134,11 @@ class Outputs:
         return [self.stream, self.preview, self.status, self.video, self.seed, controls.extended, self.timeline]
 
 
-def _request(prompt, negative, seed, randomize, blocks, resolution, **extra) -> GenerationRequest:
+def _request(prompt, negative, seed, randomize, blocks, resolution, continuous=False, **extra) -> GenerationRequest:
     height, width = parse_resolution(resolution)
     return GenerationRequest(prompt=prompt or "", negative_prompt=negative, seed=pick_seed(seed, randomize),
                              num_blocks=whole_number(blocks, "Blocks"), height=height, width=width,
-                             **extra)
+                             continuous=bool(continuous), **extra)
 
 
 def _pose_note(runtime: Runtime) -> str:
@@ -165,23 +168,24 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
         yield from stream_video(runtime, session, request, fps, tab, box, note)
 
     def text_to_video(prompt, negative, seed, randomize, blocks, fps, resolution, extend, extended, lora,
-                      lora_strength, session, browser: gr.Request):
-        request = _request(prompt, negative, seed, randomize, blocks, resolution)
+                      lora_strength, continuous, session, browser: gr.Request):
+        request = _request(prompt, negative, seed, randomize, blocks, resolution, continuous)
         yield from run("t2v", session, request, fps, extend, extended, lora, lora_strength, browser)
 
     def image_to_video(image, prompt, negative, seed, randomize, blocks, fps, resolution, extend, extended, lora,
-                       lora_strength, session, browser: gr.Request):
+                       lora_strength, continuous, session, browser: gr.Request):
         if not image:
             raise UserError("Please upload an image.")
         try:
             picture = load_image(image)
         except MediaError as err:
             raise UserError(str(err)) from err
-        request = _request(prompt, negative, seed, randomize, blocks, resolution, image=picture)
+        request = _request(prompt, negative, seed, randomize, blocks, resolution, continuous, image=picture)
         yield from run("i2v", session, request, fps, extend, extended, lora, lora_strength, browser)
 
     def pose_animation(reference, driving_video, is_pose_video, prompt, negative, seed, randomize, blocks, fps,
-                       resolution, extend, extended, lora, lora_strength, session, browser: gr.Request):
+                       resolution, extend, extended, lora, lora_strength, continuous, session,
+                       browser: gr.Request):
         poser = runtime.poser
         if poser is None:
             raise UserError(runtime.load_error or "The model is not loaded.")
@@ -189,6 +193,9 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
             raise UserError(poser.encoders.missing_message())
         if not reference or not driving_video:
             raise UserError("Please upload a reference image and a driving video.")
+        if continuous:
+            raise UserError("Continuous mode is for text and image to video: a pose animation lasts as long as "
+                            "its driving video.")
         base = _request(prompt, negative, seed, randomize, blocks, resolution)
         try:
             picture, frames = load_image(reference), read_video(driving_video)

@@ -53,6 +53,9 @@ class PipelineConfig:
     width: int = 832
     num_blocks: int = 7
     max_blocks: int = 20
+    continuous_minutes: float = 10.0  # continuous mode stops after this much video
+    continuous_window: list[int] = field(default_factory=lambda: [21, 3])  # [window, sink] latent frames when
+    # the config itself attends to every frame (a continuous run needs a rolling window)
     fps: int = 16
     dtype: str = "bfloat16"
     negative_prompt: str = ""
@@ -68,6 +71,11 @@ class PipelineConfig:
     def attention_window(self) -> "AttentionWindow":
         from .kv_cache import AttentionWindow
         return AttentionWindow.from_config(self.local_attn_size, self.sink_size)
+
+    @property
+    def continuous_blocks(self) -> int:
+        """Blocks in continuous_minutes of video (4 video frames per latent frame)."""
+        return max(1, int(self.continuous_minutes * 60 * self.fps) // (4 * self.frames_per_block))
 
     @property
     def torch_dtype(self) -> "torch.dtype":

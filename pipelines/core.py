@@ -54,6 +54,7 @@ class GenerationRequest:
     reference_latent: torch.Tensor | None = field(default=None, repr=False)
     loras: tuple[LoraChoice, ...] = ()  # adapters merged into the generator for this request
     steering: PromptSteering | None = field(default=None, repr=False)  # new prompts while it streams
+    continuous: bool = False  # go on block after block (rolling window) until stopped or the config's limit
 
 
 @dataclass
@@ -94,6 +95,15 @@ def prepare_image(image: Image.Image, height: int, width: int) -> torch.Tensor:
     return tensor[None, :, None]
 
 
+def still_cached(written: list["ContextWrite"], window: AttentionWindow, end_frame: int) -> list["ContextWrite"]:
+    """The writes with a frame the cache still holds: sink frames and the most recent ones."""
+    if window.window_frames is None:
+        return written
+    recent_from = end_frame - (window.window_frames - window.sink_frames)
+    return [w for w in written
+            if w.start_frame < window.sink_frames or w.start_frame + w.latents.shape[2] > recent_from]
+
+
 @dataclass
 class ContextWrite:
     """Clean frames written into the KV cache (kept so the cache can be rebuilt under a new prompt)."""
@@ -131,7 +141,9 @@ class StreamingVideoPipeline:
         if not 0 <= request.seed <= MAX_SEED:
             raise RequestError(f"Seed must be a whole number from 0 to {MAX_SEED}.")
         num_blocks = self.config.num_blocks if request.num_blocks is None else request.num_blocks
-        if not 1 <= num_blocks <= self.config.max_blocks:
+        if request.continuous:
+            num_blocks = self.config.continuous_blocks
+        elif not 1 <= num_blocks <= self.config.max_blocks:
             raise RequestError(f"Number of blocks must be between 1 and {self.config.max_blocks}.")
         height, width = request.height or self.config.height, request.width or self.config.width
         if height % 16 or width % 16 or not (16 <= height <= 1280 and 16 <= width <= 1280):
@@ -145,15 +157,20 @@ class StreamingVideoPipeline:
                 raise RequestError(str(err)) from err
         return num_blocks, height, width
 
-    def attention_window_for(self, latent_frames: int, frame_tokens: int) -> tuple[AttentionWindow, bool]:
-        """The configured window, narrowed to whole blocks when the KV cache would exceed its budget."""
+    def attention_window_for(self, latent_frames: int, frame_tokens: int,
+                             continuous: bool = False) -> tuple[AttentionWindow, bool]:
+        """The configured window (a rolling one for continuous runs), narrowed to whole blocks when the
+        KV cache would exceed its budget."""
+        window = self.window
+        if continuous and window.window_frames is None:
+            window = AttentionWindow(*self.config.continuous_window)
         if self.kv_cache_budget is None:
-            return self.window, False
+            return window, False
         cfg = self.generator.config
         per_frame = kv_bytes_per_frame(cfg.num_layers, cfg.dim, frame_tokens, self.dtype)
-        if self.window.frames_needed(latent_frames) * per_frame <= self.kv_cache_budget:
-            return self.window, False
-        return self.window.narrowed(self.kv_cache_budget // per_frame, self.config.frames_per_block), True
+        if window.frames_needed(latent_frames) * per_frame <= self.kv_cache_budget:
+            return window, False
+        return window.narrowed(self.kv_cache_budget // per_frame, self.config.frames_per_block), True
 
     def generate(self, request: GenerationRequest, cancel: CancelCheck | None = None) -> Iterator[BlockResult]:
         """Yields each block as soon as it is decoded; all per-run GPU memory is freed at the end."""
@@ -184,13 +201,18 @@ class StreamingVideoPipeline:
         contexts = [model.encode_context(self.prompt_encoder.encode(text, self.device)) for text in prompts]
 
         rng = torch.Generator(device=self.device).manual_seed(int(request.seed))
-        noise = reference_noise((1, channels, num_blocks * fpb, latent_h, latent_w), rng, self.device, self.dtype)
+        block_shape = (1, channels, fpb, latent_h, latent_w)
+        # A fixed-length video draws all its noise first, in the reference's order (same seeds, same
+        # videos); a continuous one draws each block's noise when the block starts.
+        noise = None if request.continuous else reference_noise(
+            (1, channels, num_blocks * fpb, latent_h, latent_w), rng, self.device, self.dtype)
 
         first_latent = request.reference_latent
         if first_latent is None and request.image is not None:
             first_latent = self.vae.encode(prepare_image(request.image, height, width))
         prefix_frames = 0 if first_latent is None else first_latent.shape[2]
-        window, forced = self.attention_window_for(prefix_frames + num_blocks * fpb, frame_tokens)
+        window, forced = self.attention_window_for(prefix_frames + num_blocks * fpb, frame_tokens,
+                                                   request.continuous)
         caches = [KVCache(model.config.num_layers, 1, prefix_frames + num_blocks * fpb, frame_tokens,
                           model.config.num_heads, model.head_dim, window, self.dtype, self.device)
                   for _ in contexts]
@@ -212,6 +234,7 @@ class StreamingVideoPipeline:
         def write(clean: torch.Tensor, start_frame: int, timestep: float, bias: torch.Tensor | None) -> None:
             written.append(ContextWrite(clean, start_frame, timestep, bias))
             self._write_context(clean, start_frame, contexts, caches, timestep, bias)
+            written[:] = still_cached(written, window, start_frame + clean.shape[2])
 
         if first_latent is not None:
             first_latent = first_latent.to(self.device, self.dtype)
@@ -232,7 +255,8 @@ class StreamingVideoPipeline:
             block_start = time.perf_counter()
             start_frame = prefix_frames + index * fpb
             bias = self._token_bias(request, start_frame, fpb)
-            noisy = noise[:, :, index * fpb:(index + 1) * fpb]
+            noisy = reference_noise(block_shape, rng, self.device, self.dtype) if noise is None else \
+                noise[:, :, index * fpb:(index + 1) * fpb]
 
             def predict(latents: torch.Tensor, timestep: float, context_index: int) -> torch.Tensor:
                 return model(latents, self._timesteps(timestep, latents.shape[2]), contexts[context_index],
@@ -265,6 +289,9 @@ class StreamingVideoPipeline:
         """A cache like `cache`, refilled from the clean frames written so far, under `context`."""
         fresh = cache.empty_like()
         for item in written:
+            start_token = item.start_frame * fresh.frame_tokens
+            if start_token > fresh.global_end:
+                fresh.advance_to(start_token)
             self._write_context(item.latents, item.start_frame, [context], [fresh], item.timestep, item.bias)
         return fresh
 

@@ -47,6 +47,7 @@ class KVCache:
                  dtype: torch.dtype, device: torch.device | str) -> None:
         if window.window_frames is not None:
             capacity_frames = min(capacity_frames, window.window_frames)
+        self.frame_tokens = frame_tokens
         self.capacity = capacity_frames * frame_tokens
         self.rolling = window.window_frames is not None
         self.sink_tokens = window.sink_frames * frame_tokens
@@ -62,6 +63,13 @@ class KVCache:
     def empty_like(self) -> "KVCache":
         """A new, empty cache of the same size and window."""
         return KVCache(*self._settings)
+
+    def advance_to(self, start_token: int) -> None:
+        """Skips positions that are not stored (a rebuilt rolling cache jumps from its sink frames
+        to the recent frames; their keys carry their own RoPE positions)."""
+        if start_token < self.global_end:
+            raise ValueError(f"cache already holds tokens up to {self.global_end}")
+        self.global_end = start_token
 
     def begin(self, start_token: int, num_tokens: int) -> None:
         """Plans where tokens [start, start+num) go; called once per forward, before the layers."""

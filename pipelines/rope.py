@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-MAX_POSITIONS = 1024
+MAX_POSITIONS = 4096  # latent frames: 16 minutes of video at 16 fps
 ROPE_THETA = 10000.0
 
 

@@ -11,14 +11,19 @@ import numpy as np
 class H264Writer:
     """Incremental H.264 writer: frames can be appended block by block as they are decoded."""
 
-    def __init__(self, path: str | Path, width: int, height: int, fps: int, quality: int = 18) -> None:
+    def __init__(self, path: str | Path, width: int, height: int, fps: int, quality: int = 18,
+                 progressive: bool = False) -> None:
+        """progressive: a fragmented mp4 with a key frame every second, playable up to its last
+        complete second even if the writer never closes (a stopped, cut off or crashed run)."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.frames_written = 0
+        extra = ["-g", str(fps), "-movflags", "frag_keyframe+empty_moov+default_base_moof", "-flush_packets", "1"] \
+            if progressive else []
         self._writer = imageio_ffmpeg.write_frames(
             str(self.path), (width, height), fps=fps, codec="libx264", pix_fmt_out="yuv420p",
             macro_block_size=2, ffmpeg_log_level="error",
-            output_params=["-crf", str(quality), "-preset", "veryfast"])
+            output_params=["-crf", str(quality), "-preset", "veryfast", *extra])
         self._writer.send(None)
 
     def write(self, frames: np.ndarray) -> None:

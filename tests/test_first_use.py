@@ -240,3 +240,21 @@ def test_prompt_switch_through_the_api_affects_only_that_session(app_server):
     assert "a red fox" in timeline and "a blue whale" in timeline and "switch took" in timeline
     with pytest.raises(AppError, match="sideways"):
         runner.predict("z", "sideways", api_name="/steer_text_to_video")
+
+
+def test_continuous_run_through_the_api_until_stop(app_server):
+    import time
+
+    client = Client(app_server.url, verbose=False)
+    job = client.submit("a long river", "", 1, False, 1, 16, "96x64", False, "", "none", 1.0, True,
+                        api_name="/text_to_video")
+    deadline = time.monotonic() + 90
+    while not any("Block 4/" in str(update[2]) for update in job.outputs()):
+        assert time.monotonic() < deadline and not job.done(), [u[2] for u in job.outputs()]
+        time.sleep(0.05)
+    assert client.predict(api_name="/stop_text_to_video").startswith("Stopping")
+    final = job.result()
+    blocks = int(final[2].split("Stopped after block ")[1].split("/")[0])
+    total = int(final[2].split("/")[1].split(".")[0])
+    assert 4 <= blocks < total and total == 10 * 60 * 16 // 12  # the 10-minute limit, in 12-frame blocks
+    assert count_frames(final[3]) == 1 + 4 * (3 * blocks - 1)
