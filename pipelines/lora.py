@@ -3,7 +3,9 @@
 Accepted files (.safetensors, or a peft adapter folder):
   - this project's own adapters (training/), diffusers / peft names
     (`transformer.blocks.N.attn1.to_q.lora_A.weight`, optional `base_model.model.` prefix);
-  - original Wan / ComfyUI names (`diffusion_model.blocks.N.self_attn.q.lora_down.weight` + `.alpha`)
+  - original Wan / ComfyUI names (`diffusion_model.blocks.N.self_attn.q.lora_down.weight` + `.alpha`),
+    LongLive's peft adapter of the original Wan model (`lora.pt`: `generator_lora` ->
+    `base_model.model.blocks.N.self_attn.q.lora_A.weight`, alpha = rank),
     and musubi-tuner names (`lora_unet_blocks_N_self_attn_q.lora_down.weight`), converted with
     diffusers' own Wan LoRA converters.
 
@@ -62,7 +64,8 @@ def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         state, _ = _read_file(path / "adapter_model.safetensors")
         return state, {"alpha": str(config.get("lora_alpha", "")), "rank": str(config.get("r", ""))}
     if path.suffix != ".safetensors":
-        return torch.load(path, map_location="cpu", weights_only=True), {}
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return state.get("generator_lora", state), {}  # LongLive's lora.pt nests it
     with safe_open(str(path), "pt") as handle:
         return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})
 
@@ -73,6 +76,7 @@ def normalize_keys(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
                                                          _convert_non_diffusers_wan_lora_to_diffusers)
 
     baked = False
+    state = {k.removeprefix("base_model.model."): v for k, v in state.items()}  # peft-wrapped models
     if any(k.startswith("lora_unet_") for k in state):
         state, baked = _convert_musubi_wan_lora_to_diffusers(dict(state)), True
     elif any(k.startswith("diffusion_model.") for k in state) or any(

@@ -191,6 +191,9 @@ def _as_format(adapter: Path, folder: Path, form: str) -> Path:
         block, name = module.split(".", 2)[1], module.split(".", 2)[2]
         if form == "peft":
             out[f"base_model.model.{key}"] = value
+        elif form == "longlive":
+            suffix = "lora_A.weight" if kind.startswith("A") else "lora_B.weight"
+            out[f"base_model.model.blocks.{block}.{ORIGINAL_NAMES[name]}.{suffix}"] = value
         elif form == "diffusers":
             out[f"transformer.{key}"] = value
         else:
@@ -199,12 +202,16 @@ def _as_format(adapter: Path, folder: Path, form: str) -> Path:
             prefix = "diffusion_model." + original if form == "comfy" else "lora_unet_" + original.replace(".", "_")
             out[f"{prefix}.{suffix}"] = value
             out[f"{prefix}.alpha"] = torch.tensor(float(value.shape[0] if kind.startswith("A") else value.shape[1]))
+    if form == "longlive":  # a torch file holding {'generator_lora': peft state of the original Wan model}
+        path = folder / "lora.pt"
+        torch.save({"generator_lora": out}, path)
+        return path
     path = folder / f"{form}.safetensors"
     save_file(out, str(path))
     return path
 
 
-@pytest.mark.parametrize("form", ["peft", "diffusers", "comfy", "musubi"])
+@pytest.mark.parametrize("form", ["peft", "diffusers", "comfy", "musubi", "longlive"])
 def test_every_accepted_format_gives_the_same_video(trained, tiny_config, tmp_path, form):
     _, _, adapter = trained
     pipeline = StreamingVideoPipeline(load_components(tiny_config), tiny_config)
