@@ -12,7 +12,7 @@ from typing import Iterator
 import gradio as gr
 import torch
 
-from pipelines import generate
+from pipelines import config
 from pipelines.core import MAX_SEED, GenerationRequest, RequestError
 from pipelines.prompt_extender import ExtenderError
 
@@ -72,7 +72,7 @@ def pick_seed(seed: float | int | None, randomize: bool) -> int:
 def parse_resolution(text: str) -> tuple[int, int]:
     """'832x480' (width x height) -> (height, width); a user error for anything else."""
     try:
-        return generate.parse_resolution(str(text))
+        return config.parse_resolution(str(text))
     except ValueError as err:
         raise UserError(str(err)) from err
 

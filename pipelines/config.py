@@ -94,6 +94,15 @@ class PipelineConfig:
         return (height or self.height) // self.vae_stride, (width or self.width) // self.vae_stride
 
 
+def parse_resolution(text: str) -> tuple[int, int]:
+    """'832x480' (width x height) -> (height, width); ValueError with a readable message otherwise."""
+    parts = text.lower().replace(" ", "").split("x")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise ValueError(f"Resolution must look like 832x480 (width x height), got {text!r}.")
+    width, height = (int(p) for p in parts)
+    return height, width
+
+
 def load_config(path: str | Path | None = None, **overrides: Any) -> PipelineConfig:
     """Loads a YAML config; keyword overrides use dotted keys, e.g. {"weights.use_ema": True}."""
     path = Path(path) if path else DEFAULT_CONFIG

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .cli_options import HelpFormatter, add_model_options, config_overrides
+from .config import parse_resolution
 
 log = logging.getLogger("pipelines.generate")
 
@@ -35,15 +36,6 @@ def build_parser() -> argparse.ArgumentParser:
     video.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: the config's dtype")
     video.add_argument("--out", type=Path, default=Path("output.mp4"), help="the mp4 to write")
     return parser
-
-
-def parse_resolution(text: str) -> tuple[int, int]:
-    """'832x480' (width x height) -> (height, width); ValueError with a readable message otherwise."""
-    parts = text.lower().replace(" ", "").split("x")
-    if len(parts) != 2 or not all(p.isdigit() for p in parts):
-        raise ValueError(f"Resolution must look like 832x480 (width x height), got {text!r}.")
-    width, height = (int(p) for p in parts)
-    return height, width
 
 
 def extended_prompt(args: argparse.Namespace, pipeline, plan) -> str:

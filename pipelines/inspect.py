@@ -15,13 +15,13 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .memory import GIB
+from .pose.extract import DETECTOR_FILE, DWPOSE_REPO, POSE_FILE
+from .weights import SELF_FORCING_REPO, T5_FILE, WAN_REPO
+
 log = logging.getLogger(__name__)
 
-GIB = 2**30
-WAN_REPO = "Wan-AI/Wan2.1-T2V-1.3B"
-SELF_FORCING_REPO = "gdhe17/Self-Forcing"
-DWPOSE_FILES = ("yolox_l.onnx", "dw-ll_ucoco_384.onnx")
-T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
+DWPOSE_FILES = (DETECTOR_FILE, POSE_FILE)
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 # Architectures by (width, depth, latent channels in): the public Wan releases.
 KNOWN_TRANSFORMERS = {
@@ -417,7 +417,7 @@ class Inspector:
         if not any(found.values()):
             return
         folder = next(p[0].parent for p in found.values() if p)
-        missing = [f"{self.rel(folder)}/{name} (from yzd-v/DWPose)" for name, paths in found.items() if not paths]
+        missing = [f"{self.rel(folder)}/{name} (from {DWPOSE_REPO})" for name, paths in found.items() if not paths]
         note = "" if folder.name == "dwpose" and folder.parent == self.folder else \
             " (the app looks in <weights>/dwpose/: move them there)"
         self.findings.append(Finding(self.rel(folder), "DWPose ONNX pose extractor", True,
