@@ -61,6 +61,7 @@ class Runtime:
     memory_plan: MemoryPlan | None = None
     poser: PoseAnimator | None = None
     vram_bytes: int | None = None
+    kv_cache: str = "auto"  # --kv-cache, kept for re-planning
     extender: PromptExtender | None = None
     weights_report: Report | None = None  # what the weights inspector found in the weights folder
     lora_dir: Path | None = None  # <weights>/loras: the LoRAs users can choose
@@ -119,7 +120,7 @@ class Runtime:
         if self.pipeline is None:
             return self.banner()
         with self.gpu_lock:
-            self.memory_plan = configure_memory(self.pipeline, requested, self.vram_bytes)
+            self.memory_plan = configure_memory(self.pipeline, requested, self.vram_bytes, self.kv_cache)
         return self.memory_plan.summary()
 
     @property
@@ -143,20 +144,22 @@ class Runtime:
 def load_runtime(config_path: str | Path | None, weights: str | None, device: str | None = None,
                  compile_models: bool = False, use_ema: bool | None = None, memory_profile: str = "auto",
                  vram_gb: float | None = None, prompt_extender: str | None = None,
-                 outputs: OutputStore | None = None, admin_token: str | None = None) -> Runtime:
+                 outputs: OutputStore | None = None, admin_token: str | None = None,
+                 kv_cache: str = "auto") -> Runtime:
     """Loads once at start-up; a weights problem is kept as a message for the UI, not raised.
 
     Weights are read into CPU memory first; the memory plan then decides what goes to the GPU.
     """
     config = load_config(config_path, **{"weights.use_ema": use_ema})  # None: the config decides
     runtime = Runtime(config=config, device=device or default_device(), vram_bytes=vram_bytes(vram_gb),
-                      outputs=outputs, admin_token=admin_token or None,
+                      outputs=outputs, admin_token=admin_token or None, kv_cache=kv_cache,
                       metrics=RunMetrics(outputs.metrics_path if outputs else None))
     try:
         weights_dir = resolve_weights_source(weights)
         runtime.weights_report = inspect_weights(weights_dir)
         runtime.pipeline, runtime.memory_plan = build_pipeline(config, weights_dir, runtime.device, memory_profile,
-                                                               runtime.vram_bytes, compile_models, warm=True)
+                                                               runtime.vram_bytes, compile_models, warm=True,
+                                                               kv_cache=kv_cache)
     except WeightsError as err:
         log.error("%s", err)
         runtime.load_error = str(err)

@@ -29,7 +29,8 @@ def vram_bytes(vram_gb: float | None) -> int | None:
 
 def build_pipeline(config: PipelineConfig, weights_dir: str | Path | None, device: str,
                    memory_profile: str = "auto", vram: int | None = None,
-                   compile_models: bool = False, warm: bool = False) -> tuple[StreamingVideoPipeline, MemoryPlan]:
+                   compile_models: bool = False, warm: bool = False,
+                   kv_cache: str = "auto") -> tuple[StreamingVideoPipeline, MemoryPlan]:
     """Loads the weights (raising WeightsError with a user-facing message) and places them.
 
     warm: when the models were compiled, run warm_up() so no user waits for the compiler.
@@ -37,7 +38,7 @@ def build_pipeline(config: PipelineConfig, weights_dir: str | Path | None, devic
     components = load_components(config, weights_dir, "cpu")
     pipeline = StreamingVideoPipeline(components, config, device)
     pipeline.compiled = compile_models and pipeline.device.type == "cuda"  # planned for, if the profile allows
-    plan = configure_memory(pipeline, memory_profile, vram)
+    plan = configure_memory(pipeline, memory_profile, vram, kv_cache)
     # Compiled blocks would be re-traced as streamed weights move, so streaming runs eager.
     pipeline.compiled = accelerate(components, compile_models=pipeline.compiled and not plan.profile.stream_generator)
     if pipeline.compiled and warm:

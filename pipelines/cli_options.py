@@ -9,7 +9,7 @@ import argparse
 import os
 
 from .config import DEFAULT_CONFIG
-from .memory_profiles import PROFILE_CHOICES
+from .memory_profiles import KV_CACHE_CHOICES, PROFILE_CHOICES
 _TRUE = {"1", "true", "yes", "on"}
 
 
@@ -51,6 +51,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--memory-profile", choices=PROFILE_CHOICES, default=env("SF_MEMORY_PROFILE", "auto"),
                        help="high: all weights on the GPU; medium: text encoder streamed; low: generator blocks "
                             "streamed too; auto: the most resident that fits [SF_MEMORY_PROFILE]")
+    group.add_argument("--kv-cache", choices=KV_CACHE_CHOICES, default=env("SF_KV_CACHE", "auto"),
+                       help="KV cache storage: bf16, fp8 (half the memory, frames differ slightly) or auto: bf16 "
+                            "whenever it fits, fp8 before a rolling attention window [SF_KV_CACHE]")
     group.add_argument("--prompt-extender", default=env("SF_PROMPT_EXTENDER"),
                        help="folder of an instruction-tuned causal LM that extends short prompts (relative to "
                             "--weights or absolute); default: <weights>/prompt_extender or the first causal LM "

@@ -126,6 +126,8 @@ class StreamingVideoPipeline:
         self.prompt_encoder = components.prompt_encoder
         self.window = config.attention_window
         self.kv_cache_budget: int | None = None  # bytes per KV cache; set by low-VRAM planning
+        self.kv_cache_fp8 = False  # FP8 keys/values (low-VRAM planning, when bf16 does not fit)
+        self.decode_frame_by_frame = False  # smaller VAE working set, same frames (low-VRAM planning)
         self.compiled = False  # torch.compile in use: the memory planner reserves its larger decode buffers
         self.sampler = make_sampler(config.sampler)
         self.loras = LoraMerger(self.generator)
@@ -167,7 +169,8 @@ class StreamingVideoPipeline:
         if self.kv_cache_budget is None:
             return window, False
         cfg = self.generator.config
-        per_frame = kv_bytes_per_frame(cfg.num_layers, cfg.dim, frame_tokens, self.dtype)
+        per_frame = kv_bytes_per_frame(cfg.num_layers, cfg.dim, frame_tokens, self.dtype,
+                                       fp8_heads=cfg.num_heads if self.kv_cache_fp8 else None)
         if window.frames_needed(latent_frames) * per_frame <= self.kv_cache_budget:
             return window, False
         return window.narrowed(self.kv_cache_budget // per_frame, self.config.frames_per_block), True
@@ -214,9 +217,10 @@ class StreamingVideoPipeline:
         window, forced = self.attention_window_for(prefix_frames + num_blocks * fpb, frame_tokens,
                                                    request.continuous)
         caches = [KVCache(model.config.num_layers, 1, prefix_frames + num_blocks * fpb, frame_tokens,
-                          model.config.num_heads, model.head_dim, window, self.dtype, self.device)
+                          model.config.num_heads, model.head_dim, window, self.dtype, self.device,
+                          fp8=self.kv_cache_fp8)
                   for _ in contexts]
-        decoder = self.vae.stream()
+        decoder = self.vae.stream(self.decode_frame_by_frame)
 
         prompt, switch_ms = request.prompt, None
         written: list[ContextWrite] = []  # clean frames in the cache, to rebuild it under a new prompt

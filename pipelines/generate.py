@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         height, width = parse_resolution(args.resolution) if args.resolution else (None, None)
         config = load_config(args.config, **config_overrides(args), dtype=args.dtype)
         pipeline, plan = build_pipeline(config, args.weights, args.device or default_device(), args.memory_profile,
-                                     vram_bytes(args.vram_gb), args.compile)
+                                     vram_bytes(args.vram_gb), args.compile, kv_cache=args.kv_cache)
         image = Image.open(args.image) if args.image else None
         request = GenerationRequest(args.prompt, seed=args.seed, num_blocks=args.blocks,
                                     negative_prompt=args.negative_prompt, image=image, height=height, width=width,

@@ -4,6 +4,10 @@ The cache reproduces Self-Forcing's semantics: writing a block at the same start
 again (the denoising steps and the final clean pass) overwrites it in place; a block past
 the end is appended; with a rolling window the oldest non-sink frames are evicted so that
 the cache always holds the sink frames plus the most recent frames.
+
+For small GPUs the stored frames can be kept in FP8 (e4m3) with one power-of-two scale per token
+and head: half the memory of bf16. The block being written is always attended to at full
+precision; only earlier frames go through FP8 (relative error <= 2**-4 per element).
 """
 from __future__ import annotations
 
@@ -39,22 +43,32 @@ class AttentionWindow:
         return AttentionWindow(frames, min(self.sink_frames, frames - frames_per_block))
 
 
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max
+
+
 class KVCache:
     """Per-layer key/value buffers of one generation (never shared between sessions)."""
 
     def __init__(self, num_layers: int, batch: int, capacity_frames: int, frame_tokens: int,
                  num_heads: int, head_dim: int, window: AttentionWindow,
-                 dtype: torch.dtype, device: torch.device | str) -> None:
+                 dtype: torch.dtype, device: torch.device | str, fp8: bool = False) -> None:
         if window.window_frames is not None:
             capacity_frames = min(capacity_frames, window.window_frames)
         self.frame_tokens = frame_tokens
         self.capacity = capacity_frames * frame_tokens
         self.rolling = window.window_frames is not None
         self.sink_tokens = window.sink_frames * frame_tokens
+        self.fp8 = fp8
         shape = (num_layers, batch, self.capacity, num_heads, head_dim)
-        self._settings = (num_layers, batch, capacity_frames, frame_tokens, num_heads, head_dim, window, dtype, device)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self._settings = (num_layers, batch, capacity_frames, frame_tokens, num_heads, head_dim, window, dtype,
+                          device, fp8)
+        self.keys = torch.zeros(shape, dtype=FP8 if fp8 else dtype, device=device)
+        self.values = torch.zeros(shape, dtype=FP8 if fp8 else dtype, device=device)
+        if fp8:  # per token and head scales; one layer's dequantised keys/values for attention
+            self.key_scales = torch.ones((*shape[:-1], 1), dtype=dtype, device=device)
+            self.value_scales = torch.ones((*shape[:-1], 1), dtype=dtype, device=device)
+            self._dequantised = torch.empty((2, *shape[1:]), dtype=dtype, device=device)
         self.global_end = 0
         self.local_end = 0
         self._write: tuple[int, int] | None = None
@@ -89,15 +103,25 @@ class KVCache:
         """Stores this layer's new keys/values and returns the keys/values to attend to."""
         assert self._write is not None, "begin() must be called before update()"
         local_start, local_end = self._write
-        keys, values = self.keys[layer], self.values[layer]
+        buffers = [self.keys[layer], self.values[layer]]
+        if self.fp8:
+            buffers += [self.key_scales[layer], self.value_scales[layer]]
         if self._evict:
             sink, evict = self.sink_tokens, self._evict
             keep = self.local_end - evict - sink
-            keys[:, sink:sink + keep] = keys[:, sink + evict:sink + evict + keep].clone()
-            values[:, sink:sink + keep] = values[:, sink + evict:sink + evict + keep].clone()
-        keys[:, local_start:local_end] = k
-        values[:, local_start:local_end] = v
-        return keys[:, :local_end], values[:, :local_end]
+            for buffer in buffers:
+                buffer[:, sink:sink + keep] = buffer[:, sink + evict:sink + evict + keep].clone()
+        if not self.fp8:
+            buffers[0][:, local_start:local_end] = k
+            buffers[1][:, local_start:local_end] = v
+            return buffers[0][:, :local_end], buffers[1][:, :local_end]
+        attended = []
+        for fresh, stored, scales, out in zip((k, v), buffers[:2], buffers[2:], self._dequantised):
+            stored[:, local_start:local_end], scales[:, local_start:local_end] = quantize_fp8(fresh)
+            out[:, :local_start].copy_(stored[:, :local_start]).mul_(scales[:, :local_start])
+            out[:, local_start:local_end] = fresh
+            attended.append(out[:, :local_end])
+        return attended[0], attended[1]
 
     def commit(self, start_token: int, num_tokens: int) -> None:
         """Moves the end markers after every layer has written."""
@@ -107,9 +131,26 @@ class KVCache:
         self._write = None
 
 
-def kv_bytes_per_frame(num_layers: int, dim: int, frame_tokens: int, dtype: torch.dtype) -> int:
-    """Keys + values of one latent frame over all layers."""
-    return frame_tokens * num_layers * 2 * dim * torch.finfo(dtype).bits // 8
+def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] -> (e4m3 values, power-of-two scales [..., 1] in x's dtype) with values * scales ~= x.
+
+    Power-of-two scales make the dequantisation exact in bf16 (no extra rounding) and keep every
+    vector's largest entry in the top binade of e4m3."""
+    amax = x.abs().amax(-1, keepdim=True).float().clamp_min(torch.finfo(torch.float32).tiny)
+    # (scales below x's smallest normal number would vanish when stored in x's dtype)
+    scales = torch.exp2(torch.ceil(torch.log2(amax / FP8_MAX))).clamp_min(torch.finfo(x.dtype).tiny)
+    return (x.float() / scales).to(FP8), scales.to(x.dtype)
+
+
+def kv_bytes_per_frame(num_layers: int, dim: int, frame_tokens: int, dtype: torch.dtype,
+                       fp8_heads: int | None = None) -> int:
+    """Keys + values of one latent frame over all layers. With fp8_heads: stored in FP8 with one scale
+    per token and head, plus the frame's share of the dequantisation workspace."""
+    width = torch.finfo(dtype).bits // 8
+    if fp8_heads is None:
+        return frame_tokens * num_layers * 2 * dim * width
+    workspace = 2 * dim * width  # one layer's keys and values dequantised for attention
+    return frame_tokens * (num_layers * 2 * (dim + fp8_heads * width) + workspace)
 
 
 @dataclass(frozen=True)

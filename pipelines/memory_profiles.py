@@ -22,3 +22,5 @@ PROFILES: dict[str, MemoryProfile] = {
     "low": MemoryProfile("low", True, True, "text encoder and generator blocks streamed from pinned CPU memory"),
 }
 PROFILE_CHOICES: list[str] = ["auto", *PROFILES]
+# KV cache storage: auto keeps bf16 whenever it fits and falls back to FP8 before narrowing the window.
+KV_CACHE_CHOICES: tuple[str, ...] = ("auto", "bf16", "fp8")

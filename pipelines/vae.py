@@ -4,12 +4,18 @@ The Wan decoder is causal in time: it decodes one latent frame at a time and kee
 small cache of the last feature frames of every causal conv. StreamingDecoder keeps that
 cache alive between blocks, so decoding a video block by block yields exactly the frames
 of a one-shot decode. The first latent frame yields 1 video frame, every later one 4.
+
+For small GPUs the decoder can also run "frame by frame": after each time upsampling, the later
+stages take one video frame at a time. Causal convs with a cache give the same output whatever the
+chunk length (that is how one latent frame at a time works), so this only shrinks the transient
+full-resolution activations (4 frames -> 1); the conv caches themselves are unchanged.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
+from diffusers.models.autoencoders.autoencoder_kl_wan import CACHE_T, WanCausalConv3d, WanUpBlock
 
 
 def frames_for_latents(latent_frames: int) -> int:
@@ -52,17 +58,19 @@ class WanVAE:
         mean, std = self._stats(z)
         return self.model.decode(z * std + mean).sample
 
-    def stream(self) -> "StreamingDecoder":
-        return StreamingDecoder(self)
+    def stream(self, frame_by_frame: bool = False) -> "StreamingDecoder":
+        return StreamingDecoder(self, frame_by_frame)
 
 
 class StreamingDecoder:
     """Decodes latent blocks in order, carrying the causal conv cache between blocks."""
 
-    def __init__(self, vae: WanVAE) -> None:
+    def __init__(self, vae: WanVAE, frame_by_frame: bool = False) -> None:
         self.vae = vae
         self.feature_cache: list = [None] * vae.num_decoder_convs
         self.frames_seen = 0
+        # Wan2.2's residual up blocks treat a first chunk as a whole: they decode in one piece.
+        self.frame_by_frame = frame_by_frame and all(isinstance(b, WanUpBlock) for b in vae.model.decoder.up_blocks)
 
     @torch.no_grad()
     def decode_block(self, latents: torch.Tensor) -> torch.Tensor:
@@ -73,12 +81,53 @@ class StreamingDecoder:
         x = model.post_quant_conv(z * std + mean)
         outputs = []
         for i in range(x.shape[2]):
-            conv_index = [0]
             # contiguous: one memory layout per frame whatever the block length (no compiled variants per length)
-            outputs.append(model.decoder(x[:, :, i:i + 1].contiguous(), feat_cache=self.feature_cache,
-                                         feat_idx=conv_index, first_chunk=self.frames_seen == 0))
+            frame, first_chunk = x[:, :, i:i + 1].contiguous(), self.frames_seen == 0
+            if self.frame_by_frame:
+                outputs.append(self._decode_frame_by_frame(frame, 0, 0, first_chunk))
+            else:
+                outputs.append(model.decoder(frame, feat_cache=self.feature_cache, feat_idx=[0],
+                                             first_chunk=first_chunk))
             self.frames_seen += 1
         return torch.cat(outputs, dim=2).clamp(-1.0, 1.0)
+
+    def _stages(self) -> list:
+        """The decoder's forward as a list of stages f(x, conv_index, first_chunk) in execution order."""
+        decoder, cache = self.vae.model.decoder, self.feature_cache
+        stages = [lambda x, index, first: _cached_conv(decoder.conv_in, x, cache, index),
+                  lambda x, index, first: decoder.mid_block(x, feat_cache=cache, feat_idx=index)]
+        for block in decoder.up_blocks:
+            stages.append(lambda x, index, first, block=block: block(x, feat_cache=cache, feat_idx=index,
+                                                                      first_chunk=first))
+        stages.append(lambda x, index, first: _cached_conv(
+            decoder.conv_out, decoder.nonlinearity(decoder.norm_out(x)), cache, index))
+        return stages
+
+    def _decode_frame_by_frame(self, x: torch.Tensor, stage: int, conv_index: int, first_chunk: bool) -> torch.Tensor:
+        """Runs stages from `stage` on; a multi-frame activation continues one frame at a time, each
+        frame through every later stage before the next (every conv still sees its frames in order)."""
+        stages = self._stages()
+        index = [conv_index]
+        for position in range(stage, len(stages)):
+            if x.shape[2] > 1:
+                start = index[0]
+                return torch.cat([self._decode_frame_by_frame(x[:, :, t:t + 1], position, start, first_chunk)
+                                  for t in range(x.shape[2])], dim=2)
+            x = stages[position](x, index, first_chunk)
+        return x
+
+
+def _cached_conv(conv: WanCausalConv3d, x: torch.Tensor, cache: list, index: list[int]) -> torch.Tensor:
+    """A causal conv fed from and refilling its slot of the decoder's cache, as diffusers' decoder does
+    for its first and last conv (the last two input frames are kept)."""
+    slot = index[0]
+    tail = x[:, :, -CACHE_T:].clone()
+    if tail.shape[2] < CACHE_T and cache[slot] is not None:
+        tail = torch.cat([cache[slot][:, :, -1:].to(tail.device), tail], dim=2)
+    out = conv(x, cache[slot])
+    cache[slot] = tail
+    index[0] += 1
+    return out
 
 
 def to_uint8_frames(pixels: torch.Tensor) -> np.ndarray:

@@ -4,6 +4,8 @@ BlockStreamer keeps a ModuleList's weights in pinned CPU memory and copies each 
 of two GPU slots just before it runs, on a side CUDA stream, while the previous block computes
 (the idea of FramePack's DynamicSwapInstaller, done with double buffering). Outputs are
 bit-identical to the resident model: the same weights are used, only their location moves.
+When memory allows, the first `resident` blocks simply stay on the GPU and only the rest stream
+(less copying per forward pass).
 """
 from __future__ import annotations
 
@@ -15,19 +17,26 @@ from torch import nn
 
 
 class BlockStreamer:
-    """Streams the weights of `blocks` (identical modules) to `device` one block at a time."""
+    """Streams the weights of `blocks` (identical modules) to `device` one block at a time; blocks
+    before index `resident` stay on the device."""
 
-    def __init__(self, blocks: nn.ModuleList, device: torch.device | str) -> None:
+    def __init__(self, blocks: nn.ModuleList, device: torch.device | str, resident: int = 0) -> None:
         self.blocks = blocks
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
+        self.resident = min(resident, len(blocks) - 1)
         self.names = [name for name, _ in blocks[0].named_parameters()]
-        self.masters: list[list[torch.Tensor]] = []
-        for block in blocks:
+        self.masters: list[list[torch.Tensor] | None] = []  # pinned CPU weights of each streamed block
+        for index, block in enumerate(blocks):
+            if index < self.resident:
+                block.to(self.device)
+                self.masters.append(None)
+                continue
             tensors = [p.data.to("cpu") for _, p in block.named_parameters()]
             self.masters.append([t.pin_memory() if self.cuda else t for t in tensors])
             self._bind(block, self.masters[-1])
-        self.slots = [[torch.empty_like(t, device=self.device) for t in self.masters[0]] for _ in range(2)]
+        streamed = self.masters[self.resident]
+        self.slots = [[torch.empty_like(t, device=self.device) for t in streamed] for _ in range(2)]
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.ready: list[torch.cuda.Event | None] = [None, None]
         self.freed: list[torch.cuda.Event | None] = [None, None]
@@ -35,6 +44,8 @@ class BlockStreamer:
         self.current_slot = 1
         self._hooks = []
         for index, block in enumerate(blocks):
+            if index < self.resident:
+                continue
             self._hooks.append(block.register_forward_pre_hook(self._pre_hook(index)))
             self._hooks.append(block.register_forward_hook(self._post_hook(index)))
 
@@ -68,7 +79,7 @@ class BlockStreamer:
             torch.cuda.current_stream(self.device).wait_event(self.ready[slot])
         self._bind(self.blocks[index], self.slots[slot])
         self.current_slot = slot  # blocks run one at a time: this is the running block's slot
-        following = (index + 1) % len(self.blocks)
+        following = index + 1 if index + 1 < len(self.blocks) else self.resident  # (the next pass's first)
         if following != index and following not in self.loaded:
             self._load(following, 1 - slot)
 
@@ -82,6 +93,9 @@ class BlockStreamer:
     @contextlib.contextmanager
     def use(self, index: int) -> Iterator[nn.Module]:
         """Block `index` with its weights on the device, for calls that bypass forward()."""
+        if index < self.resident:
+            yield self.blocks[index]
+            return
         self.begin(index)
         try:
             yield self.blocks[index]
@@ -111,6 +125,9 @@ class BlockStreamer:
         for handle in self._hooks:
             handle.remove()
         for block, tensors in zip(self.blocks, self.masters):
-            self._bind(block, tensors)
+            if tensors is None:
+                block.to("cpu")  # a resident block (LoRA merges went to its device copy)
+            else:
+                self._bind(block, tensors)
         self.slots = []
         self.loaded.clear()

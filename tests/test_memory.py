@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from pipelines.core import GenerationRequest, StreamingVideoPipeline
-from pipelines.memory import (GIB, PROFILES, ModelFootprint, apply_profile, decode_working_set_bytes, footprint_of,
-                              plan_memory)
+from pipelines.kv_cache import kv_bytes_per_frame
+from pipelines.memory import (FRAME_BY_FRAME_DECODE_SHARE, GIB, PROFILES, ModelFootprint, apply_profile,
+                              decode_working_set_bytes, footprint_of, plan_memory)
 from pipelines.weights import load_components
 from streams import block_latents
 
@@ -57,26 +58,62 @@ def test_switching_back_to_high_restores_plain_modules(fresh_components, tiny_co
 
 
 # Sizes of the real model in bf16 (measured from the modules; see bench/results/h100_memory_*.json).
+_PIXELS = 832 * 480
 REAL = ModelFootprint(generator_bytes=int(2.64 * GIB), generator_block_bytes=int(0.085 * GIB), generator_blocks=30,
                       text_encoder_bytes=int(10.6 * GIB), vae_bytes=int(0.24 * GIB),
-                      kv_bytes_per_frame=int(0.268 * GIB), activation_bytes=int(4.3 * GIB))
+                      kv_bytes_per_frame=kv_bytes_per_frame(30, 1536, 1560, torch.bfloat16),
+                      activation_bytes=int(4.3 * GIB),
+                      kv_fp8_bytes_per_frame=kv_bytes_per_frame(30, 1536, 1560, torch.bfloat16, fp8_heads=12),
+                      decode_frame_by_frame_saving=int(decode_working_set_bytes(_PIXELS, 2, False)
+                                                       * (1 - FRAME_BY_FRAME_DECODE_SHARE)))
 
 
-@pytest.mark.parametrize("free_gib,profile,forced", [(80, "high", False), (24, "high", False), (16, "medium", False),
-                                                     (11, "low", False), (8, "low", True), (6, "low", True)])
-def test_profile_follows_free_memory(free_gib, profile, forced):
+# card -> (profile, frame-by-frame decode, FP8 KV cache, rolling window forced)
+PLANS = {80: ("high", False, False, False), 24: ("high", False, False, False), 16: ("medium", False, False, False),
+         12: ("medium", True, False, False), 8: ("low", True, True, False), 6: ("low", True, True, False),
+         4: ("low", True, True, True)}
+
+
+@pytest.mark.parametrize("free_gib", sorted(PLANS, reverse=True))
+def test_plan_follows_free_memory(free_gib):
+    """Exact options first (medium, frame-by-frame decode, streamed blocks), then FP8, then a window."""
     plan = plan_memory(REAL, int(free_gib * GIB), latent_frames=21, frames_per_block=3)
-    assert plan.profile.name == profile and plan.window_forced == forced
-    assert plan.fits == (plan.estimated_peak_bytes <= free_gib * GIB)
-    assert plan.fits or (plan.window_frames == 6 and "WARNING" in plan.summary())
-    if forced:
+    assert (plan.profile.name, plan.decode_frame_by_frame, plan.kv_fp8, plan.window_forced) == PLANS[free_gib]
+    assert plan.fits and plan.estimated_peak_bytes <= free_gib * GIB
+    summary = plan.summary()
+    assert ("FP8" in summary) == plan.kv_fp8 and ("rolling attention window" in summary) == plan.window_forced
+    assert ("Same video as on a large GPU" in summary) == (not plan.changes_video)
+    if plan.window_forced:
         assert plan.window_frames % 3 == 0 and 6 <= plan.window_frames < 21
-        assert "rolling attention window" in plan.summary()
+    if plan.profile.stream_generator:  # memory left after the cache keeps generator blocks resident
+        spare = free_gib * GIB - (plan.estimated_peak_bytes - plan.resident_blocks * REAL.generator_block_bytes)
+        assert plan.resident_blocks == min(28, max(0, spare - GIB // 2) // REAL.generator_block_bytes)
+    assert plan.resident_blocks == 0 or plan.profile.stream_generator
+
+
+def test_eight_gib_keeps_full_attention_and_resident_blocks():
+    plan = plan_memory(REAL, 8 * GIB, latent_frames=21, frames_per_block=3)
+    assert plan.window_frames is None and plan.resident_blocks >= 10
+    assert f"{plan.resident_blocks} generator blocks kept resident" in plan.summary()
+
+
+def test_kv_cache_choice_is_respected():
+    bf16 = plan_memory(REAL, 8 * GIB, 21, 3, kv_cache="bf16")
+    assert not bf16.kv_fp8 and bf16.window_forced  # without FP8, 8 GiB needs a window
+    assert plan_memory(REAL, 80 * GIB, 21, 3, kv_cache="fp8").kv_fp8
+    with pytest.raises(ValueError):
+        plan_memory(REAL, 80 * GIB, 21, 3, kv_cache="int4")
+
+
+def test_nothing_fits_warns():
+    plan = plan_memory(REAL, 2 * GIB, 21, 3)
+    assert not plan.fits and plan.window_frames == 6 and "WARNING" in plan.summary()
 
 
 def test_requested_profile_overrides_auto():
     plan = plan_memory(REAL, 80 * GIB, 21, 3, requested="low")
-    assert plan.profile.name == "low" and not plan.window_forced
+    assert plan.profile.name == "low" and not plan.window_forced and not plan.kv_fp8
+    assert plan.resident_blocks == 28  # everything but the two streaming slots
     with pytest.raises(ValueError):
         plan_memory(REAL, 80 * GIB, 21, 3, requested="tiny")
 
@@ -117,4 +154,6 @@ def test_footprint_grows_when_compiled(tiny_components):
     eager = footprint_of(tiny_components, frame_tokens=24, latent_height=8, latent_width=12)
     compiled = footprint_of(tiny_components, frame_tokens=24, latent_height=8, latent_width=12, compiled=True)
     assert compiled.activation_bytes > eager.activation_bytes
-    assert dataclasses.replace(compiled, activation_bytes=eager.activation_bytes) == eager
+    assert compiled.decode_frame_by_frame_saving > eager.decode_frame_by_frame_saving  # (it runs eagerly)
+    assert dataclasses.replace(compiled, activation_bytes=eager.activation_bytes,
+                               decode_frame_by_frame_saving=eager.decode_frame_by_frame_saving) == eager
