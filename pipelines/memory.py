@@ -70,7 +70,8 @@ class MemoryPlan:
         if self.window_forced:
             changes.append(f"the KV-cache budget forces a rolling attention window of {self.window_frames} latent "
                            f"frames: videos differ from full attention")
-        text += ". " + ("; ".join(changes).capitalize() if changes else "Same video as on a large GPU")
+        said = "; ".join(changes) if changes else "same video as on a large GPU"
+        text += ". " + said[0].upper() + said[1:]
         if not self.fits:
             text += (f". WARNING: even this needs more than the {self.available_bytes / GIB:.1f} GiB available; "
                      f"expect out-of-memory errors at this resolution")
@@ -114,10 +115,12 @@ class ModelFootprint:
 # at once: the H100 peak rose from 23.4 to 29.3 GiB at 832x480, 1.3x the eager decode estimate.
 COMPILED_DECODE_EXTRA = 1.3
 # Share of the eager decode working set still needed when decoding frame by frame: the conv
-# caches (two frames per conv) stay, the four-frame activations shrink to one.
-FRAME_BY_FRAME_DECODE_SHARE = 0.55
-# Streamed profile: generator blocks are kept resident only while this much stays free.
-RESIDENT_BLOCKS_MARGIN = GIB // 2
+# caches (two frames per conv) stay, the four-frame activations shrink to one. Measured 0.67 on
+# the H100 at 832x480 (4.21 -> 2.81 GiB, bench/results/h100_memory_plans.json).
+FRAME_BY_FRAME_DECODE_SHARE = 0.7
+# Kept free of every plan: allocator rounding and fragmentation (capped H100 runs held up to 0.35 GiB
+# reserved but unallocated at the peak, and failed with a 0.25 GiB headroom).
+PLANNING_HEADROOM = int(0.6 * GIB)
 
 
 def decode_working_set_bytes(pixels: int, dtype_bytes: int, compiled: bool) -> int:
@@ -175,20 +178,21 @@ def plan_memory(footprint: ModelFootprint, free_bytes: int, latent_frames: int, 
         raise ValueError(f"unknown KV cache {kv_cache!r}; choose {', '.join(KV_CACHE_CHOICES)}")
     names = list(PROFILES) if requested == "auto" else [requested]
     frames = configured.frames_needed(latent_frames)
+    usable = max(0, free_bytes - PLANNING_HEADROOM)
     fp8_choices = {"auto": (False, True), "bf16": (False,), "fp8": (True,)}[kv_cache]
     options = [(fp8, PROFILES[name], frame_by_frame) for fp8 in fp8_choices for name in names
                for frame_by_frame in (_DECODE_CHOICES[name] if requested == "auto" else (False, True))]
     for fp8, profile, frame_by_frame in options:
         fixed = footprint.fixed_bytes(profile, frame_by_frame)
         kv = footprint.kv_bytes(frames, fp8)
-        if fixed + kv <= free_bytes:
-            resident = _resident_blocks(footprint, profile, free_bytes - fixed - kv)
+        if fixed + kv <= usable:
+            resident = _resident_blocks(footprint, profile, usable - fixed - kv)
             peak = fixed + kv + resident * footprint.generator_block_bytes
             return MemoryPlan(profile, configured, False, kv, peak, free_bytes, device_type, fp8, frame_by_frame,
                               resident)
     fp8, profile, frame_by_frame = options[-1]
     fixed = footprint.fixed_bytes(profile, frame_by_frame)
-    fitting = max(0, free_bytes - fixed) // footprint.kv_bytes(1, fp8)
+    fitting = max(0, usable - fixed) // footprint.kv_bytes(1, fp8)
     window = configured.narrowed(fitting, frames_per_block)
     kv = footprint.kv_bytes(window.window_frames, fp8)
     return MemoryPlan(profile, window, True, kv, fixed + kv, free_bytes, device_type, fp8, frame_by_frame)
@@ -197,7 +201,7 @@ def plan_memory(footprint: ModelFootprint, free_bytes: int, latent_frames: int, 
 def _resident_blocks(footprint: ModelFootprint, profile: MemoryProfile, spare_bytes: int) -> int:
     if not profile.stream_generator:
         return 0
-    fitting = max(0, spare_bytes - RESIDENT_BLOCKS_MARGIN) // footprint.generator_block_bytes
+    fitting = max(0, spare_bytes) // footprint.generator_block_bytes
     return int(min(fitting, footprint.generator_blocks - 2))
 
 
@@ -248,7 +252,8 @@ def configure_memory(pipeline, requested: str = "auto", vram_bytes: int | None =
                        requested, cfg.attention_window, device.type, kv_cache)
     apply_profile(pipeline.components, plan.profile, device, plan.resident_blocks)
     fixed = footprint.fixed_bytes(plan.profile, plan.decode_frame_by_frame)
-    pipeline.kv_cache_budget = max(0, vram_bytes - fixed - plan.resident_blocks * footprint.generator_block_bytes)
+    resident = plan.resident_blocks * footprint.generator_block_bytes
+    pipeline.kv_cache_budget = max(0, vram_bytes - PLANNING_HEADROOM - fixed - resident)
     pipeline.kv_cache_fp8 = plan.kv_fp8
     pipeline.decode_frame_by_frame = plan.decode_frame_by_frame
     log.info("%s", plan.summary(markdown=False))

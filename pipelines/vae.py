@@ -104,12 +104,13 @@ class StreamingDecoder:
         return stages
 
     def _decode_frame_by_frame(self, x: torch.Tensor, stage: int, conv_index: int, first_chunk: bool) -> torch.Tensor:
-        """Runs stages from `stage` on; a multi-frame activation continues one frame at a time, each
-        frame through every later stage before the next (every conv still sees its frames in order)."""
+        """Runs stages from `stage` on. Before the two full-size up blocks and the output head, a
+        multi-frame activation continues one frame at a time, each frame through every later stage
+        before the next (every conv still sees its frames in order)."""
         stages = self._stages()
         index = [conv_index]
         for position in range(stage, len(stages)):
-            if x.shape[2] > 1:
+            if x.shape[2] > 1 and position >= len(stages) - 3:  # the two largest up blocks and the head
                 start = index[0]
                 return torch.cat([self._decode_frame_by_frame(x[:, :, t:t + 1], position, start, first_chunk)
                                   for t in range(x.shape[2])], dim=2)

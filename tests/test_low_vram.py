@@ -10,7 +10,7 @@ import torch
 
 from pipelines.core import GenerationRequest, StreamingVideoPipeline
 from pipelines.kv_cache import AttentionWindow, KVCache, quantize_fp8
-from pipelines.memory import PROFILES, apply_profile, configure_memory, footprint_of
+from pipelines.memory import PLANNING_HEADROOM, PROFILES, apply_profile, configure_memory, footprint_of
 from pipelines.weights import load_components
 from streams import block_latents
 
@@ -99,7 +99,7 @@ def test_configure_memory_puts_the_plan_into_the_pipeline(tiny_config):
     latent_h, latent_w = tiny_config.latent_size()
     footprint = footprint_of(components, pipeline.generator.frame_tokens(latent_h, latent_w), latent_h, latent_w)
     frames = tiny_config.num_blocks * tiny_config.frames_per_block + 1
-    budget = footprint.fixed_bytes(PROFILES["low"], True) + footprint.kv_bytes(frames, True) + 1
+    budget = footprint.fixed_bytes(PROFILES["low"], True) + footprint.kv_bytes(frames, True) + PLANNING_HEADROOM
     plan = configure_memory(pipeline, "low", budget)  # (the 2-block tiny model fits "medium" just as well)
     assert (plan.profile.name, plan.kv_fp8, plan.decode_frame_by_frame, plan.window_forced) == ("low", True, True,
                                                                                                  False)

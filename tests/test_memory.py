@@ -9,7 +9,7 @@ import torch
 
 from pipelines.core import GenerationRequest, StreamingVideoPipeline
 from pipelines.kv_cache import kv_bytes_per_frame
-from pipelines.memory import (FRAME_BY_FRAME_DECODE_SHARE, GIB, PROFILES, ModelFootprint, apply_profile,
+from pipelines.memory import (FRAME_BY_FRAME_DECODE_SHARE, GIB, PLANNING_HEADROOM, PROFILES, activation_bytes, ModelFootprint, apply_profile,
                               decode_working_set_bytes, footprint_of, plan_memory)
 from pipelines.weights import load_components
 from streams import block_latents
@@ -62,16 +62,15 @@ _PIXELS = 832 * 480
 REAL = ModelFootprint(generator_bytes=int(2.64 * GIB), generator_block_bytes=int(0.085 * GIB), generator_blocks=30,
                       text_encoder_bytes=int(10.6 * GIB), vae_bytes=int(0.24 * GIB),
                       kv_bytes_per_frame=kv_bytes_per_frame(30, 1536, 1560, torch.bfloat16),
-                      activation_bytes=int(4.3 * GIB),
+                      activation_bytes=activation_bytes(1560, 8960, 60, 104, 2),
                       kv_fp8_bytes_per_frame=kv_bytes_per_frame(30, 1536, 1560, torch.bfloat16, fp8_heads=12),
                       decode_frame_by_frame_saving=int(decode_working_set_bytes(_PIXELS, 2, False)
                                                        * (1 - FRAME_BY_FRAME_DECODE_SHARE)))
 
 
 # card -> (profile, frame-by-frame decode, FP8 KV cache, rolling window forced)
-PLANS = {80: ("high", False, False, False), 24: ("high", False, False, False), 16: ("medium", False, False, False),
-         12: ("medium", True, False, False), 8: ("low", True, True, False), 6: ("low", True, True, False),
-         4: ("low", True, True, True)}
+PLANS = {80: ("high", False, False, False), 24: ("medium", False, False, False), 16: ("medium", False, False, False),
+         12: ("low", True, False, False), 8: ("low", True, True, False), 6: ("low", True, True, True)}
 
 
 @pytest.mark.parametrize("free_gib", sorted(PLANS, reverse=True))
@@ -79,21 +78,23 @@ def test_plan_follows_free_memory(free_gib):
     """Exact options first (medium, frame-by-frame decode, streamed blocks), then FP8, then a window."""
     plan = plan_memory(REAL, int(free_gib * GIB), latent_frames=21, frames_per_block=3)
     assert (plan.profile.name, plan.decode_frame_by_frame, plan.kv_fp8, plan.window_forced) == PLANS[free_gib]
-    assert plan.fits and plan.estimated_peak_bytes <= free_gib * GIB
+    assert plan.fits and plan.estimated_peak_bytes <= free_gib * GIB - PLANNING_HEADROOM
+    if free_gib == 12:  # nearly every generator block stays resident: close to medium's speed
+        assert plan.resident_blocks >= 20
     summary = plan.summary()
     assert ("FP8" in summary) == plan.kv_fp8 and ("rolling attention window" in summary) == plan.window_forced
     assert ("Same video as on a large GPU" in summary) == (not plan.changes_video)
     if plan.window_forced:
         assert plan.window_frames % 3 == 0 and 6 <= plan.window_frames < 21
-    if plan.profile.stream_generator:  # memory left after the cache keeps generator blocks resident
+    if plan.profile.stream_generator and not plan.window_forced:  # memory left after the cache keeps blocks resident
         spare = free_gib * GIB - (plan.estimated_peak_bytes - plan.resident_blocks * REAL.generator_block_bytes)
-        assert plan.resident_blocks == min(28, max(0, spare - GIB // 2) // REAL.generator_block_bytes)
+        assert plan.resident_blocks == min(28, max(0, spare - PLANNING_HEADROOM) // REAL.generator_block_bytes)
     assert plan.resident_blocks == 0 or plan.profile.stream_generator
 
 
 def test_eight_gib_keeps_full_attention_and_resident_blocks():
     plan = plan_memory(REAL, 8 * GIB, latent_frames=21, frames_per_block=3)
-    assert plan.window_frames is None and plan.resident_blocks >= 10
+    assert plan.window_frames is None and plan.resident_blocks >= 3
     assert f"{plan.resident_blocks} generator blocks kept resident" in plan.summary()
 
 
@@ -106,7 +107,7 @@ def test_kv_cache_choice_is_respected():
 
 
 def test_nothing_fits_warns():
-    plan = plan_memory(REAL, 2 * GIB, 21, 3)
+    plan = plan_memory(REAL, 4 * GIB, 21, 3)
     assert not plan.fits and plan.window_frames == 6 and "WARNING" in plan.summary()
 
 
@@ -140,13 +141,13 @@ def test_kv_budget_narrows_attention_window(tiny_pipeline, tiny_config, tiny_com
 
 
 def test_compiled_decoder_memory_is_planned_for():
-    """--compile raised the H100 peak by 5.9 GiB at 832x480; a 24 GiB card must then leave the high profile."""
+    """--compile raised the H100 peak by 5.9 GiB at 832x480; a 26 GiB card must then leave the high profile."""
     pixels = 832 * 480
     extra = decode_working_set_bytes(pixels, 2, compiled=True) - decode_working_set_bytes(pixels, 2, compiled=False)
     assert 5.5 * GIB < extra < 6.5 * GIB
     compiled = dataclasses.replace(REAL, activation_bytes=REAL.activation_bytes + extra)
-    assert plan_memory(REAL, 24 * GIB, latent_frames=21, frames_per_block=3).profile.name == "high"
-    assert plan_memory(compiled, 24 * GIB, latent_frames=21, frames_per_block=3).profile.name == "medium"
+    assert plan_memory(REAL, 26 * GIB, latent_frames=21, frames_per_block=3).profile.name == "high"
+    assert plan_memory(compiled, 26 * GIB, latent_frames=21, frames_per_block=3).profile.name == "medium"
     assert plan_memory(compiled, 40 * GIB, latent_frames=21, frames_per_block=3).profile.name == "high"
 
 
