@@ -222,6 +222,14 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
             raise UserError(str(err)) from err
         return "Nothing is running: press Generate."
 
+    def steer_if_running(prompt: str, mode: str, session: SessionControl) -> str:
+        return steer(prompt, mode, session) if session.is_running else gr.skip()
+
+    def unless_running(session: SessionControl) -> None:
+        """Ends the Enter chain quietly when Enter steered the running video instead."""
+        if session.is_running:
+            raise gr.Error("applied to the running video", visible=False, print_exception=False)
+
     def request_stop(session: SessionControl) -> str:
         if session.request_stop():
             return "Stopping after the current block …"
@@ -271,10 +279,14 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
                 ("t2v", t2v, t2v_out, text_to_video, [], "text_to_video"),
                 ("i2v", i2v, i2v_out, image_to_video, [image], "image_to_video"),
                 ("pose", pose, pose_out, pose_animation, [reference, driving, is_pose_video], "pose_animation")):
-            for trigger, api_name in ((controls.generate.click, name), (controls.prompt.submit, False)):
-                trigger(handler, inputs=extra + controls.inputs + [session], outputs=outputs.all(controls),
-                        api_name=api_name, concurrency_id="gpu", concurrency_limit=1,
-                        js=CLICK_JS.replace("TAB", tab))
+            generate = dict(inputs=extra + controls.inputs + [session], outputs=outputs.all(controls),
+                            concurrency_id="gpu", concurrency_limit=1, js=CLICK_JS.replace("TAB", tab))
+            controls.generate.click(handler, api_name=name, **generate)
+            # Enter applies the new prompt to this session's running video, and generates otherwise.
+            controls.prompt.submit(steer_if_running, inputs=[controls.prompt, controls.switch_mode, session],
+                                   outputs=[outputs.status], queue=False, api_name=False)
+            controls.prompt.submit(unless_running, inputs=[session], queue=False, api_name=False,
+                                   show_progress="hidden").success(handler, api_name=False, **generate)
             controls.stop.click(request_stop, inputs=[session], outputs=[outputs.status], queue=False,
                                 api_name=f"stop_{name}")
             controls.apply.click(steer, inputs=[controls.prompt, controls.switch_mode, session],

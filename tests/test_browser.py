@@ -112,6 +112,27 @@ def test_apply_switches_the_prompt_mid_stream_and_the_timeline_shows_it(page):
     assert "a paper boat" in timeline and "a burning candle" in timeline and "switch took" in timeline, timeline
 
 
+def test_enter_while_streaming_applies_the_prompt_instead_of_queueing_a_run(page):
+    _set_blocks(page, 8)
+    prompt = page.get_by_label("Prompt").first
+    prompt.fill("a glass marble")
+    page.get_by_role("button", name="Generate").first.click()
+    deadline = time.monotonic() + 60
+    while "Block 2/8" not in _status(page):
+        assert time.monotonic() < deadline, _status(page)
+        time.sleep(0.05)
+    prompt.fill("a spinning top")
+    prompt.press("Enter")
+    deadline = time.monotonic() + 90
+    while not (_status(page).startswith("Done.") and "Block 8/8" in _status(page)):
+        assert time.monotonic() < deadline, _status(page)
+        time.sleep(0.1)
+    timeline = page.locator("#timeline-t2v").inner_text()
+    assert "a glass marble" in timeline and "a spinning top" in timeline, timeline
+    time.sleep(3)  # no second generation was queued by that Enter
+    assert _status(page).startswith("Done.") and "Block 8/8" in _status(page), _status(page)
+
+
 def test_stop_while_idle_says_nothing_runs(page):
     deadline = time.monotonic() + 60
     while not _status(page).startswith(("Done.", "Stopped", "Ready")):
