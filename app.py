@@ -66,14 +66,14 @@ def serve(demo, runtime, host: str, port: int, allowed_paths: list[str]) -> None
     from fastapi import FastAPI, Response
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    from demo.ui import BROWSER_TIMING_JS, CSS, queue_length
+    from demo.ui import CSS, PAGE_JS, queue_length
 
     runtime.metrics.watch_queue(lambda: queue_length(demo))
     app = FastAPI()
     app.add_api_route("/metrics", lambda: Response(generate_latest(runtime.metrics.registry),
                                                    media_type=CONTENT_TYPE_LATEST), methods=["GET"])
     app = gr.mount_gradio_app(app, demo, path="/", allowed_paths=allowed_paths, show_error=True,
-                              css=CSS, js=BROWSER_TIMING_JS, footer_links=["api", "gradio", "settings"])
+                              css=CSS, js=PAGE_JS, footer_links=["api", "gradio", "settings"])
     log.info("serving on http://%s:%d (metrics at /metrics)", host, port)
 
     class Server(uvicorn.Server):

@@ -37,6 +37,26 @@ BROWSER_TIMING_JS = """() => { setInterval(() => {
   if (!box) return;
   box.value = ((performance.now() - run.t0) / 1000).toFixed(3);
   box.dispatchEvent(new Event('input', {bubbles: true})); }, 10); }"""
+# The live player (Gradio's HLS stream) keeps everything it has buffered, which grows without end
+# in continuous mode. Every media buffer the page creates drops what lies more than PLAYED_KEEP_S
+# behind the playhead of its video; the finished clip stays downloadable as one mp4.
+PLAYED_KEEP_S = 10
+PLAYER_TRIM_JS = """() => { const keep = KEEP;
+  window.sfSourceBuffers = [];
+  const createUrl = URL.createObjectURL;
+  URL.createObjectURL = function (object) {
+    const url = createUrl.call(URL, object); if (object instanceof MediaSource) object.sfUrl = url; return url; };
+  const addBuffer = MediaSource.prototype.addSourceBuffer;
+  MediaSource.prototype.addSourceBuffer = function (type) {
+    const buffer = addBuffer.call(this, type), source = this;
+    window.sfSourceBuffers.push(buffer);
+    buffer.addEventListener('updateend', () => {
+      const video = [...document.querySelectorAll('video')].find((v) => v.src && v.src === source.sfUrl);
+      if (!video || buffer.updating || !buffer.buffered.length) return;
+      const start = buffer.buffered.start(0), until = video.currentTime - keep;
+      if (until > start + 1) buffer.remove(start, until); });
+    return buffer; }; }""".replace("KEEP", str(PLAYED_KEEP_S))
+PAGE_JS = f"() => {{ ({BROWSER_TIMING_JS})(); ({PLAYER_TRIM_JS})(); }}"
 CSS = ".sf-hidden { display: none !important; }"
 MIN_FPS, MAX_FPS = 8, 30
 POSE_HELP = ("Upload the character (reference image) and a driving video. DWPose (local ONNX files) extracts "

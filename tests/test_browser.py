@@ -133,6 +133,40 @@ def test_enter_while_streaming_applies_the_prompt_instead_of_queueing_a_run(page
     assert _status(page).startswith("Done.") and "Block 8/8" in _status(page), _status(page)
 
 
+BUFFERS_JS = """() => { const video = document.querySelector('#live-stream-t2v video');
+  const ranges = (window.sfSourceBuffers || []).filter((b) => { try { return b.buffered.length > 0; }
+    catch (e) { return false; } }).map((b) => [b.buffered.start(0), b.buffered.end(b.buffered.length - 1)]);
+  return {time: video ? video.currentTime : -1, ranges}; }"""
+
+
+def test_live_player_drops_what_has_been_played_in_continuous_mode(page):
+    from demo.ui import PLAYED_KEEP_S
+
+    page.get_by_label("Continuous").first.check()
+    try:
+        page.get_by_label("Prompt").first.fill("a slow tide")
+        page.get_by_role("button", name="Generate").first.click()
+        deadline = time.monotonic() + 120
+        state = page.evaluate(BUFFERS_JS)
+        while state["time"] < PLAYED_KEEP_S + 5:
+            assert time.monotonic() < deadline, state
+            time.sleep(0.5)
+            state = page.evaluate(BUFFERS_JS)
+        time.sleep(2)  # a few more segments arrive and trigger the trim
+        state = page.evaluate(BUFFERS_JS)
+        assert state["ranges"], state
+        for start, end in state["ranges"]:
+            assert start > 1, state  # what was played more than PLAYED_KEEP_S ago is gone
+            assert start >= state["time"] - PLAYED_KEEP_S - 3, state
+    finally:
+        page.get_by_role("button", name="Stop").first.click()
+        deadline = time.monotonic() + 60
+        while not _status(page).startswith(("Stopped", "Done")):
+            assert time.monotonic() < deadline, _status(page)
+            time.sleep(0.2)
+        page.get_by_label("Continuous").first.uncheck()
+
+
 def test_stop_while_idle_says_nothing_runs(page):
     deadline = time.monotonic() + 60
     while not _status(page).startswith(("Done.", "Stopped", "Ready")):
