@@ -1,6 +1,7 @@
 """The process-wide, read-only model runtime: config, weights and the one pipeline core."""
 from __future__ import annotations
 
+import gc
 import hmac
 import logging
 import os
@@ -19,6 +20,7 @@ from pipelines.pose.condition import LazyPoseEncoders
 from pipelines.builder import build_pipeline, default_device, vram_bytes
 from pipelines.inspect import Report, inspect_folder
 from pipelines.lora import LoraChoice
+from pipelines.models import REGISTRY, KnownModel, load_registry, present_models
 from pipelines.prompt_extender import PromptExtender, extender_device, find_extender_folder
 from pipelines.weights import WeightsError
 
@@ -67,6 +69,9 @@ class Runtime:
     lora_dir: Path | None = None  # <weights>/loras: the LoRAs users can choose
     outputs: OutputStore | None = None  # None: each session writes to its own temporary folder
     admin_token: str | None = None  # lets the holder change server-wide settings from the UI/API
+    weights_dir: Path | None = None
+    build_options: dict = field(default_factory=dict)  # how the pipeline was built (profile, compile, ...)
+    registry: dict[str, KnownModel] = field(default_factory=dict)  # known causal generators
     metrics: RunMetrics = field(default_factory=RunMetrics)
     gpu_lock: threading.Lock = field(default_factory=threading.Lock)
     _gpu_generate: Callable | None = field(default=None, repr=False)
@@ -110,13 +115,46 @@ class Runtime:
         with self.gpu_lock:
             return self.extender.extend(prompt, device)
 
+    def _check_admin(self, token: str | None, what: str) -> None:
+        if self.admin_token is None or not hmac.compare_digest(str(token or ""), self.admin_token):
+            raise PermissionError(f"{what} needs the operator's admin token.")
+
+    def available_models(self) -> list[KnownModel]:
+        """Registered models whose files are all in the weights folder."""
+        return present_models(self.weights_dir, self.registry)
+
+    def switch_model(self, key: str, token: str | None = None) -> str:
+        """Replaces the resident model for every user (after a running generation), freeing the old
+        one first so that only one is ever in memory. Admin token only; PermissionError otherwise,
+        WeightsError (nothing changed but the old model being unloaded) when the new one fails."""
+        self._check_admin(token, "Switching the model")
+        choices = {model.key: model for model in self.available_models()}
+        if key not in choices:
+            raise ValueError(f"{key!r} is not a model present in the weights folder "
+                             f"(present: {', '.join(choices) or 'none'}).")
+        with self.gpu_lock:
+            self.pipeline, self.poser, self.memory_plan = None, None, None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            config = choices[key].config
+            try:
+                self.pipeline, self.memory_plan = build_pipeline(config, self.weights_dir, self.device,
+                                                                 warm=True, **self.build_options)
+            except WeightsError as err:
+                self.load_error = str(err)
+                raise
+            self.config, self.load_error = config, None
+            self.poser = make_pose_animator(self.pipeline, self.weights_dir)
+        log.info("switched to %s", config.name)
+        return self.banner()
+
     def set_memory_profile(self, requested: str, token: str | None = None) -> str:
         """Re-plans and moves the weights for every user (waits for a running generation to finish).
 
         Server-wide, so only with the operator's admin token; PermissionError otherwise.
         """
-        if self.admin_token is None or not hmac.compare_digest(str(token or ""), self.admin_token):
-            raise PermissionError("Changing the memory profile needs the operator's admin token.")
+        self._check_admin(token, "Changing the memory profile")
         if self.pipeline is None:
             return self.banner()
         with self.gpu_lock:
@@ -145,7 +183,7 @@ def load_runtime(config_path: str | Path | None, weights: str | None, device: st
                  compile_models: bool = False, use_ema: bool | None = None, memory_profile: str = "auto",
                  vram_gb: float | None = None, prompt_extender: str | None = None,
                  outputs: OutputStore | None = None, admin_token: str | None = None,
-                 kv_cache: str = "auto") -> Runtime:
+                 kv_cache: str = "auto", registry: Path = REGISTRY) -> Runtime:
     """Loads once at start-up; a weights problem is kept as a message for the UI, not raised.
 
     Weights are read into CPU memory first; the memory plan then decides what goes to the GPU.
@@ -153,13 +191,15 @@ def load_runtime(config_path: str | Path | None, weights: str | None, device: st
     config = load_config(config_path, **{"weights.use_ema": use_ema})  # None: the config decides
     runtime = Runtime(config=config, device=device or default_device(), vram_bytes=vram_bytes(vram_gb),
                       outputs=outputs, admin_token=admin_token or None, kv_cache=kv_cache,
-                      metrics=RunMetrics(outputs.metrics_path if outputs else None))
+                      metrics=RunMetrics(outputs.metrics_path if outputs else None),
+                      registry=load_registry(registry),
+                      build_options=dict(memory_profile=memory_profile, vram=vram_bytes(vram_gb),
+                                         compile_models=compile_models, kv_cache=kv_cache))
     try:
-        weights_dir = resolve_weights_source(weights)
+        weights_dir = runtime.weights_dir = resolve_weights_source(weights)
         runtime.weights_report = inspect_weights(weights_dir)
-        runtime.pipeline, runtime.memory_plan = build_pipeline(config, weights_dir, runtime.device, memory_profile,
-                                                               runtime.vram_bytes, compile_models, warm=True,
-                                                               kv_cache=kv_cache)
+        runtime.pipeline, runtime.memory_plan = build_pipeline(config, weights_dir, runtime.device, warm=True,
+                                                               **runtime.build_options)
     except WeightsError as err:
         log.error("%s", err)
         runtime.load_error = str(err)

@@ -258,11 +258,12 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
     with gr.Blocks(title="Self-Forcing streaming video", delete_cache=(600, 3600)) as demo:
         session = gr.State(lambda: SessionControl(runtime.outputs), delete_callback=lambda s: s.cleanup())
         gr.Markdown("# Streaming causal video diffusion (Self-Forcing · Wan2.1-T2V-1.3B)")
-        gr.Markdown(runtime.banner(), elem_id="banner")
+        banner = gr.Markdown(runtime.banner(), elem_id="banner")
         if runtime.weights_report is not None:
             with gr.Accordion("Weights folder (python -m pipelines.inspect)", open=runtime.pipeline is None):
                 gr.Markdown(runtime.weights_report.markdown(), elem_id="weights-report")
         _memory_panel(runtime)
+        _model_panel(runtime, banner)
         with gr.Tabs():
             with gr.Tab("Text to Video", id="t2v"):
                 with gr.Row():
@@ -343,6 +344,43 @@ def _memory_panel(runtime: Runtime) -> None:
 
         apply.click(set_profile, inputs=[profile, token], outputs=[plan], concurrency_id="gpu",
                     concurrency_limit=1, api_name="set_memory_profile")
+
+
+def models_markdown(runtime: Runtime) -> str:
+    """The registered causal generators: which is loaded, which are present, what the others miss."""
+    current = Path(runtime.config.source).resolve()
+    rows = ["| model | sampling | in the weights folder |", "| --- | --- | --- |"]
+    for model in runtime.registry.values():
+        missing = model.missing(runtime.weights_dir) if runtime.weights_dir else ["--weights DIR"]
+        state = "**loaded**" if model.config_path.resolve() == current else "present" if not missing else \
+            f"missing {', '.join(missing)} (`{model.config.download}`)"
+        rows.append(f"| {model.label} | {model.settings()} | {state} |")
+    return "\n".join(rows)
+
+
+def _model_panel(runtime: Runtime, banner: gr.Markdown) -> None:
+    """Pick among the registered models present in the weights folder (one resident at a time)."""
+    with gr.Accordion("Model", open=False):
+        table = gr.Markdown(models_markdown(runtime), elem_id="models")
+        present = runtime.available_models()
+        if runtime.admin_token is None or not present:
+            gr.Markdown("Start with `--config NAME` (or `--admin-token TOKEN` to switch here) to use another model."
+                        if present else "Put a model's files in the weights folder (`--weights DIR`) to use it.")
+            return
+        with gr.Row():
+            choice = gr.Dropdown([(m.label, m.key) for m in present], value=present[0].key, label="Model",
+                                 info="replaces the loaded model for every user of this server")
+            token = gr.Textbox(label="Admin token", type="password")
+            switch = gr.Button("Switch")
+
+        def switch_model(key: str, given_token: str) -> tuple[str, str]:
+            try:
+                return runtime.switch_model(key, given_token), models_markdown(runtime)
+            except (PermissionError, ValueError, WeightsError) as err:
+                raise UserError(str(err)) from err
+
+        switch.click(switch_model, inputs=[choice, token], outputs=[banner, table], concurrency_id="gpu",
+                     concurrency_limit=1, api_name="switch_model")
 
 
 def _stats_panel(runtime: Runtime) -> None:

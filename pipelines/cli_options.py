@@ -36,7 +36,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     """Which model, which weights, and where it runs."""
     group = parser.add_argument_group("model (environment variables in brackets)")
     group.add_argument("--config", default=env("SF_CONFIG", str(DEFAULT_CONFIG)),
-                       help="YAML in configs/; the default is the embedded tiny model [SF_CONFIG]")
+                       help="YAML in configs/, or a registered model: self_forcing_dmd, self_forcing_sid, causvid, "
+                            "longlive (python -m pipelines.models lists them); the default is the embedded tiny "
+                            "model [SF_CONFIG]")
     group.add_argument("--weights", default=env("SF_WEIGHTS_DIR"),
                        help="folder with the downloaded weights, or hf://owner/repo on a Space [SF_WEIGHTS_DIR]")
     group.add_argument("--device", default=env("SF_DEVICE"), help="cuda or cpu; default: cuda when available [SF_DEVICE]")

@@ -35,6 +35,8 @@ class WeightsConfig:
     diffusers_dir: str = "Wan2.1-T2V-1.3B-Diffusers"
     generator_ckpt: str | None = "checkpoints/self_forcing_dmd.pt"
     use_ema: bool = False
+    generator_lora: str | None = None  # merged into the generator once at load (LongLive's lora.pt)
+    generator_lora_scale: float = 1.0
     random_seed: int = 0
 
 
@@ -61,6 +63,7 @@ class PipelineConfig:
     negative_prompt: str = ""
     resolutions: list[str] = field(default_factory=list)  # "WIDTHxHEIGHT" choices offered in the UI
     pose: dict[str, Any] = field(default_factory=dict)  # weights / detector_dir (relative to weights) / random_seed
+    download: str = ""  # how to get this generator's own files into the weights folder
     source: str = ""
 
     @property
@@ -103,10 +106,34 @@ def parse_resolution(text: str) -> tuple[int, int]:
     return height, width
 
 
-def load_config(path: str | Path | None = None, **overrides: Any) -> PipelineConfig:
-    """Loads a YAML config; keyword overrides use dotted keys, e.g. {"weights.use_ema": True}."""
-    path = Path(path) if path else DEFAULT_CONFIG
+def _load_with_base(path: Path) -> Any:
+    """A YAML file merged over the file its `base:` key names (relative to it), recursively: the
+    causal checkpoints share Wan2.1-1.3B's architecture and change only their own settings."""
     raw = OmegaConf.load(path)
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    return OmegaConf.merge(_load_with_base(path.parent / base), raw)
+
+
+def resolve_config_path(name: str | Path | None) -> Path:
+    """A config file, or the name of a model in configs/models.yaml (e.g. "longlive")."""
+    if not name:
+        return DEFAULT_CONFIG
+    path = Path(name)
+    if path.suffix not in (".yaml", ".yml") and not path.exists():
+        registered = OmegaConf.load(CONFIG_DIR / "models.yaml").models
+        if str(name) in registered:
+            return CONFIG_DIR / registered[str(name)].config
+        raise ValueError(f"Unknown model or config {name!r}: give a YAML file or one of {', '.join(registered)}.")
+    return path
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> PipelineConfig:
+    """Loads a YAML config (or a registered model's, by name); keyword overrides use dotted keys,
+    e.g. {"weights.use_ema": True}."""
+    path = resolve_config_path(path)
+    raw = _load_with_base(path)
     for key, value in overrides.items():
         if value is not None:
             OmegaConf.update(raw, key, value)

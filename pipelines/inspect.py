@@ -206,7 +206,7 @@ def vram_by_profile(shape: TransformerShape, config: dict, text_encoder_params: 
     """Estimated peak GPU memory of each profile for the config's default video (bf16)."""
     import torch
 
-    from .kv_cache import kv_bytes_per_frame
+    from .kv_cache import AttentionWindow, kv_bytes_per_frame
     from .memory import ModelFootprint, activation_bytes, plan_memory
     from .memory_profiles import PROFILES
 
@@ -219,8 +219,13 @@ def vram_by_profile(shape: TransformerShape, config: dict, text_encoder_params: 
         text_encoder_bytes=2 * text_encoder_params, vae_bytes=2 * vae_params,
         kv_bytes_per_frame=kv_bytes_per_frame(shape.layers, shape.dim, frame_tokens, torch.bfloat16),
         activation_bytes=activation_bytes(frame_tokens, shape.ffn_dim, latent_h, latent_w, 2))
-    return {name: round(plan_memory(footprint, 1 << 60, blocks * fpb + 1, fpb, name).estimated_peak_bytes / GIB, 1)
-            for name in PROFILES}
+    window = AttentionWindow.from_config(config.get("local_attn_size", -1), config.get("sink_size", 0))
+    peaks = {}
+    for name in PROFILES:  # (the streamed profile's smallest form: no generator block kept resident)
+        plan = plan_memory(footprint, 1 << 60, blocks * fpb + 1, fpb, name, window)
+        peaks[name] = round((plan.estimated_peak_bytes - plan.resident_blocks * footprint.generator_block_bytes)
+                            / GIB, 1)
+    return peaks
 
 
 # ---------------------------------------------------------------- the folder walk

@@ -128,6 +128,23 @@ def read_lora(path: str | Path, model: nn.Module) -> dict[str, LoraDelta]:
     return {name: LoraDelta(down.float(), ups[name].float(), scale) for name, down in downs.items()}
 
 
+@torch.no_grad()
+def add_to_weights(modules: dict[str, nn.Module], layers: dict[str, LoraDelta], strength: float) -> None:
+    """W += strength * scale * B @ A, computed in float32, in place."""
+    for name, delta in layers.items():
+        weight = modules[name].weight
+        update = (delta.up @ delta.down) * (delta.scale * strength)
+        weight.copy_((weight.float() + update.to(weight.device)).to(weight.dtype))
+
+
+def merge_permanently(model: nn.Module, path: str | Path, strength: float = 1.0) -> int:
+    """Bakes a LoRA that is part of a published model (LongLive's lora.pt) into its weights; returns
+    the number of layers changed. Raises LoraError naming the file when it does not fit."""
+    layers = read_lora(path, model)
+    add_to_weights(dict(model.named_modules()), layers, strength)
+    return len(layers)
+
+
 class LoraMerger:
     """Keeps the generator's weights equal to base + the active LoRAs (one choice at a time)."""
 
@@ -157,12 +174,10 @@ class LoraMerger:
             self._weights_changing()
             self._restore(modules)
             for layers, strength in deltas:
-                for name, delta in layers.items():
-                    weight = modules[name].weight
+                for name in layers:
                     if name not in self._originals:
-                        self._originals[name] = weight.detach().to("cpu", copy=True)
-                    update = (delta.up @ delta.down) * (delta.scale * strength)
-                    weight.copy_((weight.float() + update.to(weight.device)).to(weight.dtype))
+                        self._originals[name] = modules[name].weight.detach().to("cpu", copy=True)
+                add_to_weights(modules, layers, strength)
             self.active = choices
 
     def _weights_changing(self) -> None:

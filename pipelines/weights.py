@@ -24,6 +24,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, proce
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, UMT5EncoderModel
 
 from .config import PipelineConfig
+from .lora import LoraError, merge_permanently
 from .model import CausalWanModel
 from .text_encoder import PromptEncoder, umt5_config, umt5_config_from_wan_state, wan_t5_to_transformers
 from .vae import WanVAE
@@ -49,9 +50,9 @@ class Components:
     description: str
 
 
-def _require(path: Path, what: str) -> Path:
+def _require(path: Path, what: str, hint: str = "") -> Path:
     if not path.exists():
-        raise WeightsError(f"Missing {what}: {path} does not exist. {_download_hint(path)}")
+        raise WeightsError(f"Missing {what}: {path} does not exist. {hint or _download_hint(path)}")
     return path
 
 
@@ -161,10 +162,18 @@ def load_components(config: PipelineConfig, weights_dir: str | Path | None = Non
                            f"diffusers or random.")
 
     if config.weights.generator_ckpt and layout != "random":
-        ckpt = _require(weights_dir / config.weights.generator_ckpt, "Self-Forcing generator checkpoint")
+        ckpt = _require(weights_dir / config.weights.generator_ckpt, f"{config.name} generator checkpoint",
+                        config.download)
         _load_into(generator, generator_state_from_checkpoint(ckpt, config.weights.use_ema), ckpt)
         weights = "EMA weights ('generator_ema')" if config.weights.use_ema else "non-EMA weights ('generator')"
         components.description += f" + {ckpt.name}, {weights}"
+    if config.weights.generator_lora and layout != "random":
+        lora = _require(weights_dir / config.weights.generator_lora, f"{config.name} LoRA", config.download)
+        try:
+            layers = merge_permanently(generator, lora, config.weights.generator_lora_scale)
+        except LoraError as err:
+            raise WeightsError(f"{err} {config.download}") from err
+        components.description += f" + {lora.name} ({layers} layers merged)"
 
     components.generator.to(device=device, dtype=dtype).eval().requires_grad_(False)
     components.vae.model.to(device=device, dtype=dtype)
