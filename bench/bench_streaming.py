@@ -69,6 +69,23 @@ def time_generation(pipeline: StreamingVideoPipeline, prompt: str, seed: int) ->
             "blocks": [blocks[i] for i in sorted(blocks)], "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
+def capped_runs(pipeline: StreamingVideoPipeline, card_gib: float, runs: int, compiled: bool) -> dict:
+    """The same runs on an emulated card: the planner's choice for it, then the process capped."""
+    from pipelines.memory import GIB, configure_memory
+
+    pipeline.compiled = compiled
+    plan = configure_memory(pipeline, "auto", int(card_gib * GIB))
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(card_gib * GIB / total)
+    timed = [time_generation(pipeline, PROMPTS[i % len(PROMPTS)], seed=i + 1) for i in range(runs)]
+    torch.cuda.set_per_process_memory_fraction(1.0)
+    return {"card_gib": card_gib, "plan": plan.summary(markdown=False),
+            "fps_median": statistics.median(r["fps"] for r in timed),
+            "first_frames_s_median": statistics.median(r["first_frames_s"] for r in timed),
+            "peak_allocated_gib": max(r["peak_allocated_gib"] for r in timed), "runs": timed}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/self_forcing_dmd.yaml")
@@ -78,6 +95,9 @@ def main() -> None:
                         help="pipelines.acceleration: cuDNN autotuning + channels-last VAE (+ --compile)")
     parser.add_argument("--sdpa", choices=["auto", "cudnn", "flash", "efficient"], default="auto",
                         help="force one scaled_dot_product_attention backend")
+    parser.add_argument("--cap-gib", type=float,
+                        help="after the uncapped runs, plan for a card of this size (memory planner, 'auto'), cap "
+                             "the process with set_per_process_memory_fraction and time the same runs again")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -118,6 +138,8 @@ def main() -> None:
         "command": " ".join(["python"] + sys.argv),
         "runs": runs,
     }
+    if args.cap_gib:
+        summary["capped"] = capped_runs(pipeline, args.cap_gib, args.runs, args.compile)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(summary, indent=2))
@@ -125,6 +147,12 @@ def main() -> None:
           f"first={summary['first_frames_s_median']:.3f}s fps={summary['fps_median']:.1f} "
           f"denoise/block={summary['block_denoise_ms_median']:.0f}ms decode/block={summary['block_decode_ms_median']:.0f}ms "
           f"peak={summary['peak_allocated_gib']:.1f}GiB")
+    if args.cap_gib:
+        capped = summary["capped"]
+        print(f"capped at {args.cap_gib:g} GiB: fps={capped['fps_median']:.1f} "
+              f"({capped['fps_median'] / summary['fps_median']:.0%} of uncapped) "
+              f"first={capped['first_frames_s_median']:.3f}s peak={capped['peak_allocated_gib']:.1f}GiB; "
+              f"{capped['plan']}")
 
 
 if __name__ == "__main__":
