@@ -62,15 +62,13 @@ class Runtime:
     load_error: str | None = None
     memory_plan: MemoryPlan | None = None
     poser: PoseAnimator | None = None
-    vram_bytes: int | None = None
-    kv_cache: str = "auto"  # --kv-cache, kept for re-planning
     extender: PromptExtender | None = None
     weights_report: Report | None = None  # what the weights inspector found in the weights folder
     lora_dir: Path | None = None  # <weights>/loras: the LoRAs users can choose
     outputs: OutputStore | None = None  # None: each session writes to its own temporary folder
     admin_token: str | None = None  # lets the holder change server-wide settings from the UI/API
     weights_dir: Path | None = None
-    build_options: dict = field(default_factory=dict)  # how the pipeline was built (profile, compile, ...)
+    build_options: dict = field(default_factory=dict)  # build_pipeline's options (profile, vram, compile, KV)
     registry: dict[str, KnownModel] = field(default_factory=dict)  # known causal generators
     metrics: RunMetrics = field(default_factory=RunMetrics)
     gpu_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -158,7 +156,8 @@ class Runtime:
         if self.pipeline is None:
             return self.banner()
         with self.gpu_lock:
-            self.memory_plan = configure_memory(self.pipeline, requested, self.vram_bytes, self.kv_cache)
+            self.memory_plan = configure_memory(self.pipeline, requested, self.build_options.get("vram"),
+                                                self.build_options.get("kv_cache", "auto"))
         return self.memory_plan.summary()
 
     @property
@@ -189,8 +188,8 @@ def load_runtime(config_path: str | Path | None, weights: str | None, device: st
     Weights are read into CPU memory first; the memory plan then decides what goes to the GPU.
     """
     config = load_config(config_path, **{"weights.use_ema": use_ema})  # None: the config decides
-    runtime = Runtime(config=config, device=device or default_device(), vram_bytes=vram_bytes(vram_gb),
-                      outputs=outputs, admin_token=admin_token or None, kv_cache=kv_cache,
+    runtime = Runtime(config=config, device=device or default_device(),
+                      outputs=outputs, admin_token=admin_token or None,
                       metrics=RunMetrics(outputs.metrics_path if outputs else None),
                       registry=load_registry(registry),
                       build_options=dict(memory_profile=memory_profile, vram=vram_bytes(vram_gb),

@@ -14,6 +14,7 @@ if TYPE_CHECKING:  # torch stays out of the import path of command-line parsing
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "tiny.yaml"
+REGISTRY = CONFIG_DIR / "models.yaml"  # the known causal generators (pipelines.models reads it)
 
 
 @dataclass
@@ -122,7 +123,7 @@ def resolve_config_path(name: str | Path | None) -> Path:
         return DEFAULT_CONFIG
     path = Path(name)
     if path.suffix not in (".yaml", ".yml") and not path.exists():
-        registered = OmegaConf.load(CONFIG_DIR / "models.yaml").models
+        registered = OmegaConf.load(REGISTRY).models
         if str(name) in registered:
             return CONFIG_DIR / registered[str(name)].config
         raise ValueError(f"Unknown model or config {name!r}: give a YAML file or one of {', '.join(registered)}.")

@@ -92,11 +92,11 @@ class ModelFootprint:
     kv_fp8_bytes_per_frame: int = 0  # FP8 keys/values + scales + dequantisation workspace
     decode_frame_by_frame_saving: int = 0  # what the frame-by-frame decode saves of activation_bytes
 
-    def resident_bytes(self, profile: MemoryProfile, resident_blocks: int = 0) -> int:
+    def resident_bytes(self, profile: MemoryProfile) -> int:
         """Weights on the GPU at the peak (two streamed blocks in flight when streaming)."""
         generator = self.generator_bytes
         if profile.stream_generator:
-            generator += (2 + resident_blocks - self.generator_blocks) * self.generator_block_bytes
+            generator += (2 - self.generator_blocks) * self.generator_block_bytes
         text = self.text_encoder_bytes
         if profile.stream_text_encoder:
             text = 0  # streamed layers are gone before denoising starts, the embedding stays on the CPU

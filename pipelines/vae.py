@@ -71,6 +71,7 @@ class StreamingDecoder:
         self.frames_seen = 0
         # Wan2.2's residual up blocks treat a first chunk as a whole: they decode in one piece.
         self.frame_by_frame = frame_by_frame and all(isinstance(b, WanUpBlock) for b in vae.model.decoder.up_blocks)
+        self._stages = self._build_stages() if self.frame_by_frame else []
 
     @torch.no_grad()
     def decode_block(self, latents: torch.Tensor) -> torch.Tensor:
@@ -91,7 +92,7 @@ class StreamingDecoder:
             self.frames_seen += 1
         return torch.cat(outputs, dim=2).clamp(-1.0, 1.0)
 
-    def _stages(self) -> list:
+    def _build_stages(self) -> list:
         """The decoder's forward as a list of stages f(x, conv_index, first_chunk) in execution order."""
         decoder, cache = self.vae.model.decoder, self.feature_cache
         stages = [lambda x, index, first: _cached_conv(decoder.conv_in, x, cache, index),
@@ -107,7 +108,7 @@ class StreamingDecoder:
         """Runs stages from `stage` on. Before the two full-size up blocks and the output head, a
         multi-frame activation continues one frame at a time, each frame through every later stage
         before the next (every conv still sees its frames in order)."""
-        stages = self._stages()
+        stages = self._stages
         index = [conv_index]
         for position in range(stage, len(stages)):
             if x.shape[2] > 1 and position >= len(stages) - 3:  # the two largest up blocks and the head

@@ -93,41 +93,34 @@ def test_enter_in_the_prompt_generates(page):
     assert prompt.input_value() == "a lantern"
 
 
-def test_apply_switches_the_prompt_mid_stream_and_the_timeline_shows_it(page):
+def _switch_mid_stream(page, first: str, second: str, switch) -> str:
+    """Generates 8 blocks under `first`, calls switch(prompt box) with `second` typed in at block 2,
+    waits for the run to finish and returns the prompt timeline."""
     _set_blocks(page, 8)
     prompt = page.get_by_label("Prompt").first
-    prompt.fill("a paper boat")
+    prompt.fill(first)
     page.get_by_role("button", name="Generate").first.click()
     deadline = time.monotonic() + 60
     while "Block 2/8" not in _status(page):
         assert time.monotonic() < deadline, _status(page)
         time.sleep(0.05)
-    prompt.fill("a burning candle")
-    page.get_by_role("button", name="Apply new prompt").first.click()
+    prompt.fill(second)
+    switch(prompt)
     deadline = time.monotonic() + 90
     while not (_status(page).startswith("Done.") and "Block 8/8" in _status(page)):
         assert time.monotonic() < deadline, _status(page)
         time.sleep(0.1)
-    timeline = page.locator("#timeline-t2v").inner_text()
+    return page.locator("#timeline-t2v").inner_text()
+
+
+def test_apply_switches_the_prompt_mid_stream_and_the_timeline_shows_it(page):
+    apply = page.get_by_role("button", name="Apply new prompt").first
+    timeline = _switch_mid_stream(page, "a paper boat", "a burning candle", lambda prompt: apply.click())
     assert "a paper boat" in timeline and "a burning candle" in timeline and "switch took" in timeline, timeline
 
 
 def test_enter_while_streaming_applies_the_prompt_instead_of_queueing_a_run(page):
-    _set_blocks(page, 8)
-    prompt = page.get_by_label("Prompt").first
-    prompt.fill("a glass marble")
-    page.get_by_role("button", name="Generate").first.click()
-    deadline = time.monotonic() + 60
-    while "Block 2/8" not in _status(page):
-        assert time.monotonic() < deadline, _status(page)
-        time.sleep(0.05)
-    prompt.fill("a spinning top")
-    prompt.press("Enter")
-    deadline = time.monotonic() + 90
-    while not (_status(page).startswith("Done.") and "Block 8/8" in _status(page)):
-        assert time.monotonic() < deadline, _status(page)
-        time.sleep(0.1)
-    timeline = page.locator("#timeline-t2v").inner_text()
+    timeline = _switch_mid_stream(page, "a glass marble", "a spinning top", lambda prompt: prompt.press("Enter"))
     assert "a glass marble" in timeline and "a spinning top" in timeline, timeline
     time.sleep(3)  # no second generation was queued by that Enter
     assert _status(page).startswith("Done.") and "Block 8/8" in _status(page), _status(page)
