@@ -161,6 +161,10 @@ class Runtime:
         return self.memory_plan.summary()
 
     @property
+    def fast_decoder_available(self) -> bool:
+        return self.pipeline is not None and self.pipeline.tiny_decoder is not None
+
+    @property
     def is_embedded_default(self) -> bool:
         return self.config.weights.layout == "random"
 
@@ -182,7 +186,7 @@ def load_runtime(config_path: str | Path | None, weights: str | None, device: st
                  compile_models: bool = False, use_ema: bool | None = None, memory_profile: str = "auto",
                  vram_gb: float | None = None, prompt_extender: str | None = None,
                  outputs: OutputStore | None = None, admin_token: str | None = None,
-                 kv_cache: str = "auto", registry: Path = REGISTRY) -> Runtime:
+                 kv_cache: str = "auto", registry: Path = REGISTRY, compile_cache: str | None = None) -> Runtime:
     """Loads once at start-up; a weights problem is kept as a message for the UI, not raised.
 
     Weights are read into CPU memory first; the memory plan then decides what goes to the GPU.
@@ -193,7 +197,8 @@ def load_runtime(config_path: str | Path | None, weights: str | None, device: st
                       metrics=RunMetrics(outputs.metrics_path if outputs else None),
                       registry=load_registry(registry),
                       build_options=dict(memory_profile=memory_profile, vram=vram_bytes(vram_gb),
-                                         compile_models=compile_models, kv_cache=kv_cache))
+                                         compile_models=compile_models, kv_cache=kv_cache,
+                                         compile_cache=compile_cache))
     try:
         weights_dir = runtime.weights_dir = resolve_weights_source(weights)
         runtime.weights_report = inspect_weights(weights_dir)
@@ -224,9 +229,11 @@ def inspect_weights(weights_dir: Path | None) -> Report | None:
 
 
 def make_pose_animator(pipeline: StreamingVideoPipeline, weights_dir: Path | None) -> PoseAnimator:
-    """Pose tooling with paths from the config's pose section, relative to the weights folder."""
+    """Pose tooling with paths from the config's pose section: the encoders beside the model's files,
+    the DWPose detector in the weights folder."""
     pose = pipeline.config.pose
-    weights_file = weights_dir / pose["weights"] if weights_dir and pose.get("weights") else None
+    model_dir = pipeline.components.model_dir
+    weights_file = model_dir / pose["weights"] if model_dir and pose.get("weights") else None
     encoders = LazyPoseEncoders(pipeline.generator.config.dim, weights_file, pipeline.device, pipeline.dtype,
                                 pose.get("random_seed"))
     detector_dir = weights_dir / pose.get("detector_dir", "dwpose") if weights_dir else None

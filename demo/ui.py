@@ -121,6 +121,10 @@ class Controls:
         self.continuous = gr.Checkbox(label="Continuous", value=False,
                                       info=f"keep generating block after block (rolling attention window) until Stop "
                                            f"or {cfg.continuous_minutes:g} minutes of video; Blocks is ignored")
+        fast = runtime.fast_decoder_available
+        self.fast_decode = gr.Checkbox(label="Fast decoder (TAEHV, preview quality)", value=False, interactive=fast,
+                                       info="decodes with the tiny taew2_1 decoder instead of the Wan VAE" if fast
+                                       else "needs taew2_1.pth (github.com/madebyollin/taehv) in the weights folder")
         self.resolution = gr.Dropdown(cfg.resolution_choices, value=cfg.resolution_choices[0], allow_custom_value=True,
                                       label="Resolution (width x height)", info="presets; the pipeline checks others")
         with gr.Row():
@@ -135,7 +139,7 @@ class Controls:
     @property
     def inputs(self) -> list:
         return [self.prompt, self.negative, self.seed, self.randomize, self.blocks, self.fps, self.resolution,
-                self.extend, self.extended, self.lora, self.lora_strength, self.continuous]
+                self.extend, self.extended, self.lora, self.lora_strength, self.continuous, self.fast_decode]
 
 
 class Outputs:
@@ -154,11 +158,12 @@ class Outputs:
         return [self.stream, self.preview, self.status, self.video, self.seed, controls.extended, self.timeline]
 
 
-def _request(prompt, negative, seed, randomize, blocks, resolution, continuous=False, **extra) -> GenerationRequest:
+def _request(prompt, negative, seed, randomize, blocks, resolution, continuous=False, fast_decode=False,
+             **extra) -> GenerationRequest:
     height, width = parse_resolution(resolution)
     return GenerationRequest(prompt=prompt or "", negative_prompt=negative, seed=pick_seed(seed, randomize),
                              num_blocks=whole_number(blocks, "Blocks"), height=height, width=width,
-                             continuous=bool(continuous), **extra)
+                             continuous=bool(continuous), fast_decode=bool(fast_decode), **extra)
 
 
 def _pose_note(runtime: Runtime) -> str:
@@ -188,23 +193,24 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
         yield from stream_video(runtime, session, request, fps, tab, box, note)
 
     def text_to_video(prompt, negative, seed, randomize, blocks, fps, resolution, extend, extended, lora,
-                      lora_strength, continuous, session, browser: gr.Request):
-        request = _request(prompt, negative, seed, randomize, blocks, resolution, continuous)
+                      lora_strength, continuous, fast_decode, session, browser: gr.Request):
+        request = _request(prompt, negative, seed, randomize, blocks, resolution, continuous, fast_decode)
         yield from run("t2v", session, request, fps, extend, extended, lora, lora_strength, browser)
 
     def image_to_video(image, prompt, negative, seed, randomize, blocks, fps, resolution, extend, extended, lora,
-                       lora_strength, continuous, session, browser: gr.Request):
+                       lora_strength, continuous, fast_decode, session, browser: gr.Request):
         if not image:
             raise UserError("Please upload an image.")
         try:
             picture = load_image(image)
         except MediaError as err:
             raise UserError(str(err)) from err
-        request = _request(prompt, negative, seed, randomize, blocks, resolution, continuous, image=picture)
+        request = _request(prompt, negative, seed, randomize, blocks, resolution, continuous, fast_decode,
+                           image=picture)
         yield from run("i2v", session, request, fps, extend, extended, lora, lora_strength, browser)
 
     def pose_animation(reference, driving_video, is_pose_video, prompt, negative, seed, randomize, blocks, fps,
-                       resolution, extend, extended, lora, lora_strength, continuous, session,
+                       resolution, extend, extended, lora, lora_strength, continuous, fast_decode, session,
                        browser: gr.Request):
         poser = runtime.poser
         if poser is None:
@@ -216,7 +222,7 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
         if continuous:
             raise UserError("Continuous mode is for text and image to video: a pose animation lasts as long as "
                             "its driving video.")
-        base = _request(prompt, negative, seed, randomize, blocks, resolution)
+        base = _request(prompt, negative, seed, randomize, blocks, resolution, fast_decode=fast_decode)
         try:
             picture, frames = load_image(reference), read_video(driving_video)
             with runtime.gpu_lock:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from . import compile_cache as compile_cache_store
 from .acceleration import accelerate
 from .config import PipelineConfig
 from .core import GenerationRequest, StreamingVideoPipeline
@@ -29,21 +30,48 @@ def vram_bytes(vram_gb: float | None) -> int | None:
 
 def build_pipeline(config: PipelineConfig, weights_dir: str | Path | None, device: str,
                    memory_profile: str = "auto", vram: int | None = None,
-                   compile_models: bool = False, warm: bool = False,
-                   kv_cache: str = "auto") -> tuple[StreamingVideoPipeline, MemoryPlan]:
+                   compile_models: bool = False, warm: bool = False, kv_cache: str = "auto",
+                   compile_cache: str | Path | None = None) -> tuple[StreamingVideoPipeline, MemoryPlan]:
     """Loads the weights (raising WeightsError with a user-facing message) and places them.
 
     warm: when the models were compiled, run warm_up() so no user waits for the compiler.
+    compile_cache: a folder that keeps compilation results between starts (pipelines/compile_cache.py).
     """
     components = load_components(config, weights_dir, "cpu")
     pipeline = StreamingVideoPipeline(components, config, device)
+    pipeline.tiny_decoder = load_tiny_decoder(Path(weights_dir) if weights_dir else None, pipeline.device,
+                                              config.torch_dtype)
     pipeline.compiled = compile_models and pipeline.device.type == "cuda"  # planned for, if the profile allows
     plan = configure_memory(pipeline, memory_profile, vram, kv_cache)
     # Compiled blocks would be re-traced as streamed weights move, so streaming runs eager.
-    pipeline.compiled = accelerate(components, compile_models=pipeline.compiled and not plan.profile.stream_generator)
+    compiling = pipeline.compiled and not plan.profile.stream_generator
+    cache = Path(compile_cache).expanduser() if compile_cache and compiling else None
+    if cache is not None:
+        compile_cache_store.activate(cache)
+    pipeline.compiled = accelerate(components, compile_models=compiling)
     if pipeline.compiled and warm:
         warm_up(pipeline)
+        if cache is not None:
+            compile_cache_store.save(cache)
     return pipeline, plan
+
+
+def load_tiny_decoder(weights_dir: Path | None, device: torch.device, dtype: torch.dtype):
+    """The TAEHV decoder when taew2_1 is in the weights folder (a bad file is logged, not fatal:
+    the full VAE still decodes)."""
+    from .tiny_decoder import TinyVideoDecoder, find_tiny_decoder
+    from .weights import WeightsError
+
+    path = find_tiny_decoder(weights_dir)
+    if path is None:
+        return None
+    try:
+        decoder = TinyVideoDecoder.from_file(path).to(device, dtype)
+    except WeightsError as err:
+        log.warning("fast decoder unavailable: %s", err)
+        return None
+    log.info("fast decoder (TAEHV) loaded from %s", path)
+    return decoder
 
 
 def warm_up(pipeline: StreamingVideoPipeline) -> None:

@@ -50,6 +50,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                      help="load the plain 'generator' weights instead of the EMA ones [SF_USE_EMA=0]")
     group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=bool(env_flag("SF_COMPILE")),
                        help="torch.compile the generator and VAE decoder on CUDA (compiles before serving) [SF_COMPILE]")
+    group.add_argument("--compile-cache", default=env("SF_COMPILE_CACHE", "~/.cache/self-forcing/compile"),
+                       metavar="DIR", help="with --compile: where compilation results are kept, so a restart "
+                                           "reuses them instead of compiling again [SF_COMPILE_CACHE]")
     group.add_argument("--memory-profile", choices=PROFILE_CHOICES, default=env("SF_MEMORY_PROFILE", "auto"),
                        help="high: all weights on the GPU; medium: text encoder streamed; low: generator blocks "
                             "streamed too; auto: the most resident that fits [SF_MEMORY_PROFILE]")

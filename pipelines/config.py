@@ -12,7 +12,8 @@ if TYPE_CHECKING:  # torch stays out of the import path of command-line parsing
 
     from .kv_cache import AttentionWindow
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = PROJECT_ROOT / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "tiny.yaml"
 REGISTRY = CONFIG_DIR / "models.yaml"  # the known causal generators (pipelines.models reads it)
 
@@ -39,6 +40,8 @@ class WeightsConfig:
     generator_lora: str | None = None  # merged into the generator once at load (LongLive's lora.pt)
     generator_lora_scale: float = 1.0
     random_seed: int = 0
+    bundled_dir: str | None = None  # the model's own files inside this repository (diffusers layout),
+    # read when the weights folder does not hold them (the trained tiny default)
 
 
 @dataclass

@@ -55,6 +55,7 @@ class GenerationRequest:
     loras: tuple[LoraChoice, ...] = ()  # adapters merged into the generator for this request
     steering: PromptSteering | None = field(default=None, repr=False)  # new prompts while it streams
     continuous: bool = False  # go on block after block (rolling window) until stopped or the config's limit
+    fast_decode: bool = False  # decode with the tiny TAEHV decoder (preview quality) instead of the Wan VAE
 
 
 @dataclass
@@ -128,6 +129,7 @@ class StreamingVideoPipeline:
         self.kv_cache_budget: int | None = None  # bytes per KV cache; set by low-VRAM planning
         self.kv_cache_fp8 = False  # FP8 keys/values (low-VRAM planning, when bf16 does not fit)
         self.decode_frame_by_frame = False  # smaller VAE working set, same frames (low-VRAM planning)
+        self.tiny_decoder = None  # TinyVideoDecoder when taew2_1 is in the weights folder (fast_decode)
         self.compiled = False  # torch.compile in use: the memory planner reserves its larger decode buffers
         self.sampler = make_sampler(config.sampler)
         self.loras = LoraMerger(self.generator)
@@ -147,6 +149,9 @@ class StreamingVideoPipeline:
             num_blocks = self.config.continuous_blocks
         elif not 1 <= num_blocks <= self.config.max_blocks:
             raise RequestError(f"Number of blocks must be between 1 and {self.config.max_blocks}.")
+        if request.fast_decode and self.tiny_decoder is None:
+            raise RequestError("The fast decoder needs taew2_1.pth from github.com/madebyollin/taehv in the weights "
+                               "folder; without it the full Wan VAE decodes.")
         height, width = request.height or self.config.height, request.width or self.config.width
         if height % 16 or width % 16 or not (16 <= height <= 1280 and 16 <= width <= 1280):
             raise RequestError("Height and width must be multiples of 16 between 16 and 1280.")
@@ -220,7 +225,7 @@ class StreamingVideoPipeline:
                           model.config.num_heads, model.head_dim, window, self.dtype, self.device,
                           fp8=self.kv_cache_fp8)
                   for _ in contexts]
-        decoder = self.vae.stream(self.decode_frame_by_frame)
+        decoder = self.tiny_decoder.stream() if request.fast_decode else self.vae.stream(self.decode_frame_by_frame)
 
         prompt, switch_ms = request.prompt, None
         written: list[ContextWrite] = []  # clean frames in the cache, to rebuild it under a new prompt

@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
                                             "default: the config's size")
     video.add_argument("--fps", type=int, help="frames per second of the mp4; default: the config's fps")
     video.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: the config's dtype")
+    video.add_argument("--fast-decoder", action="store_true",
+                       help="decode with the tiny TAEHV decoder (taew2_1.pth in the weights folder): faster, "
+                            "preview quality")
     video.add_argument("--out", type=Path, default=Path("output.mp4"), help="the mp4 to write")
     return parser
 
@@ -75,11 +78,13 @@ def main(argv: list[str] | None = None) -> int:
         height, width = parse_resolution(args.resolution) if args.resolution else (None, None)
         config = load_config(args.config, **config_overrides(args), dtype=args.dtype)
         pipeline, plan = build_pipeline(config, args.weights, args.device or default_device(), args.memory_profile,
-                                     vram_bytes(args.vram_gb), args.compile, kv_cache=args.kv_cache)
+                                     vram_bytes(args.vram_gb), args.compile, kv_cache=args.kv_cache,
+                                     compile_cache=args.compile_cache)
         image = Image.open(args.image) if args.image else None
         request = GenerationRequest(args.prompt, seed=args.seed, num_blocks=args.blocks,
                                     negative_prompt=args.negative_prompt, image=image, height=height, width=width,
-                                    loras=tuple(LoraChoice.parse(text) for text in args.lora))
+                                    loras=tuple(LoraChoice.parse(text) for text in args.lora),
+                                    fast_decode=args.fast_decoder)
         num_blocks, _, _ = pipeline.validate(request)
     except (WeightsError, RequestError, ValueError) as err:
         log.error("%s", err)

@@ -356,8 +356,7 @@ class Inspector:
         elif any(name.startswith(("dwpose_embedding.", "randomref_embedding_pose.")) for name in shapes):
             self.pose_encoders(file, shapes)
         elif file.name.startswith("taew") or (tops <= {"encoder", "decoder"} and param_count(shapes) < 20_000_000):
-            self.findings.append(Finding(self.rel(file), "tiny video autoencoder (TAEHV-style)", False,
-                                         "fast preview decoding is not wired into this app yet; the full Wan VAE is used"))
+            self.tiny_autoencoder(file)
         elif TransformerShape.from_shapes(shapes) is not None:
             shape = TransformerShape.from_shapes(shapes)
             matched = matching_config(shape)
@@ -407,6 +406,18 @@ class Inspector:
             self.rel(file), f"LoRA for {base} (rank {rank}, {style})", bool(configs),
             f"fits the generator of {', '.join(configs)}" if configs else
             "made for another base model: its shapes fit no generator in configs/ (the app runs width 1536)"))
+
+    def tiny_autoencoder(self, file: Path) -> None:
+        from .tiny_decoder import TinyVideoDecoder
+        from .weights import WeightsError
+
+        try:
+            TinyVideoDecoder.from_file(file)
+        except WeightsError as err:
+            self.findings.append(Finding(self.rel(file), "tiny video autoencoder (TAEHV-style)", False, str(err)))
+            return
+        self.findings.append(Finding(self.rel(file), "TAEHV decoder for Wan 2.1 latents (taew2_1)", True,
+                                     "fast preview decoding: python -m pipelines.generate --fast-decoder"))
 
     def pose_encoders(self, file: Path, shapes: dict) -> None:
         out = [s[0] for n, s in shapes.items() if n.startswith("dwpose_embedding.") and n.endswith("weight")]

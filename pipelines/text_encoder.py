@@ -96,16 +96,22 @@ class PromptEncoder:
         """Tokens of the cleaned prompt including the end token; only text_len of them are encoded."""
         return len(self.tokenizer(clean_prompt(prompt), add_special_tokens=True).input_ids)
 
+    def tokenize(self, prompts: list[str], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token ids, attention mask), each [len(prompts), text_len], of prompts already cleaned."""
+        tokens = self.tokenizer(prompts, padding="max_length", truncation=True,
+                                max_length=self.text_len, add_special_tokens=True, return_attention_mask=True,
+                                return_tensors="pt")
+        return tokens.input_ids.to(device), tokens.attention_mask.to(device)
+
     @torch.no_grad()
     def encode(self, prompt: str, device: torch.device | str | None = None) -> torch.Tensor:
         """[1, text_len, d_model] embeddings with padding positions zeroed (kept on the CPU memo)."""
         key = clean_prompt(prompt)
         if key not in self._memo:
-            tokens = self.tokenizer([key], padding="max_length", truncation=True, max_length=self.text_len,
-                                    add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
             embedding = self.model.shared
-            embeds = embedding(tokens.input_ids.to(embedding.weight.device)).to(self.device)
-            mask = tokens.attention_mask.to(self.device)
+            ids, mask = self.tokenize([key], embedding.weight.device)
+            embeds = embedding(ids).to(self.device)
+            mask = mask.to(self.device)
             hidden = self.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
             hidden = hidden * mask[..., None].to(hidden.dtype)
             self._memo[key] = hidden.cpu()

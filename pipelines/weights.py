@@ -48,6 +48,7 @@ class Components:
     vae: WanVAE
     prompt_encoder: PromptEncoder
     description: str
+    model_dir: Path | None = None  # the folder the model's files came from (its pose encoders live there too)
 
 
 def _require(path: Path, what: str, hint: str = "") -> Path:
@@ -121,6 +122,30 @@ def generator_state_from_checkpoint(path: Path, use_ema: bool) -> dict[str, torc
     return convert_wan_transformer_to_diffusers(state)
 
 
+def _detected_layout(config: PipelineConfig, folder: Path | None) -> str | None:
+    """'original' or 'diffusers' when `folder` holds the model in that layout, else None."""
+    if folder is None:
+        return None
+    if (folder / config.weights.original_dir).is_dir():
+        return "original"
+    if (folder / config.weights.diffusers_dir).is_dir() or (folder / "transformer").is_dir():
+        return "diffusers"
+    return None
+
+
+def model_files_dir(config: PipelineConfig, weights_dir: Path | None) -> Path | None:
+    """Where the model's own files are read from: the weights folder, or the config's bundled folder
+    when the weights folder (if any) does not hold the model."""
+    if config.weights.bundled_dir and not _detected_layout(config, weights_dir):
+        from .config import PROJECT_ROOT
+
+        bundled = PROJECT_ROOT / config.weights.bundled_dir
+        if not _detected_layout(config, bundled):
+            raise WeightsError(f"Missing {config.name}: {bundled} does not exist. {config.download}")
+        return bundled
+    return weights_dir
+
+
 def resolve_layout(config: PipelineConfig, weights_dir: Path | None) -> str:
     layout = config.weights.layout
     if layout != "auto":
@@ -128,10 +153,9 @@ def resolve_layout(config: PipelineConfig, weights_dir: Path | None) -> str:
     if weights_dir is None:
         raise WeightsError(f"{config.name} needs downloaded weights: pass --weights DIR "
                            f"(or set SF_WEIGHTS_DIR). See README 'Real weights'.")
-    if (weights_dir / config.weights.original_dir).is_dir():
-        return "original"
-    if (weights_dir / config.weights.diffusers_dir).is_dir() or (weights_dir / "transformer").is_dir():
-        return "diffusers"
+    detected = _detected_layout(config, weights_dir)
+    if detected:
+        return detected
     raise WeightsError(
         f"No Wan2.1 weights under {weights_dir}: expected {weights_dir / config.weights.original_dir} "
         f"(download {WAN_REPO}) or {weights_dir / config.weights.diffusers_dir} (download {WAN_DIFFUSERS_REPO}).")
@@ -145,7 +169,7 @@ def _diffusers_root(config: PipelineConfig, weights_dir: Path) -> Path:
 def load_components(config: PipelineConfig, weights_dir: str | Path | None = None,
                     device: torch.device | str = "cpu") -> Components:
     """Builds generator, VAE and prompt encoder for config from weights_dir, on device."""
-    weights_dir = Path(weights_dir).expanduser() if weights_dir else None
+    weights_dir = model_files_dir(config, Path(weights_dir).expanduser() if weights_dir else None)
     layout = resolve_layout(config, weights_dir)
     dtype = config.torch_dtype
     generator = CausalWanModel(**config.model)
@@ -175,6 +199,7 @@ def load_components(config: PipelineConfig, weights_dir: str | Path | None = Non
             raise WeightsError(f"{err} {config.download}") from err
         components.description += f" + {lora.name} ({layers} layers merged)"
 
+    components.model_dir = weights_dir
     components.generator.to(device=device, dtype=dtype).eval().requires_grad_(False)
     components.vae.model.to(device=device, dtype=dtype)
     components.prompt_encoder.model.to(device=device, dtype=dtype)

@@ -103,3 +103,10 @@ def test_preview_is_last_frame_of_stream(client):
     assert len(previews) >= 2
     frames = [np.asarray(Image.open(p)) for p in previews]
     assert frames[0].shape == (64, 96, 3) and not np.array_equal(frames[0], frames[-1])
+
+
+def test_fast_decoder_is_an_api_option_refused_without_its_file(client):
+    with pytest.raises(AppError, match="taew2_1.pth"):
+        client.predict("a lighthouse", *T2V_ARGS, fast_decode=True, api_name="/text_to_video")
+    result = client.predict("a lighthouse", *T2V_ARGS, fast_decode=False, api_name="/text_to_video")
+    assert result[2].startswith("Done.")

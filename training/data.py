@@ -15,11 +15,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
-import imageio_ffmpeg
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +69,8 @@ def read_captions(videos: list[Path], captions_file: Path | None) -> dict[Path, 
 
 def probe(video: Path) -> tuple[float, int, int]:
     """(duration in seconds, width, height) from the container, without decoding frames."""
+    import imageio_ffmpeg  # only video sources need ffmpeg (the synthetic world renders its frames)
+
     try:
         reader = imageio_ffmpeg.read_frames(str(video))
         meta = next(reader)
@@ -86,6 +87,8 @@ def expected_clips(duration_s: float, clip_frames: int, stride: int) -> int:
 
 def decode_at_16fps(video: Path) -> np.ndarray:
     """All frames resampled to 16 fps by ffmpeg: uint8 [T, H, W, 3]."""
+    import imageio_ffmpeg
+
     try:
         reader = imageio_ffmpeg.read_frames(str(video), output_params=["-vf", f"fps={TARGET_FPS}"])
         meta = next(reader)
@@ -148,23 +151,38 @@ def read_manifest(folder: Path) -> list[ClipRecord]:
 
 
 class CachedClips(torch.utils.data.Dataset):
-    """The prepared clips; item i -> dict of tensors (latents, prompt, and pose data when present)."""
+    """The prepared clips; item i -> dict of tensors (latents, prompt, and pose data when present).
 
-    def __init__(self, folder: str | Path) -> None:
+    in_memory: read each shard once and keep it (small data sets, many epochs)."""
+
+    def __init__(self, folder: str | Path, in_memory: bool = False) -> None:
         self.folder = Path(folder)
         self.records = read_manifest(self.folder)
         if not self.records:
             raise FileNotFoundError(f"{self.folder / MANIFEST} lists no clips: run python -m training.prepare first")
+        self.in_memory = in_memory
+        self.loaded: dict[str, dict[str, torch.Tensor]] = {}  # clip id -> its tensors (in_memory)
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         record = self.records[index]
+        prefix = record.clip_id + "."
+        if self.in_memory:
+            if record.clip_id not in self.loaded:
+                for key, value in load_file(str(self.folder / record.shard)).items():
+                    clip_id, name = key.rsplit(".", 1)
+                    self.loaded.setdefault(clip_id, {})[name] = value
+            return self.loaded[record.clip_id]
         with safe_open(str(self.folder / record.shard), "pt") as shard:
-            prefix = record.clip_id + "."
             return {key[len(prefix):]: shard.get_tensor(key) for key in shard.keys() if key.startswith(prefix)}
 
     @property
     def has_poses(self) -> bool:
-        return "pose" in self[0]
+        """Whether any clip carries poses (a folder may mix clips with and without)."""
+        for name in sorted({record.shard for record in self.records}):
+            with safe_open(str(self.folder / name), "pt") as shard:
+                if any(key.endswith(".pose") for key in shard.keys()):
+                    return True
+        return False

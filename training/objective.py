@@ -5,6 +5,10 @@ sigma is drawn uniformly (or logit-normally) and warped by the shift (5.0), the 
 few-step sampler's timesteps come from. Every block of frames gets its own sigma (diffusion
 forcing), which is what block-by-block inference over a clean cache needs; with teacher
 forcing, a random number of leading blocks stays clean (sigma 0) and out of the loss.
+
+A model trained from scratch for the few-step sampler also sees that sampler's own noise levels
+(few_step_fraction of the blocks draw one of few_step_sigmas): those are the only inputs the
+sampler ever gives it.
 """
 from __future__ import annotations
 
@@ -22,10 +26,14 @@ class FlowObjective:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     teacher_forcing: float = 0.0  # probability that a sample keeps some leading blocks clean
+    few_step_fraction: float = 0.0  # share of blocks noised to one of few_step_sigmas instead
+    few_step_sigmas: tuple[float, ...] = ()  # the few-step sampler's sigmas (set by the trainer)
 
     def __post_init__(self) -> None:
         if self.sampling not in ("uniform", "logit_normal"):
             raise ValueError(f"sampling must be 'uniform' or 'logit_normal', got {self.sampling!r}")
+        if self.few_step_fraction and not self.few_step_sigmas:
+            raise ValueError("few_step_fraction needs the sampler's few_step_sigmas")
 
     def shifted(self, u: torch.Tensor) -> torch.Tensor:
         return self.shift * u / (1 + (self.shift - 1) * u)
@@ -37,6 +45,10 @@ class FlowObjective:
         else:
             u = torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(batch, blocks, generator=rng))
         sigma = self.shifted(u)
+        if self.few_step_fraction > 0:
+            table = torch.tensor(self.few_step_sigmas, dtype=sigma.dtype)
+            pick = table[torch.randint(len(table), sigma.shape, generator=rng)]
+            sigma = torch.where(torch.rand(sigma.shape, generator=rng) < self.few_step_fraction, pick, sigma)
         in_loss = torch.ones(batch, blocks, dtype=torch.bool)
         if self.teacher_forcing > 0 and blocks > 1:
             clean_count = torch.randint(1, blocks, (batch,), generator=rng)

@@ -100,9 +100,8 @@ def prepare(videos_dir: Path, out: Path, pipeline, frames: int, stride: int, cap
                            "prompt": prompt[:tokens]}
                 if pose_detector is not None:
                     fitted = ((pixels[0].permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
-                    poses = np.stack([draw_pose(pose_detector(frame), width, height) for frame in fitted])
-                    tensors["pose"] = torch.from_numpy(poses[4:])  # the frames after the reference latent's
-                    tensors["reference_pose"] = torch.from_numpy(poses[0])
+                    tensors.update(pose_tensors(np.stack([draw_pose(pose_detector(frame), width, height)
+                                                          for frame in fitted])))
                 writer.add(ClipRecord(clip_id, str(video), start / 16.0, frames, captions[video], ""), tensors)
                 added += 1
                 progress.update(1)
@@ -111,6 +110,13 @@ def prepare(videos_dir: Path, out: Path, pipeline, frames: int, stride: int, cap
         progress.close()
     log.info("%d clips added to %s (%d cached in all)", added, out, len(read_manifest(out)))
     return added
+
+
+def pose_tensors(poses: np.ndarray) -> dict[str, torch.Tensor]:
+    """A clip's rendered skeletons [T, H, W, 3] as the trainer reads them: the first frame is the
+    reference's pose, the rest follow the frames after the reference latent's."""
+    return {"pose": torch.from_numpy(np.ascontiguousarray(poses[4:])),
+            "reference_pose": torch.from_numpy(np.ascontiguousarray(poses[0]))}
 
 
 def _image(frame: np.ndarray):

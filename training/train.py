@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import logging
 import math
@@ -18,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate.tracking import GeneralTracker
 from torch import nn
@@ -67,6 +69,8 @@ class FlowStep(nn.Module):
 
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, prompts: torch.Tensor, prefix_frames: int,
                 poses: list | None = None, reference_poses: list | None = None) -> torch.Tensor:
+        """poses / reference_poses: per clip, its pose frames and reference pose, or None for a clip
+        without poses (it gets no pose input, as image-to-video does at inference)."""
         from pipelines.kv_cache import BlockCausalLayout
 
         generator = self.generator
@@ -76,14 +80,25 @@ class FlowStep(nn.Module):
         blocks = [prefix_frames] * bool(prefix_frames) + [self.frames_per_block] * (
             (frames - prefix_frames) // self.frames_per_block)
         bias = None
-        if self.pose_encoders is not None:
-            references = torch.cat([self.pose_encoders.reference_features(p) for p in reference_poses])
-            noisy = torch.cat([noisy[:, :, :prefix_frames] + references.to(noisy), noisy[:, :, prefix_frames:]], 2)
-            tokens = torch.cat([self.pose_encoders.pose_tokens(p) for p in poses])
-            bias = torch.cat([tokens.new_zeros(tokens.shape[0], prefix_frames * frame_tokens, tokens.shape[2]),
-                              tokens], dim=1)
+        if self.pose_encoders is not None and prefix_frames and poses and any(p is not None for p in poses):
+            noisy, bias = self._pose_inputs(noisy, poses, reference_poses, prefix_frames, frame_tokens)
         return generator(noisy, timesteps, context, attn_mask=BlockCausalLayout.of(blocks, frame_tokens),
                          token_bias=bias)
+
+    def _pose_inputs(self, noisy: torch.Tensor, poses: list, reference_poses: list, prefix_frames: int,
+                     frame_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The clean reference frame plus its pose features, and each frame's pose tokens (zeros for
+        clips without poses). The clips with poses go through the encoders as one batch."""
+        encoders, dim = self.pose_encoders, self.generator.config.dim
+        generated = (noisy.shape[2] - prefix_frames) * frame_tokens
+        posed = [i for i, pose in enumerate(poses) if pose is not None]
+        references = noisy.new_zeros(noisy.shape[0], noisy.shape[1], 1, *noisy.shape[3:])
+        tokens = noisy.new_zeros(noisy.shape[0], generated, dim)
+        references[posed] = encoders.reference_features(np.stack([reference_poses[i] for i in posed])).to(noisy)
+        tokens[posed] = encoders.pose_tokens(np.stack([poses[i] for i in posed]))[:, :generated].to(noisy)
+        noisy = torch.cat([noisy[:, :, :prefix_frames] + references, noisy[:, :, prefix_frames:]], 2)
+        bias = torch.cat([tokens.new_zeros(tokens.shape[0], prefix_frames * frame_tokens, dim), tokens], dim=1)
+        return noisy, bias
 
 
 def flow_matching_loss(step_module: nn.Module, batch: dict, objective, frames_per_block: int, prefix_frames: int,
@@ -93,6 +108,9 @@ def flow_matching_loss(step_module: nn.Module, batch: dict, objective, frames_pe
 
     x0 = batch["latents"]
     blocks = (x0.shape[2] - prefix_frames) // frames_per_block
+    if blocks < 1:
+        raise ValueError(f"clips of {x0.shape[2]} latent frames are too short for {prefix_frames} prefix frame(s) "
+                         f"and one {frames_per_block}-frame block: prepare longer clips (--frames)")
     x0 = x0[:, :, :prefix_frames + blocks * frames_per_block]
     sigma, in_loss = objective.block_sigmas(x0.shape[0], blocks, rng)
     zeros = torch.zeros(x0.shape[0], prefix_frames)
@@ -111,10 +129,18 @@ def collate(items: list[dict], text_len: int) -> dict:
         tokens = min(text_len, item["prompt"].shape[0])
         prompts[row, :tokens] = item["prompt"][:tokens].float()
     batch = {"latents": torch.stack([item["latents"].float() for item in items]), "prompts": prompts}
-    if "pose" in items[0]:
-        batch["poses"] = [item["pose"].numpy() for item in items]
-        batch["reference_poses"] = [item["reference_pose"].numpy() for item in items]
+    if any("pose" in item for item in items):
+        batch["poses"] = [item["pose"].numpy() if "pose" in item else None for item in items]
+        batch["reference_poses"] = [item["reference_pose"].numpy() if "pose" in item else None for item in items]
     return batch
+
+
+def same_size_groups(items: list[dict]) -> list[list[dict]]:
+    """Clips of one latent size per group (a prepared folder may mix the config's resolutions)."""
+    groups: dict[tuple, list[dict]] = {}
+    for item in items:
+        groups.setdefault(tuple(item["latents"].shape), []).append(item)
+    return list(groups.values())
 
 
 def sample_indices(step: int, micro: int, rank: int, world: int, batch: int, accum: int, size: int,
@@ -125,9 +151,13 @@ def sample_indices(step: int, micro: int, rank: int, world: int, batch: int, acc
     for j in range(batch):
         position = ((step * accum + micro) * world + rank) * batch + j
         epoch, offset = divmod(position, size)
-        order = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        indices.append(int(order[offset]))
+        indices.append(int(epoch_order(size, seed, epoch)[offset]))
     return indices
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(size: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
 def learning_rate_factor(step: int, warmup: int, total: int, kind: str) -> float:
@@ -195,10 +225,10 @@ class Trainer:
         from .data import CachedClips
         from .objective import FlowObjective
 
-        self.data = CachedClips(args.data)
+        self.data = CachedClips(args.data, in_memory=cfg["data_in_memory"])
         if args.pose and not self.data.has_poses:
             raise SystemExit(f"--pose needs clips prepared with --poses; {args.data} has none")
-        self.objective = FlowObjective(**cfg["objective"])
+        self.objective = FlowObjective(**cfg["objective"], few_step_sigmas=self.few_step_sigmas())
         self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg["learning_rate"], betas=tuple(cfg["betas"]),
                                            weight_decay=cfg["weight_decay"])
         total = cfg["max_steps"]
@@ -245,17 +275,37 @@ class Trainer:
         text_len = generator.config.text_len
         self.step_module = FlowStep(generator, self.model_config.frames_per_block, text_len, encoders).to(self.device)
 
+    def few_step_sigmas(self) -> tuple[float, ...]:
+        """The noise levels the config's few-step sampler feeds the generator."""
+        from pipelines.scheduler import NUM_TRAIN_TIMESTEPS, FewStepSchedule
+
+        sampler = self.model_config.sampler
+        if sampler.kind != "few_step":
+            return ()
+        schedule = FewStepSchedule(sampler.denoising_steps, sampler.timestep_shift, sampler.warp_denoising_step)
+        return tuple(float(t) / NUM_TRAIN_TIMESTEPS for t in schedule.steps)
+
     # -- one optimisation step
 
     def loss(self, step: int, micro: int) -> torch.Tensor:
+        """Loss of one micro-batch. With --pose, or with probability image_to_video, the first latent
+        frame is a clean prefix (as the image / pose reference is at inference)."""
         cfg, acc = self.cfg, self.accelerator
         indices = sample_indices(step, micro, acc.process_index, acc.num_processes, cfg["batch_size"],
                                  cfg["gradient_accumulation"], len(self.data), cfg["seed"])
-        batch = collate([self.data[i] for i in indices], self.step_module_unwrapped.text_len)
+        items = [self.data[i] for i in indices]
         seed = ((cfg["seed"] * 1_000_003 + step) * 97 + micro) * 131 + acc.process_index
         torch.manual_seed(seed)  # dropout
-        return flow_matching_loss(self.step_module, batch, self.objective, self.model_config.frames_per_block,
-                                  1 if self.args.pose else 0, torch.Generator().manual_seed(seed), self.device)
+        rng = torch.Generator().manual_seed(seed)
+        with_image = cfg["image_to_video"] > 0 and torch.rand(1, generator=rng).item() < cfg["image_to_video"]
+        prefix = 1 if with_image or (self.args.pose and not cfg["image_to_video"]) else 0
+        total = 0.0
+        for group in same_size_groups(items):
+            batch = collate(group, self.step_module_unwrapped.text_len)
+            total = total + flow_matching_loss(self.step_module, batch, self.objective,
+                                               self.model_config.frames_per_block, prefix, rng,
+                                               self.device) * (len(group) / len(items))
+        return total
 
     @property
     def step_module_unwrapped(self) -> FlowStep:

@@ -52,17 +52,21 @@ class PoseEncoders(nn.Module):
             nn.Conv2d(HIDDEN, latent_channels, 3, stride=2, padding=1))
 
     def pose_tokens(self, pose_video: np.ndarray) -> torch.Tensor:
-        """uint8 [F, H, W, 3] pose frames (F = 4n-3) -> tokens [1, n*(H/16)*(W/16), dim]."""
+        """uint8 [F, H, W, 3] pose frames (F = 4n-3), or a batch [B, F, H, W, 3] of them ->
+        tokens [B, n*(H/16)*(W/16), dim] (B = 1 for one video)."""
         weight = self.dwpose_embedding[0].weight
-        video = torch.from_numpy(pose_video).to(weight.device, weight.dtype).permute(3, 0, 1, 2)[None] / 255.0
+        frames = torch.from_numpy(np.asarray(pose_video)).to(weight.device, weight.dtype)
+        video = (frames if frames.ndim == 5 else frames[None]).permute(0, 4, 1, 2, 3) / 255.0
         video = torch.cat([video[:, :, :1].repeat(1, 1, 3, 1, 1), video], dim=2)
         tokens = self.dwpose_embedding(video).flatten(2).transpose(1, 2)
         return tokens if self.pose_proj is None else self.pose_proj(tokens)
 
     def reference_features(self, reference_pose: np.ndarray) -> torch.Tensor:
-        """uint8 [H, W, 3] -> [1, latent_channels, 1, H/8, W/8], added to the reference latent."""
+        """uint8 [H, W, 3] (or a batch [B, H, W, 3]) -> [B, latent_channels, 1, H/8, W/8], added to the
+        reference latent."""
         weight = self.randomref_embedding_pose[0].weight
-        image = torch.tensor(reference_pose).to(weight.device, weight.dtype).permute(2, 0, 1)[None] / 255.0
+        pixels = torch.tensor(np.asarray(reference_pose)).to(weight.device, weight.dtype)
+        image = (pixels if pixels.ndim == 4 else pixels[None]).permute(0, 3, 1, 2) / 255.0
         return self.randomref_embedding_pose(image).unsqueeze(2)
 
 

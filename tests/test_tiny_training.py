@@ -1,0 +1,159 @@
+"""The synthetic world, its evaluator, and `python -m training.tiny` end to end (a few steps, CPU)."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from training.evaluate import keypoint_error, score_video, summarise
+from training.objective import FlowObjective
+from training.synthetic import (DIRECTIONS, MOTION_PHRASES, SIZES, SyntheticWorld, figure_keypoints, pose_frames,
+                                render)
+
+
+def test_world_is_seeded_and_captions_describe_the_scene():
+    world = SyntheticWorld(seed=3)
+    for index in range(40):
+        scene = world.scene(index)
+        assert scene == SyntheticWorld(seed=3).scene(index)
+        frames = render(scene)
+        assert frames.shape == (37, scene.height, scene.width, 3) and (scene.height, scene.width) in SIZES
+        assert np.array_equal(frames, render(scene))
+        assert scene.caption.count(scene.background.colours[0]) >= 1
+        for spec in scene.shapes:
+            assert f"{spec.colour} {spec.shape} " in scene.caption
+            assert any(phrase in scene.caption for phrase in MOTION_PHRASES[spec.motion])
+        if scene.figure is not None:
+            assert f"{scene.figure.colour} stick figure" in scene.caption
+            assert pose_frames(scene).shape == frames.shape
+    assert world.scene(0) != SyntheticWorld(seed=4).scene(0)
+
+
+def test_held_out_combinations_never_appear_in_training_but_their_pairs_do():
+    world = SyntheticWorld()
+    held = world.held_out
+    assert len(held) >= 20
+    trained = {(s.colour, s.shape, s.motion) for i in range(3000) for s in world.scene(i).shapes}
+    assert not trained & held
+    for colour, shape, motion in held:
+        assert any(t[:2] == (colour, shape) for t in trained)
+        assert any(t[1:] == (shape, motion) for t in trained)
+        assert any((t[0], t[2]) == (colour, motion) for t in trained)
+    scene = world.held_out_scene(0)
+    assert (scene.shapes[0].colour, scene.shapes[0].shape, scene.shapes[0].motion) in held
+
+
+def test_evaluator_accepts_the_true_clips_and_rejects_wrong_ones():
+    world = SyntheticWorld()
+    truth, static, reversed_, noise = [], [], [], []
+    rng = np.random.default_rng(0)
+    for index in range(20):
+        scene = world.held_out_scene(index)
+        spec, frames = scene.shapes[0], render(scene)[:33]
+        truth.append(score_video(frames, scene.caption, spec.colour, spec.motion))
+        static.append(score_video(frames[:1].repeat(33, 0), scene.caption, spec.colour, spec.motion))
+        reversed_.append(score_video(frames[::-1], scene.caption, spec.colour, spec.motion))
+        noise.append(score_video(rng.integers(0, 256, frames.shape, dtype=np.uint8), scene.caption, spec.colour,
+                                 spec.motion))
+    assert summarise(truth) == {"prompts": 20, "colour_found": 1.0, "direction_ok": 1.0}
+    assert summarise(static)["colour_found"] == 1.0 and summarise(static)["direction_ok"] == 0.0
+    assert summarise(reversed_)["direction_ok"] == 0.0
+    assert summarise(noise)["colour_found"] == 0.0
+
+    scene = world.figure_scene_at(0)
+    frames = render(scene)
+    keypoints = np.stack([figure_keypoints(scene.figure, i, scene.height, scene.width) for i in range(scene.frames)])
+    shuffled = frames[np.random.default_rng(0).permutation(len(frames))]
+    assert keypoint_error(frames, keypoints, scene.figure.colour) < 0.3 * keypoint_error(shuffled, keypoints,
+                                                                                         scene.figure.colour)
+
+
+def test_few_step_objective_trains_at_the_samplers_sigmas():
+    table = (1.0, 0.75, 0.5, 0.25)
+    sigma, _ = FlowObjective(shift=1.0, few_step_fraction=1.0, few_step_sigmas=table).block_sigmas(
+        64, 3, torch.Generator().manual_seed(0))
+    assert set(sigma.flatten().tolist()) == set(table)
+    mixed, _ = FlowObjective(shift=1.0, few_step_fraction=0.5, few_step_sigmas=table).block_sigmas(
+        400, 3, torch.Generator().manual_seed(0))
+    on_table = np.isin(mixed.numpy(), table).mean()
+    assert 0.4 < on_table < 0.6
+    with pytest.raises(ValueError, match="few_step_sigmas"):
+        FlowObjective(few_step_fraction=0.5)
+
+
+@pytest.fixture(scope="module")
+def trained_from_scratch(tmp_path_factory):
+    """Every stage of training.tiny for a couple of steps: a model folder the app's loader reads."""
+    from training import tiny
+
+    out = tmp_path_factory.mktemp("tiny")
+    assert tiny.main(["--out", str(out), "--clips", "12", "--caption-steps", "2", "--caption-batch", "8",
+                      "--vae-steps", "1", "--vae-batch", "2", "--steps", "2", "--workers", "1", "--cpu",
+                      "--skip-evaluation"]) == 0
+    return out
+
+
+def test_training_from_scratch_writes_a_model_the_app_loads(trained_from_scratch):
+    import json
+
+    from demo.runtime import make_pose_animator
+    from pipelines.builder import build_pipeline
+    from pipelines.config import load_config
+    from pipelines.core import GenerationRequest
+
+    model = trained_from_scratch / "model"
+    for name in ("transformer/diffusion_pytorch_model.safetensors", "vae/config.json", "text_encoder/config.json",
+                 "tokenizer/tokenizer.json", "pose_encoders.safetensors"):
+        assert (model / name).is_file(), name
+    vae_config = json.loads((model / "vae" / "config.json").read_text())
+    assert vae_config["latents_std"] != [1.0] * 16  # measured on the rendered clips
+    report = json.loads((trained_from_scratch / "training.json").read_text())
+    assert report["generator_steps"] == 2 and set(report["seconds"]) >= {"caption_encoder", "vae", "data", "generator"}
+    metrics = (trained_from_scratch / "run" / "logs").rglob("*")
+    assert any(metrics)
+
+    pipeline, _ = build_pipeline(load_config("configs/tiny_shapes.yaml"), model, "cpu")
+    assert pipeline.components.model_dir == model
+    world = SyntheticWorld()
+    scene = world.held_out_scene(0)
+    t2v = np.concatenate([r.frames for r in pipeline.generate(GenerationRequest(scene.caption, num_blocks=1))])
+    assert t2v.shape == (9, 64, 96, 3)
+    first = render(scene)[0]
+    i2v = [r.frames for r in pipeline.generate(GenerationRequest(scene.caption, num_blocks=1,
+                                                                 image=Image.fromarray(first)))]
+    assert i2v[0].shape == (1, 64, 96, 3)
+    figure = world.figure_scene_at(0)
+    animator = make_pose_animator(pipeline, None)
+    request = animator.request(Image.fromarray(render(figure)[0]), list(pose_frames(figure)[4:]), True,
+                               GenerationRequest(figure.caption, num_blocks=1))
+    assert sum(len(r.frames) for r in pipeline.generate(request)) == 1 + 12  # the reference, then 3 latents
+    assert animator.encoders.path == model / "pose_encoders.safetensors"
+
+
+def test_a_second_run_continues_instead_of_starting_over(trained_from_scratch, caplog):
+    from training import tiny
+
+    before = (trained_from_scratch / "model" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+    with caplog.at_level("INFO"):
+        assert tiny.main(["--out", str(trained_from_scratch), "--clips", "12", "--workers", "1", "--cpu",
+                          "--skip-evaluation", "--steps", "2"]) == 0
+    assert (trained_from_scratch / "model" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == before
+    assert not any("caption encoder step" in r.message or "vae step" in r.message for r in caplog.records)
+
+
+def test_the_trained_model_folder_is_required_with_a_clear_message(tmp_path):
+    from pipelines.config import load_config
+    from pipelines.weights import WeightsError, load_components
+
+    config = load_config("configs/tiny_shapes.yaml", **{"weights.bundled_dir": str(tmp_path / "absent")})
+    with pytest.raises(WeightsError, match="python -m training.tiny"):
+        load_components(config)
+
+
+def test_every_direction_has_caption_words():
+    assert set(DIRECTIONS) <= set(MOTION_PHRASES)
+    assert all(len(set(phrases)) == len(phrases) for phrases in MOTION_PHRASES.values())
+    assert len(set(itertools.chain(*MOTION_PHRASES.values()))) == sum(map(len, MOTION_PHRASES.values()))

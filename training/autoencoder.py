@@ -1,0 +1,68 @@
+"""Trains a (tiny) AutoencoderKLWan from scratch: L1 + MSE reconstruction and a small KL term.
+
+Clips are short (1 + 4k frames, k >= 2) so that both the causal first frame (what image-to-video
+encodes) and the 4-frame temporal packing are trained. After training, the latents' per-channel
+mean and std are measured and stored in the VAE's config (latents_mean / latents_std), which is
+how the pipeline normalises Wan latents: the generator then sees unit-scale latents.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+import torch
+from diffusers import AutoencoderKLWan
+
+from .train import learning_rate_factor
+
+log = logging.getLogger(__name__)
+
+ClipBatch = Callable[[int], torch.Tensor]  # step -> pixels [B, 3, T, H, W] in [-1, 1]
+
+
+def reconstruction_loss(vae: AutoencoderKLWan, pixels: torch.Tensor, kl_weight: float) -> tuple[torch.Tensor, float]:
+    """(loss, PSNR in dB of this batch's reconstruction); the KL is per latent element."""
+    posterior = vae.encode(pixels).latent_dist
+    decoded = vae.decode(posterior.sample()).sample
+    error = decoded.float() - pixels.float()
+    mse = error.pow(2).mean()
+    kl = 0.5 * (posterior.mean.float().pow(2) + posterior.var.float() - 1.0 - posterior.logvar.float()).mean()
+    loss = error.abs().mean() + mse + kl_weight * kl
+    psnr = float(10 * torch.log10(4.0 / mse.detach().clamp_min(1e-10)))  # peak-to-peak 2 in [-1, 1]
+    return loss, psnr
+
+
+def train_autoencoder(vae: AutoencoderKLWan, batches: ClipBatch, steps: int, learning_rate: float,
+                      kl_weight: float, device: torch.device, log_every: int = 100) -> list[float]:
+    """Trains `vae` in place on batches(step); returns the PSNR of every step."""
+    vae.to(device).train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=learning_rate, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: learning_rate_factor(s, max(1, steps // 20), steps, "cosine"))
+    use_bf16 = device.type == "cuda"
+    history: list[float] = []
+    started = time.perf_counter()
+    for step in range(steps):
+        pixels = batches(step).to(device)
+        with torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
+            loss, psnr = reconstruction_loss(vae, pixels, kl_weight)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        history.append(psnr)
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            log.info("vae step %d/%d: loss %.4f, PSNR %.1f dB (%.1f steps/s)", step + 1, steps, loss.item(), psnr,
+                     (step + 1) / (time.perf_counter() - started))
+    vae.eval().requires_grad_(False)
+    return history
+
+
+@torch.no_grad()
+def set_latent_statistics(vae: AutoencoderKLWan, samples: list[torch.Tensor]) -> None:
+    """Stores the per-channel mean and std of the posterior means of `samples` in vae.config."""
+    means = [vae.encode(pixels.to(vae.device)).latent_dist.mode().float() for pixels in samples]
+    flat = torch.cat([m.transpose(0, 1).reshape(m.shape[1], -1) for m in means], dim=1)
+    vae.register_to_config(latents_mean=flat.mean(1).tolist(), latents_std=flat.std(1).clamp_min(1e-3).tolist())

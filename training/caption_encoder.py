@@ -1,0 +1,91 @@
+"""Trains the tiny byte-level UMT5 prompt encoder to read the synthetic world's captions.
+
+Every output token of a caption is trained (through small linear heads that are thrown away
+afterwards) to predict all of the scene's parameters: each shape's colour, kind and motion, the
+figure's colour and action, and the background colours. A token then carries the whole caption's
+meaning, whatever the wording, so the generator's cross-attention can read it from any position.
+The encoder is frozen while the generator trains (its prompt embeddings are cached with the clips).
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+
+import torch
+from torch import nn
+from transformers import UMT5EncoderModel
+
+from pipelines.text_encoder import PromptEncoder, clean_prompt
+
+from .synthetic import BACKGROUND_COLOURS, FIGURE_ACTIONS, MOTIONS, SHAPE_COLOURS, SHAPES, Scene, SyntheticWorld
+from .train import learning_rate_factor
+
+log = logging.getLogger(__name__)
+MAX_SHAPES = 3
+# (name, classes): class 0 is "absent" wherever something may be missing
+TARGETS = ([(f"shape{k}_{part}", n + 1) for k in range(MAX_SHAPES)
+            for part, n in (("colour", len(SHAPE_COLOURS)), ("kind", len(SHAPES)), ("motion", len(MOTIONS)))]
+           + [("figure_colour", len(SHAPE_COLOURS) + 1), ("figure_action", len(FIGURE_ACTIONS) + 1),
+              ("background0", len(BACKGROUND_COLOURS)), ("background1", len(BACKGROUND_COLOURS) + 1)])
+
+
+def scene_targets(scene: Scene) -> list[int]:
+    """Class indices for TARGETS, in order."""
+    colours, kinds, motions = list(SHAPE_COLOURS), list(SHAPES), list(MOTIONS)
+    targets = []
+    for k in range(MAX_SHAPES):
+        spec = scene.shapes[k] if k < len(scene.shapes) else None
+        targets += [0, 0, 0] if spec is None else [colours.index(spec.colour) + 1, kinds.index(spec.shape) + 1,
+                                                    motions.index(spec.motion) + 1]
+    figure = scene.figure
+    targets += [0, 0] if figure is None else [colours.index(figure.colour) + 1,
+                                              list(FIGURE_ACTIONS).index(figure.action) + 1]
+    backgrounds = list(BACKGROUND_COLOURS)
+    names = scene.background.colours
+    targets += [backgrounds.index(names[0]), backgrounds.index(names[1]) + 1 if len(names) > 1 else 0]
+    return targets
+
+
+class CaptionHeads(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.heads = nn.ModuleList(nn.Linear(width, classes) for _, classes in TARGETS)
+
+    def loss(self, hidden: torch.Tensor, valid: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Cross-entropy of every valid token against the caption's targets; (loss, token accuracy)."""
+        tokens = hidden[valid]  # [N, width]
+        per_token = targets[:, None, :].expand(-1, hidden.shape[1], -1)[valid]  # [N, heads]
+        losses, correct = [], []
+        for index, head in enumerate(self.heads):
+            logits = head(tokens)
+            losses.append(nn.functional.cross_entropy(logits, per_token[:, index]))
+            correct.append((logits.argmax(-1) == per_token[:, index]).float().mean())
+        return torch.stack(losses).mean(), float(torch.stack(correct).mean())
+
+
+def train_caption_encoder(encoder: PromptEncoder, world: SyntheticWorld, steps: int, batch_size: int,
+                          learning_rate: float, device: torch.device, log_every: int = 200) -> float:
+    """Trains encoder.model in place on captions of fresh training scenes; returns the final token accuracy."""
+    model: UMT5EncoderModel = encoder.model.to(device).train().requires_grad_(True)
+    heads = CaptionHeads(model.config.d_model).to(device)
+    optimizer = torch.optim.AdamW([*model.parameters(), *heads.parameters()], lr=learning_rate, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: learning_rate_factor(s, max(1, steps // 20), steps, "cosine"))
+    rng = random.Random(world.seed)
+    started, accuracy = time.perf_counter(), 0.0
+    for step in range(steps):
+        scenes = [world.scene(rng.randrange(10**9)) for _ in range(batch_size)]
+        ids, mask = encoder.tokenize([clean_prompt(scene.caption) for scene in scenes], device)
+        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        targets = torch.tensor([scene_targets(scene) for scene in scenes], device=device)
+        loss, accuracy = heads.loss(hidden, mask.bool(), targets)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            log.info("caption encoder step %d/%d: loss %.4f, token accuracy %.3f (%.1f steps/s)", step + 1, steps,
+                     loss.item(), accuracy, (step + 1) / (time.perf_counter() - started))
+    model.eval().requires_grad_(False)
+    return accuracy
