@@ -15,8 +15,7 @@ import torch
 from pipelines.config import PipelineConfig, load_config
 from pipelines.core import BlockResult, GenerationRequest, StreamingVideoPipeline
 from pipelines.memory import MemoryPlan, configure_memory
-from pipelines.pose.animation import PoseAnimator
-from pipelines.pose.condition import LazyPoseEncoders
+from pipelines.pose.animation import PoseAnimator, make_pose_animator
 from pipelines.builder import build_pipeline, default_device, vram_bytes
 from pipelines.inspect import Report, inspect_folder
 from pipelines.lora import LoraChoice
@@ -226,15 +225,3 @@ def inspect_weights(weights_dir: Path | None) -> Report | None:
         return None
     log.info("weights inspector:\n%s", report.text())
     return report
-
-
-def make_pose_animator(pipeline: StreamingVideoPipeline, weights_dir: Path | None) -> PoseAnimator:
-    """Pose tooling with paths from the config's pose section: the encoders beside the model's files,
-    the DWPose detector in the weights folder."""
-    pose = pipeline.config.pose
-    model_dir = pipeline.components.model_dir
-    weights_file = model_dir / pose["weights"] if model_dir and pose.get("weights") else None
-    encoders = LazyPoseEncoders(pipeline.generator.config.dim, weights_file, pipeline.device, pipeline.dtype,
-                                pose.get("random_seed"))
-    detector_dir = weights_dir / pose.get("detector_dir", "dwpose") if weights_dir else None
-    return PoseAnimator(pipeline, encoders, detector_dir)

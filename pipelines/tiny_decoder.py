@@ -42,11 +42,10 @@ class MemoryBlock(nn.Module):
         super().__init__()
         self.conv = nn.Sequential(_conv(2 * width, width), nn.ReLU(), _conv(width, width), nn.ReLU(),
                                   _conv(width, width))
-        self.skip = nn.Identity()
         self.act = nn.ReLU()
 
     def forward(self, x: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
-        return self.act(self.conv(torch.cat([x, past], 1)) + self.skip(x))
+        return self.act(self.conv(torch.cat([x, past], 1)) + x)
 
 
 class TimeGrow(nn.Module):

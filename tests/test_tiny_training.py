@@ -99,7 +99,7 @@ def trained_from_scratch(tmp_path_factory):
 def test_training_from_scratch_writes_a_model_the_app_loads(trained_from_scratch):
     import json
 
-    from demo.runtime import make_pose_animator
+    from pipelines.pose.animation import make_pose_animator
     from pipelines.builder import build_pipeline
     from pipelines.config import load_config
     from pipelines.core import GenerationRequest

@@ -77,7 +77,7 @@ def pose_scores(pipeline: StreamingVideoPipeline, animator, world: SyntheticWorl
 
 def evaluate_model(model_dir: Path | None, device: torch.device | str = "cpu") -> dict:
     """All three scores for the tiny model in model_dir (None: the bundled one)."""
-    from demo.runtime import make_pose_animator
+    from pipelines.pose.animation import make_pose_animator
     from pipelines.builder import build_pipeline
     from pipelines.config import load_config
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -372,19 +372,3 @@ def pose_frames(scene: Scene) -> np.ndarray:
         raise ValueError("pose_frames needs a stick-figure scene")
     return np.stack([draw_pose(PoseFrame(bodies=[figure_keypoints(scene.figure, i, scene.height, scene.width)]),
                                scene.width, scene.height) for i in range(scene.frames)])
-
-
-@dataclass
-class Clip:
-    clip_id: str
-    caption: str
-    frames: np.ndarray  # uint8 [T, H, W, 3]
-    poses: np.ndarray | None = field(default=None, repr=False)  # uint8 [T, H, W, 3] for stick figures
-
-
-def training_clips(world: SyntheticWorld, count: int, start: int = 0):
-    """Clips start .. start+count-1 of the training split."""
-    for index in range(start, start + count):
-        scene = world.scene(index)
-        yield Clip(f"synthetic-{index:06d}", scene.caption, render(scene),
-                   pose_frames(scene) if scene.figure is not None else None)

@@ -209,6 +209,8 @@ def train_generator(args: argparse.Namespace, model_dir: Path, data_dir: Path, r
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .train import load_training_config
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("diffusers").setLevel(logging.ERROR)
@@ -238,8 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         timed("data", lambda: prepare_data(args, model_dir, data_dir, device))
         timed("generator", lambda: train_generator(args, model_dir, data_dir, run_dir))
     report.update({"clips": args.clips, "caption_steps": args.caption_steps, "vae_steps": args.vae_steps,
-                   "generator_steps": args.steps or json.loads((run_dir / "logs" / "config.json").read_text()
-                                                                ).get("max_steps"),
+                   "generator_steps": args.steps or load_training_config(TRAIN_CONFIG)["max_steps"],
                    "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"})
     report_path.write_text(json.dumps(report, indent=2))
     if not args.skip_evaluation:

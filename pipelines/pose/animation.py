@@ -77,6 +77,18 @@ class PoseAnimator:
                                    reference_latent=reference_latent)
 
 
+def make_pose_animator(pipeline: StreamingVideoPipeline, weights_dir: Path | None) -> PoseAnimator:
+    """Pose tooling with paths from the config's pose section: the encoders beside the model's files,
+    the DWPose detector in the weights folder."""
+    pose = pipeline.config.pose
+    model_dir = pipeline.components.model_dir
+    weights_file = model_dir / pose["weights"] if model_dir and pose.get("weights") else None
+    encoders = LazyPoseEncoders(pipeline.generator.config.dim, weights_file, pipeline.device, pipeline.dtype,
+                                pose.get("random_seed"))
+    detector_dir = weights_dir / pose.get("detector_dir", "dwpose") if weights_dir else None
+    return PoseAnimator(pipeline, encoders, detector_dir)
+
+
 def _fit(frame: np.ndarray, height: int, width: int) -> np.ndarray:
     """Cover-resize and centre-crop an RGB frame to height x width (as images are for I2V)."""
     tensor = prepare_image(Image.fromarray(frame), height, width)
