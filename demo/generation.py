@@ -15,11 +15,12 @@ import torch
 from pipelines import config
 from pipelines.core import MAX_SEED, GenerationRequest, RequestError
 from pipelines.prompt_extender import ExtenderError
+from pipelines.video_io import H264Writer
 
 from .media import StreamRecorder
 from .metrics import RunRecord
 from .runtime import Runtime
-from .session import SessionControl
+from .session import FastRun, SessionControl
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,7 @@ def stream_video(runtime: Runtime, session: SessionControl, request: GenerationR
     extended_prompt = gr.skip() if extended_prompt is None else extended_prompt
     note += truncation_note(runtime, request.prompt)
     recorder = StreamRecorder(session.new_run_dir(), int(fps))
+    fast_run = FastRun(recorder.run_dir, int(fps)) if request.fast_decode and not request.continuous else None
     run = RunRecord(tab=tab, model=runtime.config.name, device=str(pipeline.device), resolution=f"{width}x{height}",
                     blocks=num_blocks, profile=runtime.memory_plan.profile.name if runtime.memory_plan else None)
     yield StreamUpdate(gr.skip(), gr.skip(), f"Starting: {num_blocks} blocks …{note}", None, request.seed,
@@ -155,6 +157,8 @@ def stream_video(runtime: Runtime, session: SessionControl, request: GenerationR
         try:
             for result in runtime.generate_blocks(request, session.stop_requested.is_set):
                 segment = recorder.add_block(result.frames)
+                if fast_run is not None and result.latents is not None:
+                    fast_run.latents.append(result.latents)
                 run.server_first_frame_s = run.server_first_frame_s or result.elapsed_s
                 block_s += result.block_s
                 run.fps = recorder.frames / result.elapsed_s
@@ -190,6 +194,7 @@ def stream_video(runtime: Runtime, session: SessionControl, request: GenerationR
             raise
         finally:
             final = recorder.finish()
+            session.fast_run = fast_run if fast_run is not None and fast_run.latents else None
             run.cancelled = run.blocks_done < num_blocks and not run.failed
             run.browser_first_frame_s = session.browser_first_frame_s
             run.peak_gpu_bytes = torch.cuda.max_memory_allocated(pipeline.device) if cuda else None
@@ -200,3 +205,20 @@ def stream_video(runtime: Runtime, session: SessionControl, request: GenerationR
     done = f"Stopped after block {run.blocks_done}/{num_blocks}." if run.cancelled else "Done."
     yield StreamUpdate(gr.skip(), gr.skip(), f"{done} {status}", str(final) if final else None,
                        request.seed).as_tuple()
+
+
+def redecode_with_vae(runtime: Runtime, session: SessionControl) -> tuple[str, str]:
+    """(mp4 path, status): the session's last fast-decoded video decoded again with the full Wan VAE."""
+    run = session.fast_run
+    if run is None or runtime.pipeline is None:
+        raise UserError("Nothing to re-decode: generate a video with the fast decoder first (continuous runs "
+                        "are not kept).")
+    with runtime.gpu_lock:
+        writer = None
+        for frames in runtime.pipeline.decode_with_vae(run.latents):
+            if writer is None:
+                writer = H264Writer(run.run_dir / "video_full_vae.mp4", frames.shape[2], frames.shape[1], run.fps,
+                                    progressive=True)  # encoded as the run's own mp4
+            writer.write(frames)
+        path = writer.close()
+    return str(path), f"Re-decoded with the full Wan VAE: {writer.frames_written} frames."

@@ -5,12 +5,22 @@ import contextlib
 import shutil
 import tempfile
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 from pipelines.steering import PromptSteering
 
 from .outputs import OutputStore
+
+
+@dataclass
+class FastRun:
+    """What re-decoding a fast-decoded run with the full VAE needs: its latents, in order."""
+
+    run_dir: Path
+    fps: int
+    latents: list = field(default_factory=list)
 
 
 class SessionControl:
@@ -25,6 +35,7 @@ class SessionControl:
         self.extended_from: dict[str, str] = {}  # tab -> the prompt whose extension the tab's box holds
         self.browser_first_frame_s: float | None = None  # reported by the page for the current run
         self.steering = PromptSteering()  # prompt switches for the current run
+        self.fast_run: FastRun | None = None  # the last fast-decoded run, for a full-VAE re-decode
 
     def __deepcopy__(self, memo: dict) -> "SessionControl":
         # Gradio deep-copies state values between events; the stop flag must stay the same object
@@ -60,6 +71,7 @@ class SessionControl:
         self.stop_requested.clear()
         self.browser_first_frame_s = None
         self.steering = PromptSteering()
+        self.fast_run = None
         return run_dir
 
     def steer(self, prompt: str, mode: str = "recache") -> bool:

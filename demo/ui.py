@@ -12,7 +12,8 @@ from pipelines.memory_profiles import PROFILE_CHOICES
 from pipelines.steering import SWITCH_MODES
 from pipelines.weights import WeightsError
 
-from .generation import UserError, extend_request, parse_resolution, pick_seed, stream_video, whole_number
+from .generation import (UserError, extend_request, parse_resolution, pick_seed, redecode_with_vae, stream_video,
+                         whole_number)
 from .media import MediaError, load_image, read_video
 from .runtime import NO_LORA, Runtime
 from .session import SessionControl
@@ -130,6 +131,7 @@ class Controls:
         with gr.Row():
             self.generate = gr.Button("Generate", variant="primary")
             self.stop = gr.Button("Stop", variant="stop")
+        self.redecode = gr.Button("Re-decode the last fast-decoded video with the full VAE", size="sm", visible=fast)
         with gr.Row():
             self.apply = gr.Button("Apply new prompt", size="sm")
             self.switch_mode = gr.Radio(list(SWITCH_MODES), value="recache", label="Prompt switch",
@@ -231,6 +233,9 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
             raise UserError(str(err)) from err
         yield from run("pose", session, request, fps, extend, extended, lora, lora_strength, browser)
 
+    def redecode(session: SessionControl) -> tuple[str, str]:
+        return redecode_with_vae(runtime, session)
+
     def report_browser_timing(seconds: str, session: SessionControl) -> str:
         try:
             value = float(seconds)
@@ -316,6 +321,9 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
                                    show_progress="hidden").success(handler, api_name=False, **generate)
             controls.stop.click(request_stop, inputs=[session], outputs=[outputs.status], queue=False,
                                 api_name=f"stop_{name}")
+            if runtime.fast_decoder_available:
+                controls.redecode.click(redecode, inputs=[session], outputs=[outputs.video, outputs.status],
+                                        concurrency_id="gpu", concurrency_limit=1, api_name=f"redecode_{name}")
             controls.apply.click(steer, inputs=[controls.prompt, controls.switch_mode, session],
                                  outputs=[outputs.status], queue=False, api_name=f"steer_{name}")
             outputs.report.change(report_browser_timing, inputs=[outputs.report, session], outputs=[outputs.timing],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -15,6 +16,9 @@ from .config import PipelineConfig
 from .core import GenerationRequest, StreamingVideoPipeline
 from .memory import GIB, MemoryPlan, configure_memory
 from .weights import load_components
+
+if TYPE_CHECKING:
+    from .tiny_decoder import TinyVideoDecoder
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +60,7 @@ def build_pipeline(config: PipelineConfig, weights_dir: str | Path | None, devic
     return pipeline, plan
 
 
-def load_tiny_decoder(weights_dir: Path | None, device: torch.device, dtype: torch.dtype):
+def load_tiny_decoder(weights_dir: Path | None, device: torch.device, dtype: torch.dtype) -> "TinyVideoDecoder | None":
     """The TAEHV decoder when taew2_1 is in the weights folder (a bad file is logged, not fatal:
     the full VAE still decodes)."""
     from .tiny_decoder import TinyVideoDecoder, find_tiny_decoder

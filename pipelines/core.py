@@ -66,7 +66,8 @@ class BlockResult:
     index: int
     num_blocks: int
     frames: np.ndarray  # uint8 [T, H, W, 3]
-    latents: torch.Tensor | None  # clean latents of the whole block [1, C, F, h, w] (CPU) when complete
+    latents: torch.Tensor | None  # clean latents of the whole block [1, C, F, h, w] (CPU) when complete, and
+    # the image prefix's latent on the result that shows it
     denoise_s: float  # denoising time of this block, on its first result only
     decode_s: float
     elapsed_s: float  # since generate() was called
@@ -248,7 +249,9 @@ class StreamingVideoPipeline:
         if first_latent is not None:
             first_latent = first_latent.to(self.device, self.dtype)
             write(first_latent, 0, 0, self._token_bias(request, 0, prefix_frames))
-            yield decoded(0, first_latent, 0.0, None)  # the input image is the first frame: show it now
+            prefix = decoded(0, first_latent, 0.0, None)  # the input image is the first frame: show it now
+            prefix.latents = first_latent.float().cpu()
+            yield prefix
 
         for index in range(num_blocks):
             if cancel is not None and cancel():
@@ -282,6 +285,15 @@ class StreamingVideoPipeline:
                 yield decoded(index, clean[:, :, 1:], 0.0, clean)
             else:
                 yield decoded(index, clean, denoise_s, clean)
+
+    @torch.no_grad()
+    def decode_with_vae(self, latents: list[torch.Tensor]) -> Iterator[np.ndarray]:
+        """A run's latents (image prefix first, then each block) through the Wan VAE, block by block:
+        the frames that run would have streamed without fast_decode (generation does not depend on
+        the decoder)."""
+        decoder = self.vae.stream(self.decode_frame_by_frame)
+        for block in latents:
+            yield to_uint8_frames(decoder.decode_block(block.to(self.device, self.dtype)))
 
     def _switch_prompt(self, switch: PromptSwitch, contexts: list, caches: list[KVCache],
                        written: list["ContextWrite"]) -> float:
