@@ -157,3 +157,18 @@ def test_every_direction_has_caption_words():
     assert set(DIRECTIONS) <= set(MOTION_PHRASES)
     assert all(len(set(phrases)) == len(phrases) for phrases in MOTION_PHRASES.values())
     assert len(set(itertools.chain(*MOTION_PHRASES.values()))) == sum(map(len, MOTION_PHRASES.values()))
+
+
+def test_a_time_limited_run_pauses_with_a_checkpoint_and_continues(trained_from_scratch, tmp_path):
+    from training import train
+
+    data = trained_from_scratch / "data"
+    weights = trained_from_scratch / "model"
+    out = tmp_path / "run"
+    common = ["--config", "configs/tiny_train.yaml", "--data", str(data), "--out", str(out), "--weights", str(weights),
+              "--full", "--pose", "--max-steps", "3", "--cpu"]
+    assert train.main([*common, "--max-minutes", "0"]) == 0
+    assert [p.name for p in (out / "checkpoints").glob("step-*")] == ["step-000001"]
+    assert not (out / "generator.safetensors").exists()
+    assert train.main([*common, "--resume", "latest"]) == 0
+    assert (out / "generator.safetensors").exists()

@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, help="generator steps (default: configs/tiny_train.yaml)")
     parser.add_argument("--workers", type=int, default=min(16, multiprocessing.cpu_count()),
                         help="processes rendering clips")
+    parser.add_argument("--max-minutes", type=float, help="pause the generator stage with a checkpoint after this "
+                                                          "long (rerun the same command to continue)")
     parser.add_argument("--skip-evaluation", action="store_true", help="leave out the held-out scores")
     parser.add_argument("--install", action="store_true", help=f"copy the finished model to {BUNDLE}")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is there")
@@ -157,9 +159,14 @@ def prepare_data(args: argparse.Namespace, model_dir: Path, data_dir: Path, devi
     """Renders the training clips and caches them as training.prepare does (latents, prompts, poses)."""
     from pipelines.weights import load_components
 
-    from .data import ClipRecord, ShardWriter
+    from .data import MANIFEST, ClipRecord, ShardWriter, read_manifest
     from .prepare import pose_tensors
 
+    vae_file = model_dir / "vae" / "diffusion_pytorch_model.safetensors"
+    manifest = data_dir / MANIFEST
+    if len(read_manifest(data_dir)) == args.clips and manifest.stat().st_mtime > vae_file.stat().st_mtime:
+        log.info("%s already holds the %d clips, encoded with this VAE", data_dir, args.clips)
+        return
     if data_dir.exists():
         shutil.rmtree(data_dir)
     components = load_components(model_config(), model_dir, device)
@@ -192,7 +199,8 @@ def prepare_data(args: argparse.Namespace, model_dir: Path, data_dir: Path, devi
     log.info("%d clips cached in %s (%.0f s)", args.clips, data_dir, time.perf_counter() - started)
 
 
-def train_generator(args: argparse.Namespace, model_dir: Path, data_dir: Path, run_dir: Path) -> None:
+def train_generator(args: argparse.Namespace, model_dir: Path, data_dir: Path, run_dir: Path) -> dict:
+    """Runs (or continues) the trainer; the model folder gets the generator and pose encoders when it finishes."""
     from . import train
 
     argv = ["--config", TRAIN_CONFIG, "--data", str(data_dir), "--out", str(run_dir), "--weights", str(model_dir),
@@ -203,9 +211,16 @@ def train_generator(args: argparse.Namespace, model_dir: Path, data_dir: Path, r
         argv += ["--max-steps", str(args.steps)]
     if args.cpu:
         argv += ["--cpu"]
+    if args.max_minutes is not None:
+        argv += ["--max-minutes", str(args.max_minutes)]
+    for stale in (run_dir / "generator.safetensors", run_dir / "checkpoints" / "pose_encoders.safetensors"):
+        stale.unlink(missing_ok=True)
     train.main(argv)
+    if not (run_dir / "generator.safetensors").exists():
+        return {"generator_paused": True}
     shutil.copy(run_dir / "generator.safetensors", model_dir / "transformer" / "diffusion_pytorch_model.safetensors")
     shutil.copy(run_dir / "checkpoints" / "pose_encoders.safetensors", model_dir / "pose_encoders.safetensors")
+    return {"generator_paused": False}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     if not (model_dir / "pose_encoders.safetensors").exists():
         timed("data", lambda: prepare_data(args, model_dir, data_dir, device))
         timed("generator", lambda: train_generator(args, model_dir, data_dir, run_dir))
+        if report["generator_paused"]:
+            log.info("generator training paused (--max-minutes): run the same command again to continue")
+            return 0
     report.update({"clips": args.clips, "caption_steps": args.caption_steps, "vae_steps": args.vae_steps,
                    "generator_steps": args.steps or load_training_config(TRAIN_CONFIG)["max_steps"],
                    "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"})

@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pose", action="store_true", help="also train pose encoders (data prepared with --poses)")
     parser.add_argument("--resume", help="checkpoint folder to continue from, or 'latest'")
     parser.add_argument("--max-steps", type=int, help="override the config's max_steps")
+    parser.add_argument("--max-minutes", type=float, help="stop with a checkpoint after this long (for time-limited "
+                                                          "jobs); continue with --resume latest")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is there")
     return parser
 
@@ -321,6 +323,7 @@ class Trainer:
         bar = tqdm(range(self.start_step, max_steps), initial=self.start_step, total=max_steps,
                    disable=not acc.is_main_process, unit="step")
         started = time.perf_counter()
+        deadline = started + self.args.max_minutes * 60 if self.args.max_minutes is not None else None
         self.step_module.train()
         for step in bar:
             step_loss = 0.0
@@ -345,9 +348,19 @@ class Trainer:
                 self.save_checkpoint(done)
             if cfg["validate_every"] and done % cfg["validate_every"] == 0:
                 self.validate(done)
+            if deadline is not None and done < max_steps and self._past(deadline):
+                self.save_checkpoint(done)
+                log.info("--max-minutes reached at step %d: checkpoint saved, continue with --resume latest", done)
+                acc.end_training()
+                return losses
         self.save_final()
         acc.end_training()
         return losses
+
+    def _past(self, deadline: float) -> bool:
+        """Whether any process is past the deadline (all processes then stop at the same step)."""
+        late = torch.tensor(float(time.perf_counter() > deadline), device=self.device)
+        return self.accelerator.reduce(late, reduction="sum").item() > 0
 
     # -- checkpoints
 
