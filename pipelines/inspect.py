@@ -356,7 +356,7 @@ class Inspector:
         elif any(name.startswith(("dwpose_embedding.", "randomref_embedding_pose.")) for name in shapes):
             self.pose_encoders(file, shapes)
         elif file.name.startswith("taew") or (tops <= {"encoder", "decoder"} and param_count(shapes) < 20_000_000):
-            self.tiny_autoencoder(file)
+            self.tiny_autoencoder(file, shapes)
         elif TransformerShape.from_shapes(shapes) is not None:
             shape = TransformerShape.from_shapes(shapes)
             matched = matching_config(shape)
@@ -407,14 +407,13 @@ class Inspector:
             f"fits the generator of {', '.join(configs)}" if configs else
             "made for another base model: its shapes fit no generator in configs/ (the app runs width 1536)"))
 
-    def tiny_autoencoder(self, file: Path) -> None:
-        from .tiny_decoder import TinyVideoDecoder
-        from .weights import WeightsError
+    def tiny_autoencoder(self, file: Path, shapes: dict) -> None:
+        from .tiny_decoder import layout_problem, not_a_decoder
 
-        try:
-            TinyVideoDecoder.from_file(file)
-        except WeightsError as err:
-            self.findings.append(Finding(self.rel(file), "tiny video autoencoder (TAEHV-style)", False, str(err)))
+        problem = layout_problem(shapes)
+        if problem:
+            self.findings.append(Finding(self.rel(file), "tiny video autoencoder (TAEHV-style)", False,
+                                         not_a_decoder(file, problem)))
             return
         self.findings.append(Finding(self.rel(file), "TAEHV decoder for Wan 2.1 latents (taew2_1)", True,
                                      "fast preview decoding: python -m pipelines.generate --fast-decoder"))

@@ -79,21 +79,14 @@ class TinyVideoDecoder(nn.Module):
         """Loads taew2_1.pth / .safetensors (the encoder half, if present, is not needed)."""
         from .weights import WeightsError, read_state
 
-        state = {k: v for k, v in read_state(path).items() if k.startswith("decoder.")}
+        state = read_state(path)
+        problem = layout_problem({k: tuple(v.shape) for k, v in state.items()})
+        if problem:
+            raise WeightsError(not_a_decoder(path, problem))
         model = cls()
         expected = model.state_dict()
-        for key, value in list(state.items()):
-            # a time-grow layer trained with a larger stride keeps its last frame's channels
-            if key in expected and key.endswith(".conv.weight") and value.shape[0] > expected[key].shape[0] \
-                    and value.shape[1:] == expected[key].shape[1:]:
-                state[key] = value[-expected[key].shape[0]:]
-        missing = sorted(set(expected) - set(state))
-        wrong = [f"{k}: file {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" for k in expected
-                 if k in state and state[k].shape != expected[k].shape]
-        if missing or wrong:
-            raise WeightsError(f"{path} is not a TAEHV decoder for Wan 2.1 latents (missing {missing[:3]}, wrong "
-                               f"shape {wrong[:3]}). Download taew2_1.pth from github.com/madebyollin/taehv.")
-        model.load_state_dict({k: state[k] for k in expected})
+        # a time-grow layer trained with a larger stride keeps its last frame's channels
+        model.load_state_dict({k: state[k][-expected[k].shape[0]:] for k in expected})
         return model.eval().requires_grad_(False)
 
     @property
@@ -139,6 +132,27 @@ class TinyDecoderStream:
         self.frames_out += x.shape[1]
         pixels = x[:, trim:].clamp(0, 1) * 2 - 1
         return pixels.transpose(1, 2)
+
+
+def layout_problem(shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """Why a checkpoint (tensor name -> shape) is no TAEHV decoder for Wan 2.1 latents; None when it is.
+    A time-grow layer may have more output channels than needed (trained with a larger stride)."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in TinyVideoDecoder().state_dict().items()}
+
+    def fits(key: str) -> bool:
+        found, wanted = shapes[key], expected[key]
+        wider_time_grow = key.endswith(".conv.weight") and found[0] > wanted[0] and found[1:] == wanted[1:]
+        return found == wanted or wider_time_grow
+
+    missing = sorted(set(expected) - set(shapes))
+    wrong = [f"{k}: file {shapes[k]} vs {expected[k]}" for k in expected if k in shapes and not fits(k)]
+    return f"missing {missing[:3]}, wrong shape {wrong[:3]}" if missing or wrong else None
+
+
+def not_a_decoder(path: Path, problem: str) -> str:
+    return (f"{path} is not a TAEHV decoder for Wan 2.1 latents ({problem}). Download taew2_1.pth from "
+            f"github.com/madebyollin/taehv.")
 
 
 def find_tiny_decoder(weights_dir: Path | None) -> Path | None:
