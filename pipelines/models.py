@@ -37,10 +37,11 @@ class KnownModel:
 
     def missing(self, weights_dir: Path) -> list[str]:
         """What is absent from weights_dir (the generator's files, then the shared Wan2.1 base)."""
+        from .weights import detected_layout
+
         absent = [name for name in self.files() if not (weights_dir / name).is_file()]
-        weights = self.config.weights
-        base = (weights_dir / weights.original_dir, weights_dir / weights.diffusers_dir, weights_dir / "transformer")
-        if not any(folder.is_dir() for folder in base):
+        if detected_layout(self.config, weights_dir) is None:
+            weights = self.config.weights
             absent.append(f"{weights.original_dir}/ (or {weights.diffusers_dir}/)")
         return absent
 

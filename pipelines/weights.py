@@ -122,7 +122,7 @@ def generator_state_from_checkpoint(path: Path, use_ema: bool) -> dict[str, torc
     return convert_wan_transformer_to_diffusers(state)
 
 
-def _detected_layout(config: PipelineConfig, folder: Path | None) -> str | None:
+def detected_layout(config: PipelineConfig, folder: Path | None) -> str | None:
     """'original' or 'diffusers' when `folder` holds the model in that layout, else None."""
     if folder is None:
         return None
@@ -136,11 +136,11 @@ def _detected_layout(config: PipelineConfig, folder: Path | None) -> str | None:
 def model_files_dir(config: PipelineConfig, weights_dir: Path | None) -> Path | None:
     """Where the model's own files are read from: the weights folder, or the config's bundled folder
     when the weights folder (if any) does not hold the model."""
-    if config.weights.bundled_dir and not _detected_layout(config, weights_dir):
+    if config.weights.bundled_dir and not detected_layout(config, weights_dir):
         from .config import PROJECT_ROOT
 
         bundled = PROJECT_ROOT / config.weights.bundled_dir
-        if not _detected_layout(config, bundled):
+        if not detected_layout(config, bundled):
             raise WeightsError(f"Missing {config.name}: {bundled} does not exist. {config.download}")
         return bundled
     return weights_dir
@@ -153,7 +153,7 @@ def resolve_layout(config: PipelineConfig, weights_dir: Path | None) -> str:
     if weights_dir is None:
         raise WeightsError(f"{config.name} needs downloaded weights: pass --weights DIR "
                            f"(or set SF_WEIGHTS_DIR). See README 'Real weights'.")
-    detected = _detected_layout(config, weights_dir)
+    detected = detected_layout(config, weights_dir)
     if detected:
         return detected
     raise WeightsError(
