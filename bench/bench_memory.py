@@ -33,6 +33,7 @@ from bench_streaming import PROMPTS, build_components, time_generation  # noqa: 
 from pipelines.config import load_config  # noqa: E402
 from pipelines.core import GenerationRequest, StreamingVideoPipeline  # noqa: E402
 from pipelines.memory import GIB, configure_memory  # noqa: E402
+from pipelines.vae import frames_psnr  # noqa: E402
 
 
 def measure(pipeline: StreamingVideoPipeline, runs: int) -> dict:
@@ -59,15 +60,14 @@ def fidelity(pipeline: StreamingVideoPipeline, seeds: list[int]) -> dict:
         pipeline.kv_cache_fp8 = fp8
         results = list(pipeline.generate(GenerationRequest(PROMPTS[seed % len(PROMPTS)], seed=seed)))
         latents = torch.cat([r.latents for r in results if r.complete], dim=2)
-        return latents, np.concatenate([r.frames for r in results]).astype(np.float64)
+        return latents, np.concatenate([r.frames for r in results])
 
     rows = []
     for seed in seeds:
         (want_latents, want_frames), (got_latents, got_frames) = run(False, seed), run(True, seed)
-        mse = float(np.mean((got_frames - want_frames) ** 2))
         rows.append({"seed": seed,
                      "latent_relative_error": float((got_latents - want_latents).norm() / want_latents.norm()),
-                     "psnr_db": float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)})
+                     "psnr_db": frames_psnr(got_frames, want_frames)})
     pipeline.kv_cache_fp8 = False
     return {"runs": rows, "latent_relative_error_mean": statistics.mean(r["latent_relative_error"] for r in rows),
             "psnr_db_mean": statistics.mean(r["psnr_db"] for r in rows)}

@@ -136,3 +136,9 @@ def to_uint8_frames(pixels: torch.Tensor) -> np.ndarray:
     """[1, 3, T, H, W] in [-1, 1] -> uint8 [T, H, W, 3]."""
     video = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return video.permute(1, 2, 3, 0).cpu().numpy()
+
+
+def frames_psnr(got: np.ndarray, want: np.ndarray) -> float:
+    """PSNR (dB) of uint8 frames against reference frames; inf when identical."""
+    mse = float(np.mean((got.astype(np.float64) - want.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))

@@ -88,8 +88,7 @@ def prepare(videos_dir: Path, out: Path, pipeline, frames: int, stride: int, cap
             except VideoError as err:
                 log.warning("skipped %s: %s", video, err)
                 continue
-            prompt = pipeline.prompt_encoder.encode(captions[video], pipeline.device)[0]
-            tokens = min(pipeline.prompt_encoder.token_count(captions[video]), prompt.shape[0])
+            prompt = caption_embedding(pipeline.prompt_encoder, captions[video], pipeline.device)
             for start, clip in windows:
                 clip_id = f"{video.stem}-{start:05d}"
                 if clip_id in done:
@@ -97,7 +96,7 @@ def prepare(videos_dir: Path, out: Path, pipeline, frames: int, stride: int, cap
                     continue
                 pixels = torch.cat([prepare_image(_image(frame), height, width) for frame in clip], dim=2)
                 tensors = {"latents": pipeline.vae.encode(pixels.to(pipeline.device, pipeline.vae.dtype))[0],
-                           "prompt": prompt[:tokens]}
+                           "prompt": prompt}
                 if pose_detector is not None:
                     fitted = ((pixels[0].permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
                     tensors.update(pose_tensors(np.stack([draw_pose(pose_detector(frame), width, height)
@@ -110,6 +109,12 @@ def prepare(videos_dir: Path, out: Path, pipeline, frames: int, stride: int, cap
         progress.close()
     log.info("%d clips added to %s (%d cached in all)", added, out, len(read_manifest(out)))
     return added
+
+
+def caption_embedding(encoder, caption: str, device: torch.device | str) -> torch.Tensor:
+    """The caption's UMT5 embedding without its padding [tokens, d] (the trainer pads it again)."""
+    prompt = encoder.encode(caption, device)[0]
+    return prompt[:min(encoder.token_count(caption), prompt.shape[0])]
 
 
 def pose_tensors(poses: np.ndarray) -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from pipelines.core import GenerationRequest, StreamingVideoPipeline
+from pipelines.vae import frames_psnr
 
 from .evaluate import PromptScore, keypoint_error, score_video, summarise, track_blob
 from .synthetic import SyntheticWorld, figure_keypoints, pose_frames, render
@@ -36,11 +37,6 @@ def text_to_video_scores(pipeline: StreamingVideoPipeline, world: SyntheticWorld
     return scores
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float(10 * np.log10(255.0**2 / max(mse, 1e-10)))
-
-
 def image_to_video_scores(pipeline: StreamingVideoPipeline, world: SyntheticWorld, count: int = 8) -> list[dict]:
     results = []
     for index in range(count):
@@ -48,7 +44,7 @@ def image_to_video_scores(pipeline: StreamingVideoPipeline, world: SyntheticWorl
         first = render(scene)[0]
         frames = video(pipeline, GenerationRequest(scene.caption, seed=index, image=Image.fromarray(first)))
         track = track_blob(frames, scene.shapes[0].colour)
-        results.append({"caption": scene.caption, "first_frame_psnr_db": psnr(frames[0], first),
+        results.append({"caption": scene.caption, "first_frame_psnr_db": frames_psnr(frames[0], first),
                         "colour_present": float(track.present.mean())})
     return results
 

@@ -58,6 +58,7 @@ FIGURE_ACTIONS: dict[str, tuple[str, ...]] = {
 }
 SIZES = ((64, 96), (96, 64), (80, 128))  # (height, width) of the tiny config's presets
 FPS = 16
+CLIP_FRAMES = 37  # 10 latent frames: three 3-frame blocks, after an image prefix on image and pose steps
 HELD_OUT_FRACTION = 0.1
 
 
@@ -136,7 +137,8 @@ def held_out_triples(seed: int = 0) -> set[tuple[str, str, str]]:
 class SyntheticWorld:
     """Draws scenes: `scene(i)` for training clip i, `held_out_scene(i)` for evaluation."""
 
-    def __init__(self, seed: int = 0, frames: int = 37, sizes: tuple[tuple[int, int], ...] = SIZES) -> None:
+    def __init__(self, seed: int = 0, frames: int = CLIP_FRAMES,
+                 sizes: tuple[tuple[int, int], ...] = SIZES) -> None:
         if (frames - 1) % 4:
             raise ValueError(f"frames must be 4k+1, got {frames}")
         self.seed = seed

@@ -28,6 +28,8 @@ import torch
 
 from pipelines.cli_options import HelpFormatter
 
+from .synthetic import CLIP_FRAMES
+
 log = logging.getLogger("training.tiny")
 MODEL_CONFIG = "configs/tiny_shapes.yaml"
 TRAIN_CONFIG = "configs/tiny_train.yaml"
@@ -78,12 +80,11 @@ def initial_components(seed: int):
 
 
 def save_generator(generator: torch.nn.Module, folder: Path) -> None:
-    from safetensors.torch import save_file
+    """The generator as a diffusers-layout transformer folder (weights + the config the inspector reads)."""
+    from .adapters import save_module
 
-    folder.mkdir(parents=True, exist_ok=True)
+    save_module(generator, folder / "diffusion_pytorch_model.safetensors")
     cfg = generator.config
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in generator.state_dict().items()},
-              str(folder / "diffusion_pytorch_model.safetensors"))
     (folder / "config.json").write_text(json.dumps({
         "_class_name": "WanTransformer3DModel", "num_attention_heads": cfg.num_heads,
         "attention_head_dim": cfg.dim // cfg.num_heads, "num_layers": cfg.num_layers, "in_channels": cfg.in_dim,
@@ -133,7 +134,7 @@ def train_vae(components, args: argparse.Namespace, model_dir: Path, device: tor
     from .autoencoder import set_latent_statistics, train_autoencoder
 
     pool: dict[tuple[int, int], list[np.ndarray]] = {}
-    for _, _, frames, _ in rendered(args.seed + 1, 37, range(min(1500, args.clips)), args.workers):
+    for _, _, frames, _ in rendered(args.seed + 1, CLIP_FRAMES, range(min(1500, args.clips)), args.workers):
         pool.setdefault(frames.shape[1:3], []).append(frames)
     sizes = sorted(pool, key=lambda size: -len(pool[size]))
 
@@ -160,7 +161,7 @@ def prepare_data(args: argparse.Namespace, model_dir: Path, data_dir: Path, devi
     from pipelines.weights import load_components
 
     from .data import MANIFEST, ClipRecord, ShardWriter, read_manifest
-    from .prepare import pose_tensors
+    from .prepare import caption_embedding, pose_tensors
 
     vae_file = model_dir / "vae" / "diffusion_pytorch_model.safetensors"
     manifest = data_dir / MANIFEST
@@ -180,15 +181,13 @@ def prepare_data(args: argparse.Namespace, model_dir: Path, data_dir: Path, devi
             return
         latents = vae.encode(torch.cat([to_pixels(frames) for _, _, frames, _ in group]).to(device))
         for (index, caption, frames, poses), latent in zip(group, latents):
-            prompt = encoder.encode(caption, device)[0]
-            tokens = min(encoder.token_count(caption), prompt.shape[0])
-            tensors = {"latents": latent.cpu(), "prompt": prompt[:tokens].cpu()}
+            tensors = {"latents": latent.cpu(), "prompt": caption_embedding(encoder, caption, device).cpu()}
             if poses is not None:
                 tensors.update(pose_tensors(poses))
             writer.add(ClipRecord(f"synthetic-{index:06d}", "synthetic", 0.0, len(frames), caption, ""), tensors)
 
     started = time.perf_counter()
-    for item in rendered(args.seed, 37, range(args.clips), args.workers):
+    for item in rendered(args.seed, CLIP_FRAMES, range(args.clips), args.workers):
         size = item[2].shape[1:3]
         pending.setdefault(size, []).append(item)
         if len(pending[size]) == 64:
