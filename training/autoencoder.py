@@ -1,6 +1,6 @@
 """Trains a (tiny) AutoencoderKLWan from scratch: L1 + MSE reconstruction and a small KL term.
 
-Clips are short (1 + 4k frames, k >= 2) so that both the causal first frame (what image-to-video
+Clips are short (1 + 4k frames, k >= 1) so that both the causal first frame (what image-to-video
 encodes) and the 4-frame temporal packing are trained. After training, the latents' per-channel
 mean and std are measured and stored in the VAE's config (latents_mean / latents_std), which is
 how the pipeline normalises Wan latents: the generator then sees unit-scale latents.

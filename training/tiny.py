@@ -34,6 +34,8 @@ log = logging.getLogger("training.tiny")
 MODEL_CONFIG = "configs/tiny_shapes.yaml"
 TRAIN_CONFIG = "configs/tiny_train.yaml"
 BUNDLE = Path(__file__).resolve().parent.parent / "assets" / "tiny_shapes"
+VAE_CLIPS = 800  # rendered clips the VAE's training windows are cut from
+VAE_WINDOW = 5   # frames per window: a causal first frame (what image-to-video encodes) + one 4-frame latent
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,17 +45,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", type=Path, help="where the rendered training clips are cached (default: OUT/data; "
                                                   "they are re-rendered when missing)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--clips", type=int, default=12000, help="training clips rendered for the generator")
-    parser.add_argument("--caption-steps", type=int, default=500)
-    parser.add_argument("--vae-steps", type=int, default=900)
-    parser.add_argument("--vae-batch", type=int, default=48, help="clips per VAE step (a step costs about the same "
-                                                                  "at 16 or 48: the causal VAE loops over frames)")
+    parser.add_argument("--clips", type=int, default=5000, help="training clips rendered for the generator")
+    parser.add_argument("--caption-steps", type=int, default=1000)
+    parser.add_argument("--vae-steps", type=int, default=1500)
+    parser.add_argument("--vae-batch", type=int, default=48, help="5-frame windows per VAE step (a step costs about "
+                                                                  "the same at 16 or 48: the causal VAE loops over "
+                                                                  "frames)")
     parser.add_argument("--caption-batch", type=int, default=256)
     parser.add_argument("--steps", type=int, help="generator steps (default: configs/tiny_train.yaml)")
     parser.add_argument("--workers", type=int, default=min(16, multiprocessing.cpu_count()),
                         help="processes rendering clips")
-    parser.add_argument("--max-minutes", type=float, help="pause the generator stage with a checkpoint after this "
-                                                          "long (rerun the same command to continue)")
+    parser.add_argument("--max-minutes", type=float, help="time budget of this command: the generator stage pauses "
+                                                          "with a checkpoint when it runs out (rerun the same "
+                                                          "command to continue)")
     parser.add_argument("--skip-evaluation", action="store_true", help="leave out the held-out scores")
     parser.add_argument("--install", action="store_true", help=f"copy the finished model to {BUNDLE}")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is there")
@@ -134,7 +138,7 @@ def train_vae(components, args: argparse.Namespace, model_dir: Path, device: tor
     from .autoencoder import set_latent_statistics, train_autoencoder
 
     pool: dict[tuple[int, int], list[np.ndarray]] = {}
-    for _, _, frames, _ in rendered(args.seed + 1, CLIP_FRAMES, range(min(1500, args.clips)), args.workers):
+    for _, _, frames, _ in rendered(args.seed + 1, CLIP_FRAMES, range(min(VAE_CLIPS, args.clips)), args.workers):
         pool.setdefault(frames.shape[1:3], []).append(frames)
     sizes = sorted(pool, key=lambda size: -len(pool[size]))
 
@@ -144,12 +148,12 @@ def train_vae(components, args: argparse.Namespace, model_dir: Path, device: tor
         windows = []
         for _ in range(args.vae_batch):
             clip = rng.choice(clips)
-            start = rng.randrange(0, len(clip) - 8)
-            windows.append(to_pixels(clip[start:start + 9]))
+            start = rng.randrange(0, len(clip) - VAE_WINDOW + 1)
+            windows.append(to_pixels(clip[start:start + VAE_WINDOW]))
         return torch.cat(windows)
 
     model = components.vae.model
-    psnr = train_autoencoder(model, batch, args.vae_steps, 5e-4, 1e-4, device)
+    psnr = train_autoencoder(model, batch, args.vae_steps, 1e-3, 1e-4, device)
     set_latent_statistics(model, [batch(10**6 + i) for i in range(8)])
     model.cpu().save_pretrained(model_dir / "vae")
     return {"vae_psnr_db": float(np.mean(psnr[-50:]))}
@@ -198,7 +202,8 @@ def prepare_data(args: argparse.Namespace, model_dir: Path, data_dir: Path, devi
     log.info("%d clips cached in %s (%.0f s)", args.clips, data_dir, time.perf_counter() - started)
 
 
-def train_generator(args: argparse.Namespace, model_dir: Path, data_dir: Path, run_dir: Path) -> dict:
+def train_generator(args: argparse.Namespace, model_dir: Path, data_dir: Path, run_dir: Path,
+                    minutes_left: float | None) -> dict:
     """Runs (or continues) the trainer; the model folder gets the generator and pose encoders when it finishes."""
     from . import train
 
@@ -210,8 +215,8 @@ def train_generator(args: argparse.Namespace, model_dir: Path, data_dir: Path, r
         argv += ["--max-steps", str(args.steps)]
     if args.cpu:
         argv += ["--cpu"]
-    if args.max_minutes is not None:
-        argv += ["--max-minutes", str(args.max_minutes)]
+    if minutes_left is not None:
+        argv += ["--max-minutes", f"{max(minutes_left, 0.1):.2f}"]
     for stale in (run_dir / "generator.safetensors", run_dir / "checkpoints" / "pose_encoders.safetensors"):
         stale.unlink(missing_ok=True)
     train.main(argv)
@@ -226,10 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     from .train import load_training_config
 
     args = build_parser().parse_args(argv)
+    command_started = time.perf_counter()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("diffusers").setLevel(logging.ERROR)
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    torch.backends.cudnn.benchmark = True  # the VAE's 3D convolutions see a handful of fixed shapes
     out = args.out
     model_dir, data_dir, run_dir = out / "model", args.data or out / "data", out / "run"
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -252,7 +259,9 @@ def main(argv: list[str] | None = None) -> int:
         timed("vae", lambda: train_vae(components, args, model_dir, device))
     if not (model_dir / "pose_encoders.safetensors").exists():
         timed("data", lambda: prepare_data(args, model_dir, data_dir, device))
-        timed("generator", lambda: train_generator(args, model_dir, data_dir, run_dir))
+        elapsed = (time.perf_counter() - command_started) / 60
+        minutes_left = None if args.max_minutes is None else args.max_minutes - elapsed
+        timed("generator", lambda: train_generator(args, model_dir, data_dir, run_dir, minutes_left))
         if report["generator_paused"]:
             log.info("generator training paused (--max-minutes): run the same command again to continue")
             return 0
