@@ -91,8 +91,8 @@ def trained_from_scratch(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("tiny")
     assert tiny.main(["--out", str(out), "--clips", "12", "--caption-steps", "2", "--caption-batch", "8",
-                      "--vae-steps", "1", "--vae-batch", "2", "--steps", "2", "--workers", "1", "--cpu",
-                      "--skip-evaluation"]) == 0
+                      "--vae-steps", "1", "--vae-long-steps", "1", "--vae-batch", "2", "--teacher-steps", "2",
+                      "--student-steps", "2", "--workers", "1", "--cpu", "--skip-evaluation"]) == 0
     return out
 
 
@@ -111,9 +111,11 @@ def test_training_from_scratch_writes_a_model_the_app_loads(trained_from_scratch
     vae_config = json.loads((model / "vae" / "config.json").read_text())
     assert vae_config["latents_std"] != [1.0] * 16  # measured on the rendered clips
     report = json.loads((trained_from_scratch / "training.json").read_text())
-    assert report["generator_steps"] == 2 and set(report["seconds"]) >= {"caption_encoder", "vae", "data", "generator"}
-    metrics = (trained_from_scratch / "run" / "logs").rglob("*")
-    assert any(metrics)
+    assert report["teacher_steps"] == report["student_steps"] == 2
+    assert set(report["seconds"]) >= {"caption_encoder", "vae", "data", "teacher", "teacher_paths", "student"}
+    assert any((trained_from_scratch / "student_run" / "logs").rglob("*"))
+    teacher = trained_from_scratch / "teacher" / "transformer" / "diffusion_pytorch_model.safetensors"
+    assert teacher.read_bytes() != (model / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
 
     pipeline, _ = build_pipeline(load_config("configs/tiny_shapes.yaml"), model, "cpu")
     assert pipeline.components.model_dir == model
@@ -139,7 +141,7 @@ def test_a_second_run_continues_instead_of_starting_over(trained_from_scratch, c
     before = (trained_from_scratch / "model" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
     with caplog.at_level("INFO"):
         assert tiny.main(["--out", str(trained_from_scratch), "--clips", "12", "--workers", "1", "--cpu",
-                          "--skip-evaluation", "--steps", "2"]) == 0
+                          "--skip-evaluation", "--student-steps", "2"]) == 0
     assert (trained_from_scratch / "model" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == before
     assert not any("caption encoder step" in r.message or "vae step" in r.message for r in caplog.records)
 
@@ -162,8 +164,8 @@ def test_every_direction_has_caption_words():
 def test_a_time_limited_run_pauses_with_a_checkpoint_and_continues(trained_from_scratch, tmp_path):
     from training import train
 
-    data = trained_from_scratch / "data"
-    weights = trained_from_scratch / "model"
+    data = trained_from_scratch / "paths"
+    weights = trained_from_scratch / "teacher"
     out = tmp_path / "run"
     common = ["--config", "configs/tiny_train.yaml", "--data", str(data), "--out", str(out), "--weights", str(weights),
               "--full", "--pose", "--max-steps", "3", "--cpu"]

@@ -1,7 +1,8 @@
 """Trains a (tiny) AutoencoderKLWan from scratch: L1 + MSE reconstruction and a small KL term.
 
-Clips are short (1 + 4k frames, k >= 1) so that both the causal first frame (what image-to-video
-encodes) and the 4-frame temporal packing are trained. After training, the latents' per-channel
+Clips are short (1 + 4k frames) so that both the causal first frame (what image-to-video encodes)
+and the 4-frame temporal packing are trained; k >= 2 trains a latent that follows a full 4-frame
+latent (the causal caches then hold a full latent's features), which every later latent of a clip is. After training, the latents' per-channel
 mean and std are measured and stored in the VAE's config (latents_mean / latents_std), which is
 how the pipeline normalises Wan latents: the generator then sees unit-scale latents.
 """
@@ -66,3 +67,17 @@ def set_latent_statistics(vae: AutoencoderKLWan, samples: list[torch.Tensor]) ->
     means = [vae.encode(pixels.to(vae.device)).latent_dist.mode().float() for pixels in samples]
     flat = torch.cat([m.transpose(0, 1).reshape(m.shape[1], -1) for m in means], dim=1)
     vae.register_to_config(latents_mean=flat.mean(1).tolist(), latents_std=flat.std(1).clamp_min(1e-3).tolist())
+
+
+@torch.no_grad()
+def clip_psnr(vae: AutoencoderKLWan, clips: list[torch.Tensor]) -> tuple[float, float]:
+    """(first-frame PSNR, all-frames PSNR) in dB of reconstructing whole clips [1, 3, T, H, W] in [-1, 1]."""
+    device = next(vae.parameters()).device
+    first, every = [], []
+    for pixels in clips:
+        pixels = pixels.to(device)
+        decoded = vae.decode(vae.encode(pixels).latent_dist.mode()).sample.float().clamp(-1, 1)
+        error = (decoded - pixels).pow(2)
+        first.append(float(10 * torch.log10(4.0 / error[:, :, 0].mean().clamp_min(1e-10))))
+        every.append(float(10 * torch.log10(4.0 / error.mean().clamp_min(1e-10))))
+    return sum(first) / len(first), sum(every) / len(every)

@@ -75,3 +75,13 @@ def flow_loss(prediction: torch.Tensor, target: torch.Tensor, frame_weights: tor
     per_frame = (prediction.float() - target.float()).pow(2).mean(dim=(1, 3, 4))
     weights = frame_weights.to(per_frame)
     return (per_frame * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+def few_step_sigmas(sampler) -> tuple[float, ...]:
+    """The noise levels a model config's few-step sampler feeds the generator (none for other samplers)."""
+    from pipelines.scheduler import FewStepSchedule
+
+    if sampler.kind != "few_step":
+        return ()
+    schedule = FewStepSchedule(sampler.denoising_steps, sampler.timestep_shift, sampler.warp_denoising_step)
+    return tuple(float(t) / NUM_TRAIN_TIMESTEPS for t in schedule.steps)

@@ -6,10 +6,13 @@ Stages (each is skipped when its output exists, so a stopped run continues where
   1. caption encoder: the byte-level UMT5 learns to read the world's captions (training/caption_encoder.py)
   2. VAE: a tiny AutoencoderKLWan, reconstruction + KL on rendered clips (training/autoencoder.py)
   3. data: rendered clips encoded to latents + prompt embeddings, skeletons for the stick figures
-  4. generator + pose encoders: `training.train --full --pose` (configs/tiny_train.yaml) from a seeded
-     random init, at the few-step sampler's noise levels, with text-, image- and pose-conditioned steps
-  5. the folder OUT/model (diffusers layout + pose_encoders.safetensors) is what configs/tiny_shapes.yaml reads;
-     --install copies it to assets/tiny_shapes. OUT/evaluation.json scores the held-out prompts.
+  4. teacher + pose encoders: `training.train --full --pose` (configs/tiny_teacher.yaml), flow matching from a
+     seeded random init with text-, image- and pose-conditioned steps
+  5. teacher paths: the teacher samples every clip's prompt with many Euler steps (training/distill.py)
+  6. student: `training.train --full --pose` (configs/tiny_train.yaml) regresses the few-step generator onto
+     those paths, so that the app's own 4-step sampler gives sharp videos
+  7. the folder OUT/model (diffusers layout + pose_encoders.safetensors) is what configs/tiny_shapes.yaml reads;
+     --install copies it to assets/tiny_shapes. OUT/training.json records times and held-out scores.
 """
 from __future__ import annotations
 
@@ -28,14 +31,14 @@ import torch
 
 from pipelines.cli_options import HelpFormatter
 
-from .synthetic import CLIP_FRAMES
+from .synthetic import CLIP_FRAMES, SyntheticWorld, render
 
 log = logging.getLogger("training.tiny")
 MODEL_CONFIG = "configs/tiny_shapes.yaml"
+TEACHER_CONFIG = "configs/tiny_teacher.yaml"
 TRAIN_CONFIG = "configs/tiny_train.yaml"
 BUNDLE = Path(__file__).resolve().parent.parent / "assets" / "tiny_shapes"
 VAE_CLIPS = 800  # rendered clips the VAE's training windows are cut from
-VAE_WINDOW = 5   # frames per window: a causal first frame (what image-to-video encodes) + one 4-frame latent
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,12 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--clips", type=int, default=5000, help="training clips rendered for the generator")
     parser.add_argument("--caption-steps", type=int, default=1000)
-    parser.add_argument("--vae-steps", type=int, default=1500)
-    parser.add_argument("--vae-batch", type=int, default=48, help="5-frame windows per VAE step (a step costs about "
-                                                                  "the same at 16 or 48: the causal VAE loops over "
-                                                                  "frames)")
+    parser.add_argument("--vae-steps", type=int, default=1500, help="VAE steps on 5-frame windows")
+    parser.add_argument("--vae-long-steps", type=int, default=500, help="VAE steps on 9-frame windows after those")
+    parser.add_argument("--vae-batch", type=int, default=48, help="windows per VAE step (a step costs about the same "
+                                                                  "at 16 or 48: the causal VAE loops over frames)")
     parser.add_argument("--caption-batch", type=int, default=256)
-    parser.add_argument("--steps", type=int, help="generator steps (default: configs/tiny_train.yaml)")
+    parser.add_argument("--teacher-steps", type=int, help="teacher steps (default: configs/tiny_teacher.yaml)")
+    parser.add_argument("--student-steps", type=int, help="student steps (default: configs/tiny_train.yaml)")
     parser.add_argument("--workers", type=int, default=min(16, multiprocessing.cpu_count()),
                         help="processes rendering clips")
     parser.add_argument("--max-minutes", type=float, help="time budget of this command: the generator stage pauses "
@@ -125,7 +129,6 @@ def to_pixels(frames: np.ndarray) -> torch.Tensor:
 
 def train_captions(components, args: argparse.Namespace, model_dir: Path, device: torch.device) -> None:
     from .caption_encoder import train_caption_encoder
-    from .synthetic import SyntheticWorld
 
     accuracy = train_caption_encoder(components.prompt_encoder, SyntheticWorld(args.seed), args.caption_steps,
                                      args.caption_batch, 2e-3, device)
@@ -134,29 +137,46 @@ def train_captions(components, args: argparse.Namespace, model_dir: Path, device
     log.info("caption encoder: token accuracy %.3f", accuracy)
 
 
-def train_vae(components, args: argparse.Namespace, model_dir: Path, device: torch.device) -> dict:
-    from .autoencoder import set_latent_statistics, train_autoencoder
+def train_vae(components, args: argparse.Namespace, out: Path, model_dir: Path, device: torch.device) -> dict:
+    """Two phases: many cheap steps on 5-frame windows (the causal first frame and the latent after it),
+    then fewer on 9-frame windows, so that a latent following another full latent (every latent after
+    the second in a clip) is trained too; the first phase's result is kept in OUT/vae_short."""
+    from diffusers import AutoencoderKLWan
+
+    from .autoencoder import clip_psnr, set_latent_statistics, train_autoencoder
 
     pool: dict[tuple[int, int], list[np.ndarray]] = {}
     for _, _, frames, _ in rendered(args.seed + 1, CLIP_FRAMES, range(min(VAE_CLIPS, args.clips)), args.workers):
         pool.setdefault(frames.shape[1:3], []).append(frames)
     sizes = sorted(pool, key=lambda size: -len(pool[size]))
 
-    def batch(step: int) -> torch.Tensor:
-        rng = random.Random(step)
-        clips = pool[rng.choices(sizes, weights=[len(pool[s]) for s in sizes])[0]]
-        windows = []
-        for _ in range(args.vae_batch):
-            clip = rng.choice(clips)
-            start = rng.randrange(0, len(clip) - VAE_WINDOW + 1)
-            windows.append(to_pixels(clip[start:start + VAE_WINDOW]))
-        return torch.cat(windows)
+    def windows(length: int):
+        def batch(step: int) -> torch.Tensor:
+            rng = random.Random(step)
+            clips = pool[rng.choices(sizes, weights=[len(pool[s]) for s in sizes])[0]]
+            picked = []
+            for _ in range(args.vae_batch):
+                clip = rng.choice(clips)
+                start = rng.randrange(0, len(clip) - length + 1)
+                picked.append(to_pixels(clip[start:start + length]))
+            return torch.cat(picked)
+        return batch
 
-    model = components.vae.model
-    psnr = train_autoencoder(model, batch, args.vae_steps, 1e-3, 1e-4, device)
-    set_latent_statistics(model, [batch(10**6 + i) for i in range(8)])
+    model, short_dir = components.vae.model, out / "vae_short"
+    if (short_dir / "config.json").exists():
+        model.load_state_dict(AutoencoderKLWan.from_pretrained(short_dir).state_dict())
+        log.info("VAE short-window phase from %s", short_dir)
+    else:
+        train_autoencoder(model, windows(5), args.vae_steps, 1e-3, 1e-4, device)
+        model.cpu().save_pretrained(short_dir)
+    psnr = train_autoencoder(model, windows(9), args.vae_long_steps, 3e-4, 1e-4, device)
+    set_latent_statistics(model, [windows(9)(10**6 + i) for i in range(8)])
+    held_out = SyntheticWorld(args.seed)
+    first, every = clip_psnr(model, [to_pixels(render(held_out.held_out_scene(i))) for i in range(8)])
+    log.info("VAE on held-out clips: first frame %.1f dB, all frames %.1f dB", first, every)
     model.cpu().save_pretrained(model_dir / "vae")
-    return {"vae_psnr_db": float(np.mean(psnr[-50:]))}
+    return {"vae_psnr_db": float(np.mean(psnr[-50:])), "vae_held_out_first_frame_psnr_db": first,
+            "vae_held_out_psnr_db": every}
 
 
 @torch.no_grad()
@@ -202,17 +222,17 @@ def prepare_data(args: argparse.Namespace, model_dir: Path, data_dir: Path, devi
     log.info("%d clips cached in %s (%.0f s)", args.clips, data_dir, time.perf_counter() - started)
 
 
-def train_generator(args: argparse.Namespace, model_dir: Path, data_dir: Path, run_dir: Path,
-                    minutes_left: float | None) -> dict:
-    """Runs (or continues) the trainer; the model folder gets the generator and pose encoders when it finishes."""
+def run_trainer(args: argparse.Namespace, config: Path | str, data_dir: Path, run_dir: Path, weights_dir: Path,
+                steps: int | None, minutes_left: float | None) -> bool:
+    """Runs (or continues) `training.train --full --pose`; True once it wrote its final weights."""
     from . import train
 
-    argv = ["--config", TRAIN_CONFIG, "--data", str(data_dir), "--out", str(run_dir), "--weights", str(model_dir),
+    argv = ["--config", str(config), "--data", str(data_dir), "--out", str(run_dir), "--weights", str(weights_dir),
             "--full", "--pose"]
     if list((run_dir / "checkpoints").glob("step-*")):
         argv += ["--resume", "latest"]
-    if args.steps:
-        argv += ["--max-steps", str(args.steps)]
+    if steps:
+        argv += ["--max-steps", str(steps)]
     if args.cpu:
         argv += ["--cpu"]
     if minutes_left is not None:
@@ -220,11 +240,59 @@ def train_generator(args: argparse.Namespace, model_dir: Path, data_dir: Path, r
     for stale in (run_dir / "generator.safetensors", run_dir / "checkpoints" / "pose_encoders.safetensors"):
         stale.unlink(missing_ok=True)
     train.main(argv)
-    if not (run_dir / "generator.safetensors").exists():
-        return {"generator_paused": True}
+    return (run_dir / "generator.safetensors").exists()
+
+
+def install_generator(run_dir: Path, model_dir: Path) -> None:
+    """A finished run's generator and pose encoders into a model folder."""
     shutil.copy(run_dir / "generator.safetensors", model_dir / "transformer" / "diffusion_pytorch_model.safetensors")
     shutil.copy(run_dir / "checkpoints" / "pose_encoders.safetensors", model_dir / "pose_encoders.safetensors")
-    return {"generator_paused": False}
+
+
+@torch.no_grad()
+def record_teacher_paths(args: argparse.Namespace, teacher_dir: Path, data_dir: Path, paths_dir: Path,
+                         device: torch.device) -> dict:
+    """The teacher's videos for every training clip, with their ODE paths (training/distill.py)."""
+    from pipelines.pose.condition import PoseEncoders
+    from pipelines.weights import load_components, read_state
+
+    from .distill import distill_dataset
+    from .objective import few_step_sigmas
+    from .train import FlowStep, load_training_config
+
+    config = model_config()
+    components = load_components(config, teacher_dir, device)
+    generator = components.generator.float()
+    encoders = PoseEncoders(generator.config.dim)
+    encoders.load_state_dict(read_state(teacher_dir / "pose_encoders.safetensors"))
+    teacher = FlowStep(generator, config.frames_per_block, generator.config.text_len, encoders).to(device).eval()
+    sigmas = few_step_sigmas(config.sampler)
+    settings = load_training_config(TRAIN_CONFIG)["distill"]
+    if paths_dir.exists():
+        shutil.rmtree(paths_dir)
+    count = distill_dataset(teacher, data_dir, paths_dir, sigmas, settings["teacher_steps"], settings["guidance"],
+                            settings["image_to_video"], generator.config.text_len, args.seed)
+    return {"teacher_paths": count}
+
+
+def paths_recorded(paths_dir: Path, data_dir: Path, teacher_dir: Path) -> bool:
+    """Whether paths_dir holds a path for every clip, recorded with the current teacher."""
+    from .data import MANIFEST, read_manifest
+
+    manifest, teacher_file = paths_dir / MANIFEST, teacher_dir / "transformer" / "diffusion_pytorch_model.safetensors"
+    return (manifest.exists() and len(read_manifest(paths_dir)) == len(read_manifest(data_dir))
+            and manifest.stat().st_mtime > teacher_file.stat().st_mtime)
+
+
+def student_config(teacher_dir: Path, out: Path) -> Path:
+    """configs/tiny_train.yaml with the pose encoders starting from the teacher's."""
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.load(TRAIN_CONFIG)
+    config.pose = {"init": str(teacher_dir / "pose_encoders.safetensors")}
+    path = out / "student.yaml"
+    OmegaConf.save(config, path)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -256,17 +324,35 @@ def main(argv: list[str] | None = None) -> int:
     if not (model_dir / "text_encoder" / "config.json").exists():
         timed("caption_encoder", lambda: train_captions(components, args, model_dir, device))
     if not (model_dir / "vae" / "config.json").exists():
-        timed("vae", lambda: train_vae(components, args, model_dir, device))
+        timed("vae", lambda: train_vae(components, args, out, model_dir, device))
     if not (model_dir / "pose_encoders.safetensors").exists():
-        timed("data", lambda: prepare_data(args, model_dir, data_dir, device))
-        elapsed = (time.perf_counter() - command_started) / 60
-        minutes_left = None if args.max_minutes is None else args.max_minutes - elapsed
-        timed("generator", lambda: train_generator(args, model_dir, data_dir, run_dir, minutes_left))
-        if report["generator_paused"]:
-            log.info("generator training paused (--max-minutes): run the same command again to continue")
+        def minutes_left() -> float | None:
+            elapsed = (time.perf_counter() - command_started) / 60
+            return None if args.max_minutes is None else args.max_minutes - elapsed
+
+        teacher_dir, paths_dir = out / "teacher", out / "paths"
+        if not (teacher_dir / "pose_encoders.safetensors").exists():
+            timed("data", lambda: prepare_data(args, model_dir, data_dir, device))
+            timed("teacher", lambda: {"paused": not run_trainer(args, TEACHER_CONFIG, data_dir, out / "teacher_run",
+                                                                model_dir, args.teacher_steps, minutes_left())})
+            if report["paused"]:
+                log.info("teacher training paused (--max-minutes): run the same command again to continue")
+                return 0
+            shutil.copytree(model_dir, teacher_dir, dirs_exist_ok=True)
+            install_generator(out / "teacher_run", teacher_dir)
+        if not paths_recorded(paths_dir, data_dir, teacher_dir):
+            timed("teacher_paths", lambda: record_teacher_paths(args, teacher_dir, data_dir, paths_dir, device))
+        timed("student", lambda: {"paused": not run_trainer(args, student_config(teacher_dir, out), paths_dir,
+                                                            out / "student_run", teacher_dir, args.student_steps,
+                                                            minutes_left())})
+        if report["paused"]:
+            log.info("student training paused (--max-minutes): run the same command again to continue")
             return 0
+        install_generator(out / "student_run", model_dir)
     report.update({"clips": args.clips, "caption_steps": args.caption_steps, "vae_steps": args.vae_steps,
-                   "generator_steps": args.steps or load_training_config(TRAIN_CONFIG)["max_steps"],
+                   "vae_long_steps": args.vae_long_steps,
+                   "teacher_steps": args.teacher_steps or load_training_config(TEACHER_CONFIG)["max_steps"],
+                   "student_steps": args.student_steps or load_training_config(TRAIN_CONFIG)["max_steps"],
                    "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"})
     report_path.write_text(json.dumps(report, indent=2))
     if not args.skip_evaluation:

@@ -70,9 +70,11 @@ class FlowStep(nn.Module):
         self.text_len = text_len
 
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, prompts: torch.Tensor, prefix_frames: int,
-                poses: list | None = None, reference_poses: list | None = None) -> torch.Tensor:
+                poses: list | None = None, reference_poses: list | None = None,
+                pose_condition: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """poses / reference_poses: per clip, its pose frames and reference pose, or None for a clip
-        without poses (it gets no pose input, as image-to-video does at inference)."""
+        without poses (it gets no pose input, as image-to-video does at inference). pose_condition:
+        what self.pose_condition returned for these clips, when calling again on the same clips."""
         from pipelines.kv_cache import BlockCausalLayout
 
         generator = self.generator
@@ -82,25 +84,32 @@ class FlowStep(nn.Module):
         blocks = [prefix_frames] * bool(prefix_frames) + [self.frames_per_block] * (
             (frames - prefix_frames) // self.frames_per_block)
         bias = None
-        if self.pose_encoders is not None and prefix_frames and poses and any(p is not None for p in poses):
-            noisy, bias = self._pose_inputs(noisy, poses, reference_poses, prefix_frames, frame_tokens)
+        if pose_condition is None:
+            pose_condition = self.pose_condition(noisy, prefix_frames, poses, reference_poses)
+        if pose_condition is not None:
+            references, tokens = pose_condition
+            generated = (frames - prefix_frames) * frame_tokens
+            noisy = torch.cat([noisy[:, :, :prefix_frames] + references, noisy[:, :, prefix_frames:]], 2)
+            bias = torch.cat([tokens.new_zeros(tokens.shape[0], prefix_frames * frame_tokens, tokens.shape[2]),
+                              tokens[:, :generated]], dim=1)
         return generator(noisy, timesteps, context, attn_mask=BlockCausalLayout.of(blocks, frame_tokens),
                          token_bias=bias)
 
-    def _pose_inputs(self, noisy: torch.Tensor, poses: list, reference_poses: list, prefix_frames: int,
-                     frame_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The clean reference frame plus its pose features, and each frame's pose tokens (zeros for
-        clips without poses). The clips with poses go through the encoders as one batch."""
-        encoders, dim = self.pose_encoders, self.generator.config.dim
-        generated = (noisy.shape[2] - prefix_frames) * frame_tokens
+    def pose_condition(self, latents: torch.Tensor, prefix_frames: int, poses: list | None,
+                       reference_poses: list | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(features added to the clean reference frame [B, C, 1, h, w], pose tokens of the frames after it
+        [B, N, dim]) with zeros for clips without poses, or None when no clip has any. The clips with
+        poses go through the encoders as one batch."""
+        if self.pose_encoders is None or not prefix_frames or not poses or all(p is None for p in poses):
+            return None
+        encoders = self.pose_encoders
         posed = [i for i, pose in enumerate(poses) if pose is not None]
-        references = noisy.new_zeros(noisy.shape[0], noisy.shape[1], 1, *noisy.shape[3:])
-        tokens = noisy.new_zeros(noisy.shape[0], generated, dim)
-        references[posed] = encoders.reference_features(np.stack([reference_poses[i] for i in posed])).to(noisy)
-        tokens[posed] = encoders.pose_tokens(np.stack([poses[i] for i in posed]))[:, :generated].to(noisy)
-        noisy = torch.cat([noisy[:, :, :prefix_frames] + references, noisy[:, :, prefix_frames:]], 2)
-        bias = torch.cat([tokens.new_zeros(tokens.shape[0], prefix_frames * frame_tokens, dim), tokens], dim=1)
-        return noisy, bias
+        references = latents.new_zeros(latents.shape[0], latents.shape[1], 1, *latents.shape[3:])
+        references[posed] = encoders.reference_features(np.stack([reference_poses[i] for i in posed])).to(latents)
+        posed_tokens = encoders.pose_tokens(np.stack([poses[i] for i in posed])).to(latents)
+        tokens = latents.new_zeros(latents.shape[0], *posed_tokens.shape[1:])
+        tokens[posed] = posed_tokens
+        return references, tokens
 
 
 def flow_matching_loss(step_module: nn.Module, batch: dict, objective, frames_per_block: int, prefix_frames: int,
@@ -131,6 +140,8 @@ def collate(items: list[dict], text_len: int) -> dict:
         tokens = min(text_len, item["prompt"].shape[0])
         prompts[row, :tokens] = item["prompt"][:tokens].float()
     batch = {"latents": torch.stack([item["latents"].float() for item in items]), "prompts": prompts}
+    if "trajectory" in items[0]:
+        batch["trajectory"] = torch.stack([item["trajectory"].float() for item in items])
     if any("pose" in item for item in items):
         batch["poses"] = [item["pose"].numpy() if "pose" in item else None for item in items]
         batch["reference_poses"] = [item["reference_pose"].numpy() if "pose" in item else None for item in items]
@@ -138,10 +149,12 @@ def collate(items: list[dict], text_len: int) -> dict:
 
 
 def same_size_groups(items: list[dict]) -> list[list[dict]]:
-    """Clips of one latent size per group (a prepared folder may mix the config's resolutions)."""
+    """Clips of one latent size (and, in distilled data, one number of clean prefix frames) per group:
+    a prepared folder may mix the config's resolutions."""
     groups: dict[tuple, list[dict]] = {}
     for item in items:
-        groups.setdefault(tuple(item["latents"].shape), []).append(item)
+        key = (tuple(item["latents"].shape), int(item["prefix_frames"]) if "prefix_frames" in item else 0)
+        groups.setdefault(key, []).append(item)
     return list(groups.values())
 
 
@@ -225,12 +238,18 @@ class Trainer:
         self.device = self.accelerator.device
         self._build_model()
         from .data import CachedClips
-        from .objective import FlowObjective
+        from .objective import FlowObjective, few_step_sigmas
 
         self.data = CachedClips(args.data, in_memory=cfg["data_in_memory"])
         if args.pose and not self.data.has_poses:
             raise SystemExit(f"--pose needs clips prepared with --poses; {args.data} has none")
-        self.objective = FlowObjective(**cfg["objective"], few_step_sigmas=self.few_step_sigmas())
+        self.sampler_sigmas = few_step_sigmas(self.model_config.sampler)
+        self.objective = FlowObjective(**cfg["objective"], few_step_sigmas=self.sampler_sigmas)
+        if cfg["loss"] not in ("flow", "ode_regression"):
+            raise SystemExit(f"loss must be 'flow' or 'ode_regression', got {cfg['loss']!r}")
+        if cfg["loss"] == "ode_regression" and ("trajectory" not in self.data[0] or not self.sampler_sigmas):
+            raise SystemExit(f"loss: ode_regression needs a few-step model config and a folder of teacher paths "
+                             f"(training.distill.distill_dataset); {args.data} has none")
         self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg["learning_rate"], betas=tuple(cfg["betas"]),
                                            weight_decay=cfg["weight_decay"])
         total = cfg["max_steps"]
@@ -277,16 +296,6 @@ class Trainer:
         text_len = generator.config.text_len
         self.step_module = FlowStep(generator, self.model_config.frames_per_block, text_len, encoders).to(self.device)
 
-    def few_step_sigmas(self) -> tuple[float, ...]:
-        """The noise levels the config's few-step sampler feeds the generator."""
-        from pipelines.scheduler import NUM_TRAIN_TIMESTEPS, FewStepSchedule
-
-        sampler = self.model_config.sampler
-        if sampler.kind != "few_step":
-            return ()
-        schedule = FewStepSchedule(sampler.denoising_steps, sampler.timestep_shift, sampler.warp_denoising_step)
-        return tuple(float(t) / NUM_TRAIN_TIMESTEPS for t in schedule.steps)
-
     # -- one optimisation step
 
     def loss(self, step: int, micro: int) -> torch.Tensor:
@@ -301,12 +310,22 @@ class Trainer:
         rng = torch.Generator().manual_seed(seed)
         with_image = cfg["image_to_video"] > 0 and torch.rand(1, generator=rng).item() < cfg["image_to_video"]
         prefix = 1 if with_image or (self.args.pose and not cfg["image_to_video"]) else 0
+        frames_per_block = self.model_config.frames_per_block
         total = 0.0
         for group in same_size_groups(items):
             batch = collate(group, self.step_module_unwrapped.text_len)
-            total = total + flow_matching_loss(self.step_module, batch, self.objective,
-                                               self.model_config.frames_per_block, prefix, rng,
-                                               self.device) * (len(group) / len(items))
+            if cfg["prompt_dropout"] > 0:
+                dropped = torch.rand(len(group), generator=rng) < cfg["prompt_dropout"]
+                batch["prompts"][dropped] = 0.0
+            if cfg["loss"] == "ode_regression":
+                from .distill import ode_regression_loss
+
+                loss = ode_regression_loss(self.step_module, batch, self.sampler_sigmas, frames_per_block,
+                                           int(group[0]["prefix_frames"]), rng, self.device)
+            else:
+                loss = flow_matching_loss(self.step_module, batch, self.objective, frames_per_block, prefix, rng,
+                                          self.device)
+            total = total + loss * (len(group) / len(items))
         return total
 
     @property

@@ -1,0 +1,93 @@
+"""ODE-regression distillation (training/distill.py): the teacher's recorded paths and the student's loss."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from training.distill import euler_grid, ode_regression_loss, prefix_for, teacher_trajectories
+
+SIGMAS = (1.0, 0.75, 0.5, 0.25)
+
+
+class PointMassTeacher(nn.Module):
+    """The exact velocity field of a world whose only video is `target`: (x_t - x0) / sigma. Records
+    the clean context it was shown, to check that earlier blocks arrive clean."""
+
+    frames_per_block = 3
+
+    def __init__(self, target: torch.Tensor) -> None:
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(()))  # a device for the sampler
+        self.target = target
+        self.contexts: list[torch.Tensor] = []
+
+    def pose_condition(self, latents, prefix_frames, poses, reference_poses):
+        return None
+
+    def forward(self, noisy, timesteps, prompts, prefix_frames, poses=None, reference_poses=None,
+                pose_condition=None):
+        sigma = (timesteps / 1000).clamp_min(1e-6)[:, None, :, None, None]
+        noisy_from = int((timesteps[0] > 0).nonzero()[0])
+        self.contexts.append(noisy[:, :, :noisy_from].clone())
+        target = self.target[:, :, :noisy.shape[2]]
+        flow = (noisy - target) / sigma
+        return torch.where(timesteps[:, None, :, None, None] > 0, flow, torch.zeros_like(flow))
+
+
+def test_euler_grid_holds_the_samplers_sigmas_or_says_which_is_missing():
+    grid = euler_grid(24, SIGMAS)
+    assert grid[0] == 1 and grid[-1] == 0 and len(grid) == 25
+    with pytest.raises(ValueError, match="0.3 is not on a 24-step Euler grid"):
+        euler_grid(24, (1.0, 0.3))
+
+
+@pytest.mark.parametrize("prefix", [0, 1])
+def test_teacher_paths_follow_the_ode_and_end_on_its_video(prefix):
+    target = torch.randn(2, 4, 1 + 6, 3, 5)
+    teacher = PointMassTeacher(target)
+    clean, paths = teacher_trajectories(teacher, target, torch.zeros(2, 8, 4), prefix, SIGMAS, 8, 1.0,
+                                        torch.Generator().manual_seed(0))
+    frames = prefix + 6 if prefix else 6
+    assert clean.shape == (2, 4, frames, 3, 5) and paths.shape == (2, 4, 4, frames, 3, 5)
+    torch.testing.assert_close(clean, target[:, :, :frames], atol=1e-5, rtol=0)  # Euler is exact on straight paths
+    noise = paths[:, 0, :, prefix:]
+    assert abs(float(noise.std()) - 1) < 0.3  # sigma 1: the initial noise
+    for slot, sigma in enumerate(SIGMAS):  # each recorded point lies on the straight path noise -> video
+        expected = (1 - sigma) * target[:, :, prefix:frames] + sigma * noise
+        torch.testing.assert_close(paths[:, slot, :, prefix:], expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(paths[:, :, :, :prefix], target[:, None, :, :prefix].expand(-1, 4, -1, -1, -1, -1))
+    for context in teacher.contexts:  # earlier blocks come back clean, as the KV cache holds them
+        torch.testing.assert_close(context, target[:, :, :context.shape[2]], atol=1e-5, rtol=0)
+
+
+def test_guidance_extrapolates_from_the_empty_prompt():
+    class PromptShift(PointMassTeacher):
+        def forward(self, noisy, timesteps, prompts, prefix_frames, poses=None, reference_poses=None,
+                    pose_condition=None):
+            return torch.full_like(noisy, float(prompts.abs().sum() > 0))  # 1 with the prompt, 0 without
+
+    target = torch.zeros(1, 2, 3, 2, 2)
+    generator = torch.Generator().manual_seed(0)
+    plain, _ = teacher_trajectories(PromptShift(target), target, torch.ones(1, 4, 4), 0, SIGMAS, 4, 1.0, generator)
+    generator = torch.Generator().manual_seed(0)
+    guided, _ = teacher_trajectories(PromptShift(target), target, torch.ones(1, 4, 4), 0, SIGMAS, 4, 3.0, generator)
+    torch.testing.assert_close(plain - guided, torch.full_like(plain, 2.0))  # x -= 1 * flow over sigma 1 -> 0
+
+
+def test_the_student_loss_is_zero_only_on_the_teachers_paths():
+    target = torch.randn(3, 4, 7, 3, 5)
+    clean, paths = teacher_trajectories(PointMassTeacher(target), target, torch.zeros(3, 8, 4), 1, SIGMAS, 8, 1.0,
+                                        torch.Generator().manual_seed(0))
+    batch = {"latents": clean, "trajectory": paths, "prompts": torch.zeros(3, 8, 4)}
+    exact = ode_regression_loss(PointMassTeacher(clean), batch, SIGMAS, 3, 1, torch.Generator().manual_seed(1), "cpu")
+    wrong = ode_regression_loss(PointMassTeacher(torch.zeros_like(clean)), batch, SIGMAS, 3, 1,
+                                torch.Generator().manual_seed(1), "cpu")
+    assert float(exact) < 1e-8 and float(wrong) > 0.5
+
+
+def test_pose_clips_always_get_their_reference_and_others_a_seeded_share():
+    assert all(prefix_for(i, True, 0.0, 0) == 1 for i in range(20))
+    shares = [prefix_for(i, False, 0.4, 0) for i in range(2000)]
+    assert 0.35 < sum(shares) / len(shares) < 0.45
+    assert shares == [prefix_for(i, False, 0.4, 0) for i in range(2000)]
