@@ -163,10 +163,6 @@ class Runtime:
     def fast_decoder_available(self) -> bool:
         return self.pipeline is not None and self.pipeline.tiny_decoder is not None
 
-    @property
-    def is_embedded_default(self) -> bool:
-        return self.config.weights.layout == "random"
-
     def banner(self) -> str:
         verdict = f" · **Weights folder:** {self.weights_report.verdict()}" if self.weights_report else ""
         if self.pipeline is None:
@@ -174,10 +170,8 @@ class Runtime:
         text = f"**Model:** {self.pipeline.components.description} · **device:** {self.device}"
         if self.memory_plan is not None:
             text += f" · {self.memory_plan.summary()}"
-        if self.is_embedded_default:
-            text += (" · this is the embedded tiny model with random weights: it shows how streaming works and "
-                     "makes abstract patterns. Start with `--config configs/self_forcing_dmd.yaml --weights DIR` "
-                     "for real videos.")
+        if self.config.demo.note:
+            text += f" · {self.config.demo.note}"
         return text + verdict
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
+from pipelines.config import DemoConfig
 from pipelines.core import GenerationRequest, RequestError
 from pipelines.memory_profiles import PROFILE_CHOICES
 from pipelines.steering import SWITCH_MODES
@@ -18,7 +19,7 @@ from .media import MediaError, load_image, read_video
 from .runtime import NO_LORA, Runtime
 from .session import SessionControl
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_PROMPTS = [
     "A corgi runs along a beach at sunset, waves rolling in, warm cinematic light",
     "Aerial shot over a neon-lit city at night in light rain, slow forward camera motion",
@@ -168,13 +169,27 @@ def _request(prompt, negative, seed, randomize, blocks, resolution, continuous=F
                              continuous=bool(continuous), fast_decode=bool(fast_decode), **extra)
 
 
+def demo_examples(demo: DemoConfig) -> tuple[list[list], list[list]]:
+    """([image, prompt] image-to-video examples, [reference, pose video, True, prompt] pose examples)
+    from the config's examples folder; a file's stem, underscores as spaces, is its prompt."""
+    folder = ROOT / demo.examples_dir
+
+    def prompt(path: Path) -> str:
+        return path.stem.replace("_", " ")
+
+    images = [[str(p), prompt(p)] for p in sorted(folder.glob("*.png"))]
+    poses = [[str(p), str(p.with_suffix(".mp4")), True, prompt(p)] for p in sorted((folder / "pose").glob("*.png"))
+             if p.with_suffix(".mp4").is_file()]
+    return images, poses
+
+
 def _pose_note(runtime: Runtime) -> str:
     poser = runtime.poser
     if poser is not None and not poser.encoders.available:
         return f"**Not available with this model.** {poser.encoders.missing_message()}"
     note = POSE_HELP
-    if runtime.is_embedded_default:
-        note += " The embedded tiny model uses *random* pose encoders: it shows the plumbing only."
+    if runtime.config.demo.pose_note:
+        note += f" {runtime.config.demo.pose_note}"
     missing = poser.detector_missing() if poser is not None else None
     if missing:
         note += f"\n\n**Pose extraction unavailable:** {missing}"
@@ -280,7 +295,8 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
                 with gr.Row():
                     with gr.Column():
                         t2v = Controls(runtime)
-                        gr.Examples([[p] for p in EXAMPLE_PROMPTS], inputs=[t2v.prompt])
+                        gr.Examples([[p] for p in runtime.config.demo.prompts or EXAMPLE_PROMPTS],
+                                    inputs=[t2v.prompt])
                     with gr.Column():
                         t2v_out = Outputs("t2v")
             with gr.Tab("Image to Video", id="i2v"):
@@ -289,10 +305,9 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
                         image = ImageUpload(label="First frame (resized and centre-cropped to the model size)",
                                             type="filepath", sources=["upload", "clipboard"])
                         i2v = Controls(runtime)
-                        examples = sorted((ASSETS / "examples").glob("*.png"))
-                        if examples:
-                            gr.Examples([[str(p), p.stem.replace("_", " ")] for p in examples],
-                                        inputs=[image, i2v.prompt])
+                        images, _ = demo_examples(runtime.config.demo)
+                        if images:
+                            gr.Examples(images, inputs=[image, i2v.prompt])
                     with gr.Column():
                         i2v_out = Outputs("i2v")
             with gr.Tab("Pose Animation", id="pose"):
@@ -303,6 +318,9 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
                         driving = gr.Video(label="Driving video or pose video")
                         is_pose_video = gr.Checkbox(label="The driving video is already a rendered pose video")
                         pose = Controls(runtime)
+                        _, pose_examples = demo_examples(runtime.config.demo)
+                        if pose_examples:
+                            gr.Examples(pose_examples, inputs=[reference, driving, is_pose_video, pose.prompt])
                     with gr.Column():
                         pose_out = Outputs("pose")
 

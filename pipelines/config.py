@@ -45,6 +45,16 @@ class WeightsConfig:
 
 
 @dataclass
+class DemoConfig:
+    """What the UI says and offers for this model (demo/ui.py)."""
+    note: str = ""  # appended to the banner: what this model is and what to try
+    pose_note: str = ""  # appended to the pose tab's help
+    prompts: list[str] = field(default_factory=list)  # text-to-video examples (empty: the UI's own)
+    examples_dir: str = "assets/examples"  # STEM.png: image-to-video examples, the stem their prompt;
+    # pose/STEM.png + pose/STEM.mp4: a reference image and its rendered pose video
+
+
+@dataclass
 class PipelineConfig:
     name: str
     model: dict[str, Any]
@@ -68,6 +78,7 @@ class PipelineConfig:
     resolutions: list[str] = field(default_factory=list)  # "WIDTHxHEIGHT" choices offered in the UI
     pose: dict[str, Any] = field(default_factory=dict)  # weights / detector_dir (relative to weights) / random_seed
     download: str = ""  # how to get this generator's own files into the weights folder
+    demo: DemoConfig = field(default_factory=DemoConfig)
     source: str = ""
 
     @property
@@ -149,6 +160,7 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> PipelineCon
         text_encoder=data.pop("text_encoder", {}),
         sampler=SamplerConfig(**data.pop("sampler", {})),
         weights=WeightsConfig(**data.pop("weights", {})),
+        demo=DemoConfig(**data.pop("demo", {})),
         source=str(path),
         **data,
     )

@@ -41,10 +41,11 @@ def euler_grid(steps: int, record_sigmas: tuple[float, ...]) -> torch.Tensor:
 @torch.no_grad()
 def teacher_trajectories(teacher: nn.Module, latents: torch.Tensor, prompts: torch.Tensor, prefix_frames: int,
                          record_sigmas: tuple[float, ...], steps: int, guidance: float, generator: torch.Generator,
-                         poses: list | None = None, reference_poses: list | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+                         poses: list | None = None, reference_poses: list | None = None,
+                         unconditional: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Samples videos shaped like `latents` [B, C, F, h, w] from `teacher` (a training.train.FlowStep),
-    the first `prefix_frames` frames taken from `latents` (image / pose reference).
+    the first `prefix_frames` frames taken from `latents` (image / pose reference). `unconditional`
+    [text_len, d]: the prompt guidance pushes away from (default: zeros).
 
     Returns (clean [B, C, F', h, w], trajectory [B, S, C, F', h, w]): the teacher's videos and, for each
     recorded sigma, the noisy latents the ODE passed through (prefix frames clean). F' = prefix + whole blocks.
@@ -59,7 +60,7 @@ def teacher_trajectories(teacher: nn.Module, latents: torch.Tensor, prompts: tor
                              height, width)
     trajectory[:, :, :, :prefix_frames] = latents[:, None, :, :prefix_frames]
     prompts = prompts.to(device)
-    empty = torch.zeros_like(prompts)
+    empty = torch.zeros_like(prompts) if unconditional is None else unconditional.to(prompts).expand_as(prompts)
     condition = teacher.pose_condition(latents.to(device), prefix_frames, poses, reference_poses)
     for block in range(blocks):
         start = prefix_frames + block * frames_per_block
@@ -113,7 +114,8 @@ def prefix_for(index: int, has_pose: bool, image_to_video: float, seed: int) -> 
 
 @torch.no_grad()
 def distill_dataset(teacher: nn.Module, source: Path, target: Path, record_sigmas: tuple[float, ...], steps: int,
-                    guidance: float, image_to_video: float, text_len: int, seed: int, batch_size: int = 128) -> int:
+                    guidance: float, image_to_video: float, unconditional: torch.Tensor, seed: int,
+                    batch_size: int = 128) -> int:
     """Writes, for every clip of the prepared folder `source`, the teacher's video from the clip's
     prompt (and first latent / poses, see prefix_for) with its recorded path, as a folder the trainer
     reads (latents = the teacher's video, trajectory, prefix_frames, prompt, poses). Returns the clip count."""
@@ -135,10 +137,10 @@ def distill_dataset(teacher: nn.Module, source: Path, target: Path, record_sigma
         for first in range(0, len(indices), batch_size):
             chunk = indices[first:first + batch_size]
             items = [clips[i] for i in chunk]
-            batch = collate(items, text_len)
+            batch = collate(items, len(unconditional))
             videos, paths = teacher_trajectories(teacher, batch["latents"], batch["prompts"], prefix, record_sigmas,
                                                  steps, guidance, generator, batch.get("poses"),
-                                                 batch.get("reference_poses"))
+                                                 batch.get("reference_poses"), unconditional)
             for row, (index, item) in enumerate(zip(chunk, items)):
                 tensors = {"latents": videos[row], "trajectory": paths[row].to(torch.bfloat16),
                            "prefix_frames": torch.tensor(prefix), "prompt": item["prompt"]}

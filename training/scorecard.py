@@ -71,13 +71,18 @@ def pose_scores(pipeline: StreamingVideoPipeline, animator, world: SyntheticWorl
     return results
 
 
-def evaluate_model(model_dir: Path | None, device: torch.device | str = "cpu") -> dict:
-    """All three scores for the tiny model in model_dir (None: the bundled one)."""
+def evaluate_model(model_dir: Path | None, device: torch.device | str = "cpu", sampler: dict | None = None) -> dict:
+    """All three scores for the tiny model in model_dir (None: the bundled one), sampled with the config's
+    few-step sampler or `sampler` (a config's sampler section: how the distillation teacher is scored)."""
+    from omegaconf import OmegaConf
+
     from pipelines.pose.animation import make_pose_animator
     from pipelines.builder import build_pipeline
     from pipelines.config import load_config
 
     config = load_config("configs/tiny_shapes.yaml")
+    if sampler is not None:
+        config.sampler = OmegaConf.create({"context_noise": 0, **sampler})
     pipeline, _ = build_pipeline(config, model_dir, str(device))
     world = SyntheticWorld(0)
     t2v = text_to_video_scores(pipeline, world)

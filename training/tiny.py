@@ -59,9 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--student-steps", type=int, help="student steps (default: configs/tiny_train.yaml)")
     parser.add_argument("--workers", type=int, default=min(16, multiprocessing.cpu_count()),
                         help="processes rendering clips")
-    parser.add_argument("--max-minutes", type=float, help="time budget of this command: the generator stage pauses "
-                                                          "with a checkpoint when it runs out (rerun the same "
-                                                          "command to continue)")
+    parser.add_argument("--max-minutes", type=float, help="time budget of this command: the teacher or student "
+                                                          "stage pauses with a checkpoint when it runs out (rerun "
+                                                          "the same command to continue)")
     parser.add_argument("--skip-evaluation", action="store_true", help="leave out the held-out scores")
     parser.add_argument("--install", action="store_true", help=f"copy the finished model to {BUNDLE}")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is there")
@@ -258,7 +258,7 @@ def record_teacher_paths(args: argparse.Namespace, teacher_dir: Path, data_dir: 
 
     from .distill import distill_dataset
     from .objective import few_step_sigmas
-    from .train import FlowStep, load_training_config
+    from .train import FlowStep, empty_prompt, load_training_config
 
     config = model_config()
     components = load_components(config, teacher_dir, device)
@@ -270,9 +270,21 @@ def record_teacher_paths(args: argparse.Namespace, teacher_dir: Path, data_dir: 
     settings = load_training_config(TRAIN_CONFIG)["distill"]
     if paths_dir.exists():
         shutil.rmtree(paths_dir)
+    unconditional = empty_prompt(components.prompt_encoder, generator.config.text_len)
     count = distill_dataset(teacher, data_dir, paths_dir, sigmas, settings["teacher_steps"], settings["guidance"],
-                            settings["image_to_video"], generator.config.text_len, args.seed)
+                            settings["image_to_video"], unconditional, args.seed)
     return {"teacher_paths": count}
+
+
+def evaluate_teacher(teacher_dir: Path, device: torch.device) -> dict:
+    """The teacher's held-out scores with the many-step guided sampler its paths are recorded with."""
+    from .scorecard import evaluate_model
+    from .train import load_training_config
+
+    settings = load_training_config(TRAIN_CONFIG)["distill"]
+    return evaluate_model(teacher_dir, device, sampler={
+        "kind": "multi_step", "solver": "euler", "num_steps": settings["teacher_steps"],
+        "guidance_scale": settings["guidance"], "timestep_shift": 1.0})
 
 
 def paths_recorded(paths_dir: Path, data_dir: Path, teacher_dir: Path) -> bool:
@@ -306,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     torch.backends.cudnn.benchmark = True  # the VAE's 3D convolutions see a handful of fixed shapes
     out = args.out
-    model_dir, data_dir, run_dir = out / "model", args.data or out / "data", out / "run"
+    model_dir, data_dir = out / "model", args.data or out / "data"
     model_dir.mkdir(parents=True, exist_ok=True)
     report_path = out / "training.json"
     report = json.loads(report_path.read_text()) if report_path.exists() else {"seed": args.seed, "seconds": {}}
@@ -340,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             shutil.copytree(model_dir, teacher_dir, dirs_exist_ok=True)
             install_generator(out / "teacher_run", teacher_dir)
+            if not args.skip_evaluation:
+                timed("teacher_evaluation", lambda: {"teacher_evaluation": evaluate_teacher(teacher_dir, device)})
         if not paths_recorded(paths_dir, data_dir, teacher_dir):
             timed("teacher_paths", lambda: record_teacher_paths(args, teacher_dir, data_dir, paths_dir, device))
         timed("student", lambda: {"paused": not run_trainer(args, student_config(teacher_dir, out), paths_dir,

@@ -112,6 +112,16 @@ class FlowStep(nn.Module):
         return references, tokens
 
 
+def empty_prompt(encoder, text_len: int) -> torch.Tensor:
+    """[text_len, d]: the embedding of "" padded as collate pads prompts."""
+    from .prepare import caption_embedding
+
+    embedding = caption_embedding(encoder, "", "cpu").float()
+    padded = torch.zeros(text_len, embedding.shape[-1])
+    padded[:len(embedding)] = embedding[:text_len]
+    return padded
+
+
 def flow_matching_loss(step_module: nn.Module, batch: dict, objective, frames_per_block: int, prefix_frames: int,
                        rng: torch.Generator, device: torch.device) -> torch.Tensor:
     """One training loss: per-block sigmas (clean prefix frames), noisy latents, velocity MSE."""
@@ -244,6 +254,8 @@ class Trainer:
         if args.pose and not self.data.has_poses:
             raise SystemExit(f"--pose needs clips prepared with --poses; {args.data} has none")
         self.sampler_sigmas = few_step_sigmas(self.model_config.sampler)
+        if cfg["prompt_dropout"] > 0:  # the empty prompt, as classifier-free guidance's negative prompt "" reads
+            self.empty_prompt = empty_prompt(self.components.prompt_encoder, self.step_module_unwrapped.text_len)
         self.objective = FlowObjective(**cfg["objective"], few_step_sigmas=self.sampler_sigmas)
         if cfg["loss"] not in ("flow", "ode_regression"):
             raise SystemExit(f"loss must be 'flow' or 'ode_regression', got {cfg['loss']!r}")
@@ -316,7 +328,7 @@ class Trainer:
             batch = collate(group, self.step_module_unwrapped.text_len)
             if cfg["prompt_dropout"] > 0:
                 dropped = torch.rand(len(group), generator=rng) < cfg["prompt_dropout"]
-                batch["prompts"][dropped] = 0.0
+                batch["prompts"][dropped] = self.empty_prompt
             if cfg["loss"] == "ode_regression":
                 from .distill import ode_regression_loss
 

@@ -1,0 +1,38 @@
+"""Acceptance of the trained tiny shapes model (assets/tiny_shapes, written by
+`python -m training.tiny --install`): held-out prompts through the app's own pipeline on the CPU.
+
+Each threshold fails on untrained weights: a model that has not learnt its world scores 0 % colour
+blobs (bench/results/h100_tiny_training_attempt2.json)."""
+from __future__ import annotations
+
+import pytest
+
+from training.tiny import BUNDLE
+
+pytestmark = pytest.mark.skipif(not (BUNDLE / "pose_encoders.safetensors").exists(),
+                                reason="trained weights not installed: python -m training.tiny --out runs/tiny --install")
+
+
+@pytest.fixture(scope="module")
+def scores():
+    from training.scorecard import evaluate_model
+
+    return evaluate_model(None, "cpu")
+
+
+def test_text_to_video_draws_the_named_colour_moving_the_named_way(scores):
+    t2v = scores["text_to_video"]
+    assert t2v["prompts"] >= 20
+    assert t2v["colour_found"] >= 0.8, scores["text_to_video_prompts"]
+    assert t2v["direction_ok"] >= 0.7, scores["text_to_video_prompts"]
+
+
+def test_image_to_video_starts_on_the_image_and_keeps_the_shape(scores):
+    i2v = scores["image_to_video"]
+    assert i2v["first_frame_psnr_db"] >= 25.0
+    assert i2v["colour_present"] >= 0.8
+
+
+def test_the_stick_figure_follows_the_driving_pose(scores):
+    pose = scores["pose"]
+    assert pose["driven"] <= 0.6 * pose["shuffled"], pose
