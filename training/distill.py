@@ -74,8 +74,8 @@ def teacher_trajectories(teacher: nn.Module, latents: torch.Tensor, prompts: tor
             timesteps[:, start:] = sigma * 1000
             flow = teacher(noisy, timesteps, prompts, prefix_frames, pose_condition=condition)[:, :, start:]
             if guidance != 1.0:
-                unconditional = teacher(noisy, timesteps, empty, prefix_frames, pose_condition=condition)[:, :, start:]
-                flow = unconditional + guidance * (flow - unconditional)
+                flow_empty = teacher(noisy, timesteps, empty, prefix_frames, pose_condition=condition)[:, :, start:]
+                flow = flow_empty + guidance * (flow - flow_empty)
             x = x + (sigma_next - sigma) * flow
         clean = torch.cat([clean, x], dim=2)
     return clean.float().cpu(), trajectory
@@ -123,7 +123,7 @@ def distill_dataset(teacher: nn.Module, source: Path, target: Path, record_sigma
     from .train import collate
 
     records = read_manifest(source)
-    clips = CachedClips(source)
+    clips = CachedClips(source, in_memory=True)
     groups: dict[tuple, list[int]] = {}
     for index in range(len(clips)):
         item = clips[index]
