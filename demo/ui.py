@@ -290,6 +290,7 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
                 gr.Markdown(runtime.weights_report.markdown(), elem_id="weights-report")
         _memory_panel(runtime)
         _model_panel(runtime, banner)
+        images, pose_examples = demo_examples(runtime.config.demo)
         with gr.Tabs():
             with gr.Tab("Text to Video", id="t2v"):
                 with gr.Row():
@@ -305,7 +306,6 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
                         image = ImageUpload(label="First frame (resized and centre-cropped to the model size)",
                                             type="filepath", sources=["upload", "clipboard"])
                         i2v = Controls(runtime)
-                        images, _ = demo_examples(runtime.config.demo)
                         if images:
                             gr.Examples(images, inputs=[image, i2v.prompt])
                     with gr.Column():
@@ -318,7 +318,6 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
                         driving = gr.Video(label="Driving video or pose video")
                         is_pose_video = gr.Checkbox(label="The driving video is already a rendered pose video")
                         pose = Controls(runtime)
-                        _, pose_examples = demo_examples(runtime.config.demo)
                         if pose_examples:
                             gr.Examples(pose_examples, inputs=[reference, driving, is_pose_video, pose.prompt])
                     with gr.Column():

@@ -4,7 +4,8 @@
     python -m training.train ...            (single process)
 
 Each step runs the whole clip through the project's CausalWanModel in one pass with block-causal
-attention and an independent noise level per 3-frame block (see training/objective.py). Data
+attention and an independent noise level per 3-frame block (see training/objective.py); with
+`loss: ode_regression` the data are a teacher's recorded paths instead (training/distill.py). Data
 order and noise depend only on (seed, step), so --resume continues exactly where a run stopped.
 """
 from __future__ import annotations
