@@ -133,6 +133,10 @@ def test_training_from_scratch_writes_a_model_the_app_loads(trained_from_scratch
                                GenerationRequest(figure.caption, num_blocks=1))
     assert sum(len(r.frames) for r in pipeline.generate(request)) == 1 + 12  # the reference, then 3 latents
     assert animator.encoders.path == model / "pose_encoders.safetensors"
+    # The app reads the captions with the trained word-level tokenizer, not the random model's bytes.
+    encoder = pipeline.components.prompt_encoder
+    assert encoder.tokenizer.convert_ids_to_tokens(encoder.tokenize(["A red circle"], "cpu")[0][0, :4].tolist()) \
+        == ["a", "red", "circle", "</s>"]
 
 
 def test_a_second_run_continues_instead_of_starting_over(trained_from_scratch, caplog):
@@ -153,6 +157,18 @@ def test_the_trained_model_folder_is_required_with_a_clear_message(tmp_path):
     config = load_config("configs/tiny_shapes.yaml", **{"weights.bundled_dir": str(tmp_path / "absent")})
     with pytest.raises(WeightsError, match="python -m training.tiny"):
         load_components(config)
+
+
+def test_the_world_tokenizer_knows_every_caption_word_and_marks_others_unknown():
+    from training.caption_encoder import world_tokenizer
+
+    tokenizer, world = world_tokenizer(), SyntheticWorld()
+    captions = [world.scene(i).caption for i in range(400)] + [world.held_out_scene(i).caption for i in range(60)]
+    unknown = tokenizer.unk_token_id
+    assert not [c for c in captions if unknown in tokenizer(c).input_ids]
+    ids = tokenizer("A RED circle zooms!").input_ids
+    assert tokenizer.convert_ids_to_tokens(ids) == ["a", "red", "circle", "<unk>", "<unk>", "</s>"]
+    assert max(len(tokenizer(c).input_ids) for c in captions) <= 48  # configs/tiny_shapes.yaml reads 64
 
 
 def test_every_direction_has_caption_words():

@@ -3,7 +3,7 @@
     python -m training.tiny --out runs/tiny [--seed 0] [--install]
 
 Stages (each is skipped when its output exists, so a stopped run continues where it was):
-  1. caption encoder: the byte-level UMT5 learns to read the world's captions (training/caption_encoder.py)
+  1. caption encoder: a word-level tokenizer over the world's words, and the UMT5 learns to read the world's captions (training/caption_encoder.py)
   2. VAE: a tiny AutoencoderKLWan, reconstruction + KL on rendered clips (training/autoencoder.py)
   3. data: rendered clips encoded to latents + prompt embeddings, skeletons for the stick figures
   4. teacher + pose encoders: `training.train --full --pose` (configs/tiny_teacher.yaml), flow matching from a
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "they are re-rendered when missing)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--clips", type=int, default=5000, help="training clips rendered for the generator")
-    parser.add_argument("--caption-steps", type=int, default=1000)
+    parser.add_argument("--caption-steps", type=int, default=2500)
     parser.add_argument("--vae-steps", type=int, default=1500, help="VAE steps on 5-frame windows")
     parser.add_argument("--vae-long-steps", type=int, default=500, help="VAE steps on 9-frame windows after those")
     parser.add_argument("--vae-batch", type=int, default=48, help="windows per VAE step (a step costs about the same "
@@ -127,14 +127,26 @@ def to_pixels(frames: np.ndarray) -> torch.Tensor:
 
 # -- stages
 
-def train_captions(components, args: argparse.Namespace, model_dir: Path, device: torch.device) -> None:
-    from .caption_encoder import train_caption_encoder
+def train_captions(args: argparse.Namespace, model_dir: Path, device: torch.device) -> dict:
+    """A fresh UMT5 of the config's size over the world's words (transformers' own T5 initialisation,
+    which scales the attention for T5's unscaled dot products), trained to read the captions."""
+    from transformers import UMT5EncoderModel
 
-    accuracy = train_caption_encoder(components.prompt_encoder, SyntheticWorld(args.seed), args.caption_steps,
-                                     args.caption_batch, 2e-3, device)
-    components.prompt_encoder.model.cpu().save_pretrained(model_dir / "text_encoder")
-    components.prompt_encoder.tokenizer.save_pretrained(model_dir / "tokenizer")
+    from pipelines.text_encoder import PromptEncoder, umt5_config
+
+    from .caption_encoder import train_caption_encoder, world_tokenizer
+
+    tokenizer, size = world_tokenizer(), model_config().text_encoder
+    torch.manual_seed(args.seed)
+    model = UMT5EncoderModel(umt5_config(len(tokenizer), size["d_model"], size["d_kv"], size["d_ff"],
+                                         size["num_layers"], size["num_heads"]))
+    encoder = PromptEncoder(tokenizer, model, size["text_len"])
+    accuracy = train_caption_encoder(encoder, SyntheticWorld(args.seed), args.caption_steps, args.caption_batch,
+                                     2e-3, device)
+    model.cpu().save_pretrained(model_dir / "text_encoder")
+    tokenizer.save_pretrained(model_dir / "tokenizer")
     log.info("caption encoder: token accuracy %.3f", accuracy)
+    return {"caption_token_accuracy": round(accuracy, 3)}
 
 
 def train_vae(components, args: argparse.Namespace, out: Path, model_dir: Path, device: torch.device) -> dict:
@@ -334,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (model_dir / "transformer" / "config.json").exists():
         save_generator(components.generator, model_dir / "transformer")
     if not (model_dir / "text_encoder" / "config.json").exists():
-        timed("caption_encoder", lambda: train_captions(components, args, model_dir, device))
+        timed("caption_encoder", lambda: train_captions(args, model_dir, device))
     if not (model_dir / "vae" / "config.json").exists():
         timed("vae", lambda: train_vae(components, args, out, model_dir, device))
     if not (model_dir / "pose_encoders.safetensors").exists():
