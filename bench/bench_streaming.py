@@ -51,13 +51,13 @@ def build_components(config, device: torch.device, dtype: torch.dtype) -> Compon
                       PromptEncoder(byte_tokenizer(), t5, text_len), "random full-size weights")
 
 
-def time_generation(pipeline: StreamingVideoPipeline, prompt: str, seed: int) -> dict:
+def time_generation(pipeline: StreamingVideoPipeline, prompt: str, seed: int, fast_decode: bool = False) -> dict:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     blocks: dict[int, dict] = {}
     frames, first = 0, None
-    for result in pipeline.generate(GenerationRequest(prompt, seed=seed)):
+    for result in pipeline.generate(GenerationRequest(prompt, seed=seed, fast_decode=fast_decode)):
         frames += result.frames.shape[0]
         if first is None:
             first = time.perf_counter() - start
@@ -98,6 +98,8 @@ def main() -> None:
     parser.add_argument("--cap-gib", type=float,
                         help="after the uncapped runs, plan for a card of this size (memory planner, 'auto'), cap "
                              "the process with set_per_process_memory_fraction and time the same runs again")
+    parser.add_argument("--fast-decoder", action="store_true",
+                        help="decode with the TAEHV-architecture tiny decoder (random weights) instead of the Wan VAE")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -112,6 +114,10 @@ def main() -> None:
     elif args.compile:
         components.generator.compile_blocks(mode="max-autotune-no-cudagraphs", dynamic=False)
     pipeline = StreamingVideoPipeline(components, config, device)
+    if args.fast_decoder:
+        from pipelines.tiny_decoder import TinyVideoDecoder
+
+        pipeline.tiny_decoder = TinyVideoDecoder().to(device, config.torch_dtype).eval()
     logging.info("built in %.1fs; resident %.1f GiB", time.perf_counter() - build_start,
                  torch.cuda.memory_allocated() / 2**30)
 
@@ -124,10 +130,11 @@ def main() -> None:
     warm_up(pipeline)  # the app's start-up warm-up: the timed runs show whether it reached every shape
     logging.info("warm-up generation %.1fs", time.perf_counter() - warm_start)
 
-    runs = [time_generation(pipeline, PROMPTS[i % len(PROMPTS)], seed=i + 1) for i in range(args.runs)]
+    runs = [time_generation(pipeline, PROMPTS[i % len(PROMPTS)], i + 1, args.fast_decoder) for i in range(args.runs)]
     summary = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "config": args.config,
-        "compile": args.compile, "fast_kernels": args.fast_kernels, "sdpa": args.sdpa, "dtype": config.dtype, "height": config.height, "width": config.width,
+        "compile": args.compile, "fast_kernels": args.fast_kernels, "sdpa": args.sdpa,
+        "fast_decoder": args.fast_decoder, "dtype": config.dtype, "height": config.height, "width": config.width,
         "frames": runs[0]["frames"],
         "first_frames_s_median": statistics.median(r["first_frames_s"] for r in runs),
         "fps_median": statistics.median(r["fps"] for r in runs),
