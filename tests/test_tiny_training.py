@@ -91,7 +91,7 @@ def trained_from_scratch(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("tiny")
     assert tiny.main(["--out", str(out), "--clips", "12", "--caption-steps", "2", "--caption-batch", "8",
-                      "--vae-steps", "1", "--vae-long-steps", "1", "--vae-batch", "2", "--teacher-steps", "2",
+                      "--vae-steps", "1", "--vae-long-steps", "1", "--vae-batch", "2", "--vae-long-batch", "1", "--teacher-steps", "2",
                       "--student-steps", "2", "--workers", "1", "--cpu", "--skip-evaluation"]) == 0
     return out
 

@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clips", type=int, default=5000, help="training clips rendered for the generator")
     parser.add_argument("--caption-steps", type=int, default=2500)
     parser.add_argument("--vae-steps", type=int, default=1500, help="VAE steps on 5-frame windows")
-    parser.add_argument("--vae-long-steps", type=int, default=500, help="VAE steps on 9-frame windows after those")
+    parser.add_argument("--vae-long-steps", type=int, default=250, help="VAE steps on whole clips after those")
+    parser.add_argument("--vae-long-batch", type=int, default=16, help="whole clips per step of that phase")
     parser.add_argument("--vae-batch", type=int, default=48, help="windows per VAE step (a step costs about the same "
                                                                   "at 16 or 48: the causal VAE loops over frames)")
     parser.add_argument("--caption-batch", type=int, default=256)
@@ -151,8 +152,10 @@ def train_captions(args: argparse.Namespace, model_dir: Path, device: torch.devi
 
 def train_vae(components, args: argparse.Namespace, out: Path, model_dir: Path, device: torch.device) -> dict:
     """Two phases: many cheap steps on 5-frame windows (the causal first frame and the latent after it),
-    then fewer on 9-frame windows, so that a latent following another full latent (every latent after
-    the second in a clip) is trained too; the first phase's result is kept in OUT/vae_short."""
+    then fewer on whole clips. The causal caches carry features from latent to latent, so a VAE that
+    never decoded more than a few latents in a row drifts on the later ones (trained on 5- and 9-frame
+    windows, it reconstructed frames 0-4 at ~30 dB and frames 8-36 at ~14 dB); the first phase's result
+    is kept in OUT/vae_short."""
     from diffusers import AutoencoderKLWan
 
     from .autoencoder import clip_psnr, set_latent_statistics, train_autoencoder
@@ -162,12 +165,12 @@ def train_vae(components, args: argparse.Namespace, out: Path, model_dir: Path, 
         pool.setdefault(frames.shape[1:3], []).append(frames)
     sizes = sorted(pool, key=lambda size: -len(pool[size]))
 
-    def windows(length: int):
+    def windows(length: int, batch_size: int):
         def batch(step: int) -> torch.Tensor:
             rng = random.Random(step)
             clips = pool[rng.choices(sizes, weights=[len(pool[s]) for s in sizes])[0]]
             picked = []
-            for _ in range(args.vae_batch):
+            for _ in range(batch_size):
                 clip = rng.choice(clips)
                 start = rng.randrange(0, len(clip) - length + 1)
                 picked.append(to_pixels(clip[start:start + length]))
@@ -179,10 +182,11 @@ def train_vae(components, args: argparse.Namespace, out: Path, model_dir: Path, 
         model.load_state_dict(AutoencoderKLWan.from_pretrained(short_dir).state_dict())
         log.info("VAE short-window phase from %s", short_dir)
     else:
-        train_autoencoder(model, windows(5), args.vae_steps, 1e-3, 1e-4, device)
+        train_autoencoder(model, windows(5, args.vae_batch), args.vae_steps, 1e-3, 1e-4, device)
         model.cpu().save_pretrained(short_dir)
-    psnr = train_autoencoder(model, windows(9), args.vae_long_steps, 3e-4, 1e-4, device)
-    set_latent_statistics(model, [windows(9)(10**6 + i) for i in range(8)])
+    whole_clips = windows(CLIP_FRAMES, args.vae_long_batch)
+    psnr = train_autoencoder(model, whole_clips, args.vae_long_steps, 3e-4, 1e-4, device, log_every=50)
+    set_latent_statistics(model, [whole_clips(10**6 + i) for i in range(4)])
     held_out = SyntheticWorld(args.seed)
     first, every = clip_psnr(model, [to_pixels(render(held_out.held_out_scene(i))) for i in range(8)])
     log.info("VAE on held-out clips: first frame %.1f dB, all frames %.1f dB", first, every)
@@ -376,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         install_generator(out / "student_run", model_dir)
     report.update({"clips": args.clips, "caption_steps": args.caption_steps, "vae_steps": args.vae_steps,
-                   "vae_long_steps": args.vae_long_steps,
+                   "vae_long_steps": args.vae_long_steps, "vae_long_batch": args.vae_long_batch,
                    "teacher_steps": args.teacher_steps or load_training_config(TEACHER_CONFIG)["max_steps"],
                    "student_steps": args.student_steps or load_training_config(TRAIN_CONFIG)["max_steps"],
                    "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"})
