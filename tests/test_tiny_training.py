@@ -71,6 +71,36 @@ def test_evaluator_accepts_the_true_clips_and_rejects_wrong_ones():
                                                                                          scene.figure.colour)
 
 
+def test_the_vae_loss_can_weigh_the_shape_pixels_more_than_the_background():
+    from diffusers import AutoencoderKLWan
+
+    from training.autoencoder import foreground_weights, reconstruction_loss
+
+    scene = SyntheticWorld().held_out_scene(0)
+    frames = render(scene)[:5]
+    pixels = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+    weights = foreground_weights(pixels, 10.0)[0, 0]
+    shape = np.abs(frames.astype(int) - frames[0, 0, 0].astype(int)).max(-1) > 0.1 * 127.5  # not the background
+    assert weights.max() == 11.0 and weights.min() == 1.0
+    assert np.array_equal(weights.numpy() == 11.0, shape)
+    assert 0.005 < shape.mean() < 0.2  # a few per cent of the frame: why the weighting matters
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4)
+    torch.manual_seed(1)
+    plain, _ = reconstruction_loss(vae, pixels, 0.0)
+    torch.manual_seed(1)
+    decoded = vae.decode(vae.encode(pixels).latent_dist.sample()).sample
+    error = decoded - pixels
+    assert torch.allclose(plain, error.abs().mean() + error.pow(2).mean(), rtol=1e-5)  # weight 0: the plain loss
+    torch.manual_seed(1)
+    weighted, _ = reconstruction_loss(vae, pixels, 0.0, foreground_weight=10.0)
+    per_pixel = (error.abs() + error.pow(2)).mean(1)[0]
+    expected = (per_pixel[torch.from_numpy(shape)].mean() * 11 * shape.sum() + per_pixel[~torch.from_numpy(shape)].sum()) \
+        / (11 * shape.sum() + (~shape).sum())
+    assert torch.allclose(weighted, expected, rtol=1e-4)
+
+
 def test_few_step_objective_trains_at_the_samplers_sigmas():
     table = (1.0, 0.75, 0.5, 0.25)
     sigma, _ = FlowObjective(shift=1.0, few_step_fraction=1.0, few_step_sigmas=table).block_sigmas(
@@ -112,6 +142,7 @@ def test_training_from_scratch_writes_a_model_the_app_loads(trained_from_scratch
     assert vae_config["latents_std"] != [1.0] * 16  # measured on the rendered clips
     report = json.loads((trained_from_scratch / "training.json").read_text())
     assert report["teacher_steps"] == report["student_steps"] == 2
+    assert 0.0 <= report["vae_held_out_colour_found"] <= 1.0  # the evaluator, asked of the VAE's reconstructions
     assert set(report["seconds"]) >= {"caption_encoder", "vae", "data", "teacher", "teacher_paths", "student"}
     assert any((trained_from_scratch / "student_run" / "logs").rglob("*"))
     teacher = trained_from_scratch / "teacher" / "transformer" / "diffusion_pytorch_model.safetensors"
