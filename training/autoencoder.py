@@ -32,6 +32,8 @@ FOREGROUND_DISTANCE = 0.1  # in [-1, 1] units, on the channel that differs most 
 
 def foreground_weights(pixels: torch.Tensor, foreground_weight: float) -> torch.Tensor:
     """[B, 1, T, H, W]: 1 + foreground_weight where a pixel differs from its frame's median colour."""
+    if not foreground_weight:  # the unweighted loss: no per-frame median in the training step
+        return torch.ones_like(pixels[:, :1], dtype=torch.float32)
     median = pixels.float().flatten(3).median(dim=3).values[..., None, None]
     foreground = (pixels.float() - median).abs().amax(dim=1, keepdim=True) > FOREGROUND_DISTANCE
     return 1.0 + foreground_weight * foreground.float()
@@ -44,10 +46,11 @@ def reconstruction_loss(vae: AutoencoderKLWan, pixels: torch.Tensor, kl_weight: 
     posterior = vae.encode(pixels).latent_dist
     decoded = vae.decode(posterior.sample()).sample
     error = decoded.float() - pixels.float()
-    mse = error.pow(2).mean()
+    squared = error.pow(2)
+    mse = squared.mean()
     kl = 0.5 * (posterior.mean.float().pow(2) + posterior.var.float() - 1.0 - posterior.logvar.float()).mean()
     weights = foreground_weights(pixels, foreground_weight)
-    per_pixel = (error.abs() + error.pow(2)).mean(dim=1, keepdim=True)
+    per_pixel = (error.abs() + squared).mean(dim=1, keepdim=True)
     loss = (per_pixel * weights).sum() / weights.sum() + kl_weight * kl
     psnr = float(10 * torch.log10(4.0 / mse.detach().clamp_min(1e-10)))  # peak-to-peak 2 in [-1, 1]
     return loss, psnr
