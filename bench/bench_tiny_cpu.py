@@ -1,7 +1,7 @@
 """CPU speed of a tiny config through the app's pipeline: ms per streamed block (denoise + decode),
 frames per second and time to the first block, at the config's default size.
 
-    python bench/bench_tiny_cpu.py --config configs/tiny_shapes.yaml [--weights DIR] [--runs 5]
+    python bench/bench_tiny_cpu.py --config configs/tiny.yaml [--weights DIR] [--runs 5]
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from pipelines.core import GenerationRequest  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--config", default="configs/tiny_shapes.yaml")
+    parser.add_argument("--config", default="configs/tiny.yaml")
     parser.add_argument("--weights", help="weights folder (default: the config's own)")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--blocks", type=int, default=3)

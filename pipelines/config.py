@@ -41,7 +41,7 @@ class WeightsConfig:
     generator_lora_scale: float = 1.0
     random_seed: int = 0
     bundled_dir: str | None = None  # the model's own files inside this repository (diffusers layout),
-    # read when the weights folder does not hold them (configs/tiny_shapes.yaml)
+    # read when the weights folder does not hold them (configs/tiny.yaml)
 
 
 @dataclass

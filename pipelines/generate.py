@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     # Heavy imports after parsing, so that --help and argument errors are instant.
     from PIL import Image, UnidentifiedImageError
     from tqdm import tqdm
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # the blocks' bar below is the command's one progress bar
     from .builder import build_pipeline, default_device, vram_bytes
     from .config import load_config
     from .core import GenerationRequest, RequestError

@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny random model in float32 on the CPU."""
+"""Shared fixtures: the embedded tiny model (trained on synthetic shapes) in float32 on the CPU."""
 from __future__ import annotations
 
 import logging
@@ -26,6 +26,17 @@ def tiny_config():
 @pytest.fixture(scope="session")
 def tiny_components(tiny_config):
     return load_components(tiny_config)
+
+
+@pytest.fixture(scope="session")
+def random_config():
+    """Seeded random weights, no files: for tests that write checkpoints of the model on the fly."""
+    return load_config(ROOT / "configs" / "tiny_random.yaml")
+
+
+@pytest.fixture(scope="session")
+def random_components(random_config):
+    return load_components(random_config)
 
 
 @pytest.fixture(scope="session")

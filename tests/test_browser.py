@@ -47,8 +47,8 @@ def _preview_src(page) -> str | None:
 
 
 def test_preview_updates_block_by_block_while_streaming(page):
-    assert "Tiny random Wan" in page.locator("#banner").inner_text()
-    page.get_by_label("Prompt").first.fill("a paper boat on a pond")
+    assert "Tiny Wan trained on synthetic shapes" in page.locator("#banner").inner_text()
+    page.get_by_label("Prompt").first.fill("a red circle moves to the right on a dark blue background")
     _set_blocks(page, 6)
     page.get_by_role("button", name="Generate").first.click()
     seen: list[str] = []

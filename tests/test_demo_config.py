@@ -13,8 +13,13 @@ from pipelines.config import load_config
 from training.examples import FOLDER, write_examples
 
 
-def test_the_random_default_says_what_it_is_in_the_banner_and_the_pose_tab():
-    runtime = load_runtime("configs/tiny.yaml", None, "cpu")
+def test_the_default_says_it_is_the_shapes_model_and_what_to_try():
+    banner = load_runtime("configs/tiny.yaml", None, "cpu").banner()
+    assert "trained on synthetic shapes" in banner and "try: a red circle moves to the right" in banner
+
+
+def test_the_random_config_says_what_it_is_in_the_banner_and_the_pose_tab():
+    runtime = load_runtime("configs/tiny_random.yaml", None, "cpu")
     assert "random weights" in runtime.banner()
     page = json.dumps(build_demo(runtime).config, default=str)
     assert "random* pose encoders" in page
@@ -22,7 +27,7 @@ def test_the_random_default_says_what_it_is_in_the_banner_and_the_pose_tab():
 
 
 def test_the_shapes_model_offers_prompts_images_and_a_pose_example_it_knows():
-    demo = load_config("configs/tiny_shapes.yaml").demo
+    demo = load_config("configs/tiny.yaml").demo
     assert "a red circle moves to the right" in demo.note
     images, poses = demo_examples(demo)
     assert [prompt for _, prompt in images] == ["a blue star rises on a dark blue background",
@@ -33,7 +38,7 @@ def test_the_shapes_model_offers_prompts_images_and_a_pose_example_it_knows():
 
 
 def test_the_page_shows_the_configs_examples(tmp_path):
-    runtime = load_runtime("configs/tiny_shapes.yaml", str(tmp_path), "cpu")  # its weights need not be there
+    runtime = load_runtime("configs/tiny.yaml", str(tmp_path), "cpu")  # its weights need not be there
     page = json.dumps(build_demo(runtime).config, default=str)
     assert "a yellow star falls on a black background" in page
     assert "an_orange_stick_figure_dances_on_a_dark_blue_background.mp4" in page

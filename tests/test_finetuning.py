@@ -89,7 +89,8 @@ def test_prepare_caches_clips_skips_bad_videos_and_resumes(source_videos, tiny_b
     assert len(list(prepared.glob("shard-*.safetensors"))) == 2  # 2 clips per shard
     clip = CachedClips(prepared)[0]
     assert clip["latents"].shape == (16, 9, 8, 12)  # 33 frames -> 9 latent frames at 64x96 / 8
-    assert clip["prompt"].shape[1] == 32 and 0 < clip["prompt"].shape[0] <= 32
+    text = load_config("configs/tiny.yaml").text_encoder
+    assert clip["prompt"].shape[1] == text["d_model"] and 0 < clip["prompt"].shape[0] <= text["text_len"]
     # a fresh run into a new folder names each skipped file once
     caplog.set_level(logging.WARNING)
     fresh = tmp_path / "fresh"
@@ -349,12 +350,13 @@ def test_pose_training_writes_encoders_the_pose_tab_loads(source_videos, tiny_bu
     assert len(losses) == 3 and all(np.isfinite(losses))
     saved = tmp_path / "pose" / "checkpoints" / "pose_encoders.safetensors"
     state = load_file(str(saved))
-    assert state["pose_proj.weight"].shape == (64, 128)
+    dim = tiny_build.generator.config.dim
+    assert state["pose_proj.weight"].shape == (dim, 128)
     assert not torch.equal(state["dwpose_embedding.0.weight"], wide.state_dict()["dwpose_embedding.0.weight"])
-    encoders = LazyPoseEncoders(64, saved, "cpu", torch.float32).get()
+    encoders = LazyPoseEncoders(dim, saved, "cpu", torch.float32).get()
     assert encoders.pose_proj is not None
     tokens = encoders.pose_tokens(clip["pose"].numpy())
-    assert tokens.shape == (1, 9 * 24, 64)  # 9 latent frames of 4x6 tokens at the model width
+    assert tokens.shape == (1, 9 * 24, dim)  # 9 latent frames of 4x6 tokens at the model width
     assert (tmp_path / "pose" / "lora.safetensors").is_file()
 
 

@@ -119,16 +119,22 @@ def test_requested_profile_overrides_auto():
         plan_memory(REAL, 80 * GIB, 21, 3, requested="tiny")
 
 
-def test_footprint_measures_loaded_modules(tiny_components):
+def _kv_bytes_per_frame(config) -> int:
+    """24 tokens per latent frame at 96x64, a key and a value per layer, float32."""
+    return 24 * 2 * config.model["num_layers"] * config.model["dim"] * 4
+
+
+def test_footprint_measures_loaded_modules(tiny_components, tiny_config):
     fp = footprint_of(tiny_components, frame_tokens=24, latent_height=8, latent_width=12)
-    assert fp.generator_blocks == 2 and fp.text_encoder_bytes > 0
-    assert fp.generator_block_bytes * 2 < fp.generator_bytes
-    assert fp.kv_bytes_per_frame == 24 * 2 * 2 * 64 * 4
+    layers = tiny_config.model["num_layers"]
+    assert fp.generator_blocks == layers and fp.text_encoder_bytes > 0
+    assert fp.generator_block_bytes * layers < fp.generator_bytes
+    assert fp.kv_bytes_per_frame == _kv_bytes_per_frame(tiny_config)
 
 
 def test_kv_budget_narrows_attention_window(tiny_pipeline, tiny_config, tiny_components):
     pipeline = StreamingVideoPipeline(tiny_components, tiny_config)
-    per_frame = 24 * 2 * 2 * 64 * 4
+    per_frame = _kv_bytes_per_frame(tiny_config)
     pipeline.kv_cache_budget = 7 * per_frame
     results = list(pipeline.generate(GenerationRequest("x", seed=1, num_blocks=4)))
     assert results[0].window_frames == 6 and results[0].window_forced

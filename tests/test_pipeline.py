@@ -41,8 +41,10 @@ def test_seed_reproducible_and_distinct(tiny_pipeline):
 
 
 def test_prompt_changes_video(tiny_pipeline):
-    a = _frames(tiny_pipeline, GenerationRequest("a cat", seed=1, num_blocks=1))[0]
-    b = _frames(tiny_pipeline, GenerationRequest("a dog", seed=1, num_blocks=1))[0]
+    a = _frames(tiny_pipeline, GenerationRequest("a red circle moves right on a black background", seed=1,
+                                                 num_blocks=1))[0]
+    b = _frames(tiny_pipeline, GenerationRequest("a green square moves left on a brown background", seed=1,
+                                                 num_blocks=1))[0]
     assert not np.array_equal(a, b)
 
 
@@ -126,10 +128,10 @@ def test_model_matches_diffusers_wan_transformer():
     assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
 
 
-def test_prompt_padding_is_zeroed(tiny_components):
-    embeds = tiny_components.prompt_encoder.encode("hi")
-    length = len(tiny_components.prompt_encoder.tokenizer("hi").input_ids)
-    assert embeds.shape == (1, 32, 32)
+def test_prompt_padding_is_zeroed(tiny_components, tiny_config):
+    embeds = tiny_components.prompt_encoder.encode("a red circle")
+    length = len(tiny_components.prompt_encoder.tokenizer("a red circle").input_ids)
+    assert embeds.shape == (1, tiny_config.text_encoder["text_len"], tiny_config.text_encoder["d_model"])
     assert embeds[0, length:].abs().sum() == 0 and embeds[0, :length].abs().sum() > 0
 
 

@@ -135,7 +135,7 @@ class FakeDetector:
 
 def test_extraction_path_with_injected_detector(tiny_pipeline):
     detector = FakeDetector()
-    animator = PoseAnimator(tiny_pipeline, LazyPoseEncoders(64, None, "cpu", torch.float32, random_seed=0),
+    animator = PoseAnimator(tiny_pipeline, LazyPoseEncoders(tiny_pipeline.generator.config.dim, None, "cpu", torch.float32, random_seed=0),
                             detector=detector)
     driving = [np.full((48, 48, 3), v, dtype=np.uint8) for v in (0, 60, 120, 180, 240)]
     reference = Image.new("RGB", (96, 64), (128, 128, 128))
@@ -150,7 +150,7 @@ def test_extraction_path_with_injected_detector(tiny_pipeline):
 
 
 def test_pose_video_mode_needs_no_detector(tiny_pipeline):
-    animator = PoseAnimator(tiny_pipeline, LazyPoseEncoders(64, None, "cpu", torch.float32, random_seed=0),
+    animator = PoseAnimator(tiny_pipeline, LazyPoseEncoders(tiny_pipeline.generator.config.dim, None, "cpu", torch.float32, random_seed=0),
                             detector_dir=Path("/nonexistent"))
     driving = [np.full((64, 96, 3), v, dtype=np.uint8) for v in range(0, 250, 25)]
     base = GenerationRequest("dance", seed=1, num_blocks=2, height=64, width=96)

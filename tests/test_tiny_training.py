@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from training.evaluate import keypoint_error, score_video, summarise
-from training.objective import FlowObjective
+from training.objective import FlowObjective, flow_loss, position_weights
 from training.synthetic import (DIRECTIONS, MOTION_PHRASES, SIZES, SyntheticWorld, figure_keypoints, pose_frames,
                                 render)
 
@@ -114,6 +114,22 @@ def test_few_step_objective_trains_at_the_samplers_sigmas():
         FlowObjective(few_step_fraction=0.5)
 
 
+def test_the_flow_loss_can_weigh_the_latent_positions_of_a_shape_more():
+    x0 = torch.zeros(2, 16, 3, 8, 12)
+    x0[0, :, 1, 2:4, 5:7] = 2.0  # a shape in one frame of the first clip; the rest is a plain background
+    weights = position_weights(x0, 4.0)
+    assert weights.shape == (2, 3, 8, 12)
+    assert (weights[0, 1, 2:4, 5:7] == 5).all() and weights.sum() == 2 * 3 * 8 * 12 + 4 * 4
+    target, prediction = torch.zeros_like(x0), torch.zeros_like(x0)
+    prediction[0, :, 1, 2, 5] = 1.0  # the error sits on a shape position
+    frames = torch.ones(2, 3)
+    plain = flow_loss(prediction, target, frames)
+    assert torch.isclose(plain, torch.tensor(1 / (2 * 3 * 8 * 12)))
+    assert torch.isclose(flow_loss(prediction, target, frames, weights), torch.tensor(5 / weights.sum()))
+    frames[0, 1] = 0  # a frame out of the loss takes its weighted positions with it
+    assert flow_loss(prediction, target, frames, weights) == 0
+
+
 @pytest.fixture(scope="module")
 def trained_from_scratch(tmp_path_factory):
     """Every stage of training.tiny for a couple of steps: a model folder the app's loader reads."""
@@ -148,7 +164,7 @@ def test_training_from_scratch_writes_a_model_the_app_loads(trained_from_scratch
     teacher = trained_from_scratch / "teacher" / "transformer" / "diffusion_pytorch_model.safetensors"
     assert teacher.read_bytes() != (model / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
 
-    pipeline, _ = build_pipeline(load_config("configs/tiny_shapes.yaml"), model, "cpu")
+    pipeline, _ = build_pipeline(load_config("configs/tiny.yaml"), model, "cpu")
     assert pipeline.components.model_dir == model
     world = SyntheticWorld()
     scene = world.held_out_scene(0)
@@ -185,7 +201,7 @@ def test_the_trained_model_folder_is_required_with_a_clear_message(tmp_path):
     from pipelines.config import load_config
     from pipelines.weights import WeightsError, load_components
 
-    config = load_config("configs/tiny_shapes.yaml", **{"weights.bundled_dir": str(tmp_path / "absent")})
+    config = load_config("configs/tiny.yaml", **{"weights.bundled_dir": str(tmp_path / "absent")})
     with pytest.raises(WeightsError, match="python -m training.tiny"):
         load_components(config)
 
@@ -199,7 +215,7 @@ def test_the_world_tokenizer_knows_every_caption_word_and_marks_others_unknown()
     assert not [c for c in captions if unknown in tokenizer(c).input_ids]
     ids = tokenizer("A RED circle zooms!").input_ids
     assert tokenizer.convert_ids_to_tokens(ids) == ["a", "red", "circle", "<unk>", "<unk>", "</s>"]
-    assert max(len(tokenizer(c).input_ids) for c in captions) <= 48  # configs/tiny_shapes.yaml reads 64
+    assert max(len(tokenizer(c).input_ids) for c in captions) <= 48  # configs/tiny.yaml reads 64
 
 
 def test_every_direction_has_caption_words():

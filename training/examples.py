@@ -1,4 +1,4 @@
-"""Writes the shapes model's demo examples (configs/tiny_shapes.yaml, demo.examples_dir) from the
+"""Writes the shapes model's demo examples (configs/tiny.yaml, demo.examples_dir) from the
 synthetic world: first frames of held-out scenes for image-to-video, and a stick figure with its
 rendered pose video for the pose tab. A file's stem is its caption (the UI's example prompt).
 

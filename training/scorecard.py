@@ -80,7 +80,7 @@ def evaluate_model(model_dir: Path | None, device: torch.device | str = "cpu", s
     from pipelines.builder import build_pipeline
     from pipelines.config import load_config
 
-    config = load_config("configs/tiny_shapes.yaml")
+    config = load_config("configs/tiny.yaml")
     if sampler is not None:
         config.sampler = OmegaConf.create({"context_noise": 0, **sampler})
     pipeline, _ = build_pipeline(config, model_dir, str(device))

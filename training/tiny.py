@@ -11,7 +11,7 @@ Stages (each is skipped when its output exists, so a stopped run continues where
   5. teacher paths: the teacher samples every clip's prompt with many Euler steps (training/distill.py)
   6. student: `training.train --full --pose` (configs/tiny_train.yaml) regresses the few-step generator onto
      those paths, so that the app's own 4-step sampler gives sharp videos
-  7. the folder OUT/model (diffusers layout + pose_encoders.safetensors) is what configs/tiny_shapes.yaml reads;
+  7. the folder OUT/model (diffusers layout + pose_encoders.safetensors) is what configs/tiny.yaml reads;
      --install copies it to assets/tiny_shapes. OUT/training.json records times and held-out scores.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ from pipelines.cli_options import HelpFormatter
 from .synthetic import CLIP_FRAMES, SyntheticWorld, render
 
 log = logging.getLogger("training.tiny")
-MODEL_CONFIG = "configs/tiny_shapes.yaml"
+MODEL_CONFIG = "configs/tiny.yaml"
 TEACHER_CONFIG = "configs/tiny_teacher.yaml"
 TRAIN_CONFIG = "configs/tiny_train.yaml"
 BUNDLE = Path(__file__).resolve().parent.parent / "assets" / "tiny_shapes"
@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vae-batch", type=int, default=48, help="windows per VAE step (a step costs about the same "
                                                                   "at 16 or 48: the causal VAE loops over frames)")
     parser.add_argument("--caption-batch", type=int, default=256)
-    parser.add_argument("--teacher-steps", type=int, help="teacher steps (default: configs/tiny_teacher.yaml)")
+    parser.add_argument("--teacher-config", default=TEACHER_CONFIG, help="the teacher's training YAML")
+    parser.add_argument("--teacher-steps", type=int, help="teacher steps (default: the teacher config's max_steps)")
     parser.add_argument("--student-steps", type=int, help="student steps (default: configs/tiny_train.yaml)")
     parser.add_argument("--workers", type=int, default=min(16, multiprocessing.cpu_count()),
                         help="processes rendering clips")
@@ -375,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         teacher_dir, paths_dir = out / "teacher", out / "paths"
         if not (teacher_dir / "pose_encoders.safetensors").exists():
             timed("data", lambda: prepare_data(args, model_dir, data_dir, device))
-            timed("teacher", lambda: {"paused": not run_trainer(args, TEACHER_CONFIG, data_dir, out / "teacher_run",
+            timed("teacher", lambda: {"paused": not run_trainer(args, args.teacher_config, data_dir, out / "teacher_run",
                                                                 model_dir, args.teacher_steps, minutes_left())})
             if report["paused"]:
                 log.info("teacher training paused (--max-minutes): run the same command again to continue")
@@ -396,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     report.update({"clips": args.clips, "caption_steps": args.caption_steps, "vae_steps": args.vae_steps,
                    "vae_long_steps": args.vae_long_steps, "vae_long_batch": args.vae_long_batch,
                    "vae_foreground_weight": args.vae_foreground_weight,
-                   "teacher_steps": args.teacher_steps or load_training_config(TEACHER_CONFIG)["max_steps"],
+                   "teacher_steps": args.teacher_steps or load_training_config(args.teacher_config)["max_steps"],
                    "student_steps": args.student_steps or load_training_config(TRAIN_CONFIG)["max_steps"],
                    "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"})
     report_path.write_text(json.dumps(report, indent=2))

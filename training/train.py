@@ -126,7 +126,7 @@ def empty_prompt(encoder, text_len: int) -> torch.Tensor:
 def flow_matching_loss(step_module: nn.Module, batch: dict, objective, frames_per_block: int, prefix_frames: int,
                        rng: torch.Generator, device: torch.device) -> torch.Tensor:
     """One training loss: per-block sigmas (clean prefix frames), noisy latents, velocity MSE."""
-    from .objective import flow_loss, noisy_latents, velocity_target
+    from .objective import flow_loss, noisy_latents, position_weights, velocity_target
 
     x0 = batch["latents"]
     blocks = (x0.shape[2] - prefix_frames) // frames_per_block
@@ -142,7 +142,8 @@ def flow_matching_loss(step_module: nn.Module, batch: dict, objective, frames_pe
     noisy = noisy_latents(x0, noise, sigma_frames)
     prediction = step_module(noisy.to(device), (sigma_frames * 1000).to(device), batch["prompts"].to(device),
                              prefix_frames, batch.get("poses"), batch.get("reference_poses"))
-    return flow_loss(prediction, velocity_target(x0, noise).to(device), weights.to(device))
+    positions = position_weights(x0, objective.foreground_weight) if objective.foreground_weight else None
+    return flow_loss(prediction, velocity_target(x0, noise).to(device), weights.to(device), positions)
 
 
 def collate(items: list[dict], text_len: int) -> dict:
