@@ -89,7 +89,7 @@ def test_prepare_caches_clips_skips_bad_videos_and_resumes(source_videos, tiny_b
     assert len(list(prepared.glob("shard-*.safetensors"))) == 2  # 2 clips per shard
     clip = CachedClips(prepared)[0]
     assert clip["latents"].shape == (16, 9, 8, 12)  # 33 frames -> 9 latent frames at 64x96 / 8
-    text = load_config("configs/tiny.yaml").text_encoder
+    text = tiny_build.config.text_encoder
     assert clip["prompt"].shape[1] == text["d_model"] and 0 < clip["prompt"].shape[0] <= text["text_len"]
     # a fresh run into a new folder names each skipped file once
     caplog.set_level(logging.WARNING)
