@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     remove_outputs_on_exit(store)
     runtime = load_runtime(args.config, args.weights, args.device, args.compile, args.use_ema,
                            args.memory_profile, args.vram_gb, args.prompt_extender, store, args.admin_token,
-                           args.kv_cache, compile_cache=args.compile_cache)
+                           args.kv_cache, compile_cache=args.compile_cache, attention=args.attention,
+                           fp8=args.fp8)
     demo = build_demo(runtime)
     demo.queue(max_size=32, default_concurrency_limit=1)
     serve(demo, runtime, args.host, args.port, [str(store.root)])

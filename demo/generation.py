@@ -141,6 +141,8 @@ def stream_video(runtime: Runtime, session: SessionControl, request: GenerationR
         raise UserError(str(err)) from err
     extended_prompt = gr.skip() if extended_prompt is None else extended_prompt
     note += truncation_note(runtime, request.prompt)
+    fast_path = pipeline.fast_path_note(request)
+    note += f" · {fast_path}" if fast_path else ""
     recorder = StreamRecorder(session.new_run_dir(), int(fps))
     fast_run = FastRun(recorder.run_dir, int(fps)) if request.fast_decode and not request.continuous else None
     run = RunRecord(tab=tab, model=runtime.config.name, device=str(pipeline.device), resolution=f"{width}x{height}",

@@ -67,7 +67,7 @@ class Runtime:
     outputs: OutputStore | None = None  # None: each session writes to its own temporary folder
     admin_token: str | None = None  # lets the holder change server-wide settings from the UI/API
     weights_dir: Path | None = None
-    build_options: dict = field(default_factory=dict)  # build_pipeline's options (profile, vram, compile, KV)
+    build_options: dict = field(default_factory=dict)  # build_pipeline's options (profile, vram, compile, KV, ...)
     registry: dict[str, KnownModel] = field(default_factory=dict)  # known causal generators
     metrics: RunMetrics = field(default_factory=RunMetrics)
     gpu_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -170,6 +170,10 @@ class Runtime:
         text = f"**Model:** {self.pipeline.components.description} · **device:** {self.device}"
         if self.memory_plan is not None:
             text += f" · {self.memory_plan.summary()}"
+        if self.pipeline.attention != "sdpa":
+            text += " · attention: FlashAttention-4 or SDPA, the faster per shape"
+        if self.pipeline.fp8:
+            text += " · **fast path:** FP8 linear layers (frames differ slightly from the bf16 model)"
         if self.config.demo.note:
             text += f" · {self.config.demo.note}"
         return text + verdict
@@ -179,7 +183,8 @@ def load_runtime(config_path: str | Path | None, weights: str | None, device: st
                  compile_models: bool = False, use_ema: bool | None = None, memory_profile: str = "auto",
                  vram_gb: float | None = None, prompt_extender: str | None = None,
                  outputs: OutputStore | None = None, admin_token: str | None = None,
-                 kv_cache: str = "auto", registry: Path = REGISTRY, compile_cache: str | None = None) -> Runtime:
+                 kv_cache: str = "auto", registry: Path = REGISTRY, compile_cache: str | None = None,
+                 attention: str = "auto", fp8: bool = False) -> Runtime:
     """Loads once at start-up; a weights problem is kept as a message for the UI, not raised.
 
     Weights are read into CPU memory first; the memory plan then decides what goes to the GPU.
@@ -191,7 +196,7 @@ def load_runtime(config_path: str | Path | None, weights: str | None, device: st
                       registry=load_registry(registry),
                       build_options=dict(memory_profile=memory_profile, vram=vram_bytes(vram_gb),
                                          compile_models=compile_models, kv_cache=kv_cache,
-                                         compile_cache=compile_cache))
+                                         compile_cache=compile_cache, attention=attention, fp8=fp8))
     try:
         weights_dir = runtime.weights_dir = resolve_weights_source(weights)
         runtime.weights_report = inspect_weights(weights_dir)

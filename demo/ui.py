@@ -370,7 +370,7 @@ def _memory_panel(runtime: Runtime) -> None:
         def set_profile(requested: str, given_token: str) -> str:
             try:
                 return runtime.set_memory_profile(requested, given_token)
-            except PermissionError as err:
+            except (PermissionError, ValueError) as err:
                 raise UserError(str(err)) from err
 
         apply.click(set_profile, inputs=[profile, token], outputs=[plan], concurrency_id="gpu",

@@ -12,10 +12,12 @@ from PIL import Image
 
 from . import compile_cache as compile_cache_store
 from .acceleration import accelerate
+from .attention_kernels import AttentionKernelError, enable_attention_kernels
 from .config import PipelineConfig
 from .core import GenerationRequest, StreamingVideoPipeline
+from .fp8 import FP8Error, quantize_blocks_fp8
 from .memory import GIB, MemoryPlan, configure_memory
-from .weights import load_components
+from .weights import WeightsError, load_components
 
 if TYPE_CHECKING:
     from .tiny_decoder import TinyVideoDecoder
@@ -35,36 +37,53 @@ def vram_bytes(vram_gb: float | None) -> int | None:
 def build_pipeline(config: PipelineConfig, weights_dir: str | Path | None, device: str,
                    memory_profile: str = "auto", vram: int | None = None,
                    compile_models: bool = False, warm: bool = False, kv_cache: str = "auto",
-                   compile_cache: str | Path | None = None) -> tuple[StreamingVideoPipeline, MemoryPlan]:
+                   compile_cache: str | Path | None = None, attention: str = "auto",
+                   fp8: bool = False) -> tuple[StreamingVideoPipeline, MemoryPlan]:
     """Loads the weights (raising WeightsError with a user-facing message) and places them.
 
     warm: when the models were compiled, run warm_up() so no user waits for the compiler.
     compile_cache: a folder that keeps compilation results between starts (pipelines/compile_cache.py).
+    attention: inference attention kernels (attention_kernels.ATTENTION_CHOICES).
+    fp8: the fast path's FP8 block linears (fp8.py; needs the generator resident on the GPU).
     """
     components = load_components(config, weights_dir, "cpu")
     pipeline = StreamingVideoPipeline(components, config, device)
     pipeline.tiny_decoder = load_tiny_decoder(Path(weights_dir) if weights_dir else None, pipeline.device,
                                               config.torch_dtype)
     pipeline.compiled = compile_models and pipeline.device.type == "cuda"  # planned for, if the profile allows
-    plan = configure_memory(pipeline, memory_profile, vram, kv_cache)
+    pipeline.fp8 = fp8  # planned for: FP8 weights stay resident
+    try:
+        plan = configure_memory(pipeline, memory_profile, vram, kv_cache)
+    except ValueError as err:
+        raise WeightsError(str(err)) from err
     # Compiled blocks would be re-traced as streamed weights move, so streaming runs eager.
     compiling = pipeline.compiled and not plan.profile.stream_generator
     cache = Path(compile_cache).expanduser() if compile_cache and compiling else None
     if cache is not None:
-        compile_cache_store.activate(cache)
-    pipeline.compiled = accelerate(components, compile_models=compiling)
-    if pipeline.compiled and warm:
+        compile_cache_store.activate(cache)  # before FlashAttention-4 is imported: it reads where to cache
+    try:
+        apply_fast_kernels(pipeline, attention)
+    except (FP8Error, AttentionKernelError) as err:
+        raise WeightsError(str(err)) from err
+    pipeline.compiled = accelerate(components, compile_models=compiling, fp8=pipeline.fp8)
+    if warm and (pipeline.compiled or pipeline.attention != "sdpa"):  # FA4 compiles its kernels on first use
         warm_up(pipeline)
         if cache is not None:
             compile_cache_store.save(cache)
     return pipeline, plan
 
 
+def apply_fast_kernels(pipeline: StreamingVideoPipeline, attention: str) -> None:
+    """FP8 block linears when pipeline.fp8 asks for them, then the attention kernels `attention` allows."""
+    if pipeline.fp8:
+        quantize_blocks_fp8(pipeline.generator)
+    pipeline.attention = enable_attention_kernels(pipeline.generator, pipeline.device, attention)
+
+
 def load_tiny_decoder(weights_dir: Path | None, device: torch.device, dtype: torch.dtype) -> "TinyVideoDecoder | None":
     """The TAEHV decoder when taew2_1 is in the weights folder (a bad file is logged, not fatal:
     the full VAE still decodes)."""
     from .tiny_decoder import TinyVideoDecoder, find_tiny_decoder
-    from .weights import WeightsError
 
     path = find_tiny_decoder(weights_dir)
     if path is None:
@@ -84,12 +103,16 @@ def warm_up(pipeline: StreamingVideoPipeline) -> None:
     torch.compile traces and autotunes on first use of each shape (minutes for the full model),
     and cuDNN plans attention once per key length. These two requests reach every shape the tabs
     use by default: the 3-frame blocks, the 1-frame image prefill, each KV-cache length and the
-    decoder's first-frame, second-frame and steady variants.
+    decoder's first-frame, second-frame and steady variants. With the fast decoder loaded, two
+    blocks through it as well (cuDNN tunes its convs on first use: ~2.5 s at 832x480 on an H100).
     """
     start = time.perf_counter()
     config = pipeline.config
     image = Image.new("RGB", (config.width, config.height), (128, 128, 128))
-    for request in (GenerationRequest("warm-up"), GenerationRequest("warm-up", image=image)):
+    requests = [GenerationRequest("warm-up"), GenerationRequest("warm-up", image=image)]
+    if pipeline.tiny_decoder is not None:
+        requests.append(GenerationRequest("warm-up", num_blocks=min(2, config.max_blocks), fast_decode=True))
+    for request in requests:
         for _ in pipeline.generate(request):
             pass
     log.info("warm-up (compilation) took %.0f s", time.perf_counter() - start)

@@ -9,7 +9,7 @@ import argparse
 import os
 
 from .config import DEFAULT_CONFIG
-from .memory_profiles import KV_CACHE_CHOICES, PROFILE_CHOICES
+from .memory_profiles import ATTENTION_CHOICES, KV_CACHE_CHOICES, PROFILE_CHOICES
 _TRUE = {"1", "true", "yes", "on"}
 
 
@@ -59,6 +59,13 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--kv-cache", choices=KV_CACHE_CHOICES, default=env("SF_KV_CACHE", "auto"),
                        help="KV cache storage: bf16, fp8 (half the memory, frames differ slightly) or auto: bf16 "
                             "whenever it fits, fp8 before a rolling attention window [SF_KV_CACHE]")
+    group.add_argument("--attention", choices=ATTENTION_CHOICES, default=env("SF_ATTENTION", "auto"),
+                       help="attention kernels on the GPU: auto takes FlashAttention-4 (pip install flash-attn-4; "
+                            "Hopper/Blackwell) for each shape where it is faster than PyTorch's SDPA, same results "
+                            "up to rounding; flash4 fails if it cannot; sdpa never uses it [SF_ATTENTION]")
+    group.add_argument("--fp8", action="store_true", default=bool(env_flag("SF_FP8")),
+                       help="fast path: the generator blocks' linear layers in FP8 (pip install torchao; GPUs of "
+                            "compute capability 8.9+); frames differ slightly from the bf16 model [SF_FP8=1]")
     group.add_argument("--prompt-extender", default=env("SF_PROMPT_EXTENDER"),
                        help="folder of an instruction-tuned causal LM that extends short prompts (relative to "
                             "--weights or absolute); default: <weights>/prompt_extender or the first causal LM "

@@ -1,7 +1,7 @@
 """Keeps torch.compile's results on disk, so a restarted server does not compile again.
 
-Inductor's and Triton's own caches go under the folder (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR;
-FX-graph and autotuning caches on). After the warm-up, torch.compiler.save_cache_artifacts()
+Inductor's, Triton's and FlashAttention-4's own caches go under the folder (TORCHINDUCTOR_CACHE_DIR,
+TRITON_CACHE_DIR, FLASH_ATTENTION_CUTE_DSL_CACHE_DIR; FX-graph and autotuning caches on). After the warm-up, torch.compiler.save_cache_artifacts()
 packs what this process compiled into `artifacts.bin`; the next start loads it with
 load_cache_artifacts() before anything compiles. Copying the folder is all a fresh machine needs.
 """
@@ -23,6 +23,8 @@ def activate(folder: Path) -> bool:
     folder.mkdir(parents=True, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder / "inductor")
     os.environ["TRITON_CACHE_DIR"] = str(folder / "triton")
+    os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"] = "1"  # read when flash_attn.cute is imported
+    os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"] = str(folder / "flash_attn")
     import torch._inductor.config as inductor_config
 
     inductor_config.fx_graph_cache = True

@@ -132,6 +132,8 @@ class StreamingVideoPipeline:
         self.decode_frame_by_frame = False  # smaller VAE working set, same frames (low-VRAM planning)
         self.tiny_decoder = None  # TinyVideoDecoder when taew2_1 is in the weights folder (fast_decode)
         self.compiled = False  # torch.compile in use: the memory planner reserves its larger decode buffers
+        self.fp8 = False  # block linears in FP8 (fp8.py): the fast path, frames differ slightly from bf16
+        self.attention = "sdpa"  # inference attention kernels in use (attention_kernels.py)
         self.sampler = make_sampler(config.sampler)
         self.loras = LoraMerger(self.generator)
 
@@ -156,6 +158,9 @@ class StreamingVideoPipeline:
         height, width = request.height or self.config.height, request.width or self.config.width
         if height % 16 or width % 16 or not (16 <= height <= 1280 and 16 <= width <= 1280):
             raise RequestError("Height and width must be multiples of 16 between 16 and 1280.")
+        if request.loras and self.fp8:
+            raise RequestError("LoRAs cannot be merged into FP8 weights: the server was started with --fp8; "
+                               "start it without --fp8 to use LoRAs.")
         for choice in request.loras:
             if not 0 <= choice.scale <= 2:
                 raise RequestError(f"LoRA strength must be between 0 and 2, got {choice.scale}.")
@@ -164,6 +169,13 @@ class StreamingVideoPipeline:
             except LoraError as err:
                 raise RequestError(str(err)) from err
         return num_blocks, height, width
+
+    def fast_path_note(self, request: GenerationRequest) -> str:
+        """What makes this request's frames differ from the exact bf16 path ('' when nothing does)."""
+        parts = ["FP8 linear layers"] if self.fp8 else []
+        if request.fast_decode:
+            parts.append("TAEHV decoder")
+        return f"fast path ({', '.join(parts)}): frames differ slightly from the exact bf16 path" if parts else ""
 
     def attention_window_for(self, latent_frames: int, frame_tokens: int,
                              continuous: bool = False) -> tuple[AttentionWindow, bool]:

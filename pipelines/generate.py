@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, **config_overrides(args), dtype=args.dtype)
         pipeline, plan = build_pipeline(config, args.weights, args.device or default_device(), args.memory_profile,
                                      vram_bytes(args.vram_gb), args.compile, kv_cache=args.kv_cache,
-                                     compile_cache=args.compile_cache)
+                                     compile_cache=args.compile_cache, attention=args.attention, fp8=args.fp8)
         image = Image.open(args.image) if args.image else None
         request = GenerationRequest(args.prompt, seed=args.seed, num_blocks=args.blocks,
                                     negative_prompt=args.negative_prompt, image=image, height=height, width=width,

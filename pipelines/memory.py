@@ -166,17 +166,22 @@ _DECODE_CHOICES = {"high": (False,), "medium": (False, True), "low": (True,)}
 
 def plan_memory(footprint: ModelFootprint, free_bytes: int, latent_frames: int, frames_per_block: int,
                 requested: str = "auto", configured: AttentionWindow = AttentionWindow(),
-                device_type: str = "cuda", kv_cache: str = "auto") -> MemoryPlan:
+                device_type: str = "cuda", kv_cache: str = "auto", resident_generator: bool = False) -> MemoryPlan:
     """The fastest combination that keeps the video unchanged and fits free_bytes; else the FP8 KV
     cache (kv_cache "auto"); else a rolling attention window of whole blocks (at least two).
 
     A streamed generator keeps as many of its blocks resident as the remaining memory allows.
+    resident_generator: only profiles that keep the generator on the device (FP8 weights).
     """
     if requested != "auto" and requested not in PROFILES:
         raise ValueError(f"unknown memory profile {requested!r}; choose auto, {', '.join(PROFILES)}")
+    if resident_generator and requested != "auto" and PROFILES[requested].stream_generator:
+        raise ValueError(f"The {requested} memory profile streams the generator's weights, which FP8 weights "
+                         f"cannot do: restart without --fp8 to use it.")
     if kv_cache not in KV_CACHE_CHOICES:
         raise ValueError(f"unknown KV cache {kv_cache!r}; choose {', '.join(KV_CACHE_CHOICES)}")
-    names = list(PROFILES) if requested == "auto" else [requested]
+    names = [name for name, profile in PROFILES.items() if not (resident_generator and profile.stream_generator)] \
+        if requested == "auto" else [requested]
     frames = configured.frames_needed(latent_frames)
     usable = max(0, free_bytes - PLANNING_HEADROOM)
     fp8_choices = {"auto": (False, True), "bf16": (False,), "fp8": (True,)}[kv_cache]
@@ -249,7 +254,7 @@ def configure_memory(pipeline, requested: str = "auto", vram_bytes: int | None =
     if vram_bytes is None:
         vram_bytes = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 1 << 50
     plan = plan_memory(footprint, vram_bytes, cfg.num_blocks * cfg.frames_per_block + 1, cfg.frames_per_block,
-                       requested, cfg.attention_window, device.type, kv_cache)
+                       requested, cfg.attention_window, device.type, kv_cache, resident_generator=pipeline.fp8)
     apply_profile(pipeline.components, plan.profile, device, plan.resident_blocks)
     fixed = footprint.fixed_bytes(plan.profile, plan.decode_frame_by_frame)
     resident = plan.resident_blocks * footprint.generator_block_bytes

@@ -1,4 +1,4 @@
-"""The memory profiles, in one list that the planner, the CLIs and the UI all read.
+"""The memory profiles and the other start-up choices, in one list that the planner, the CLIs and the UI read.
 
 Kept free of torch imports so that command-line parsing (`--help`) stays instant.
 """
@@ -24,3 +24,5 @@ PROFILES: dict[str, MemoryProfile] = {
 PROFILE_CHOICES: list[str] = ["auto", *PROFILES]
 # KV cache storage: auto keeps bf16 whenever it fits and falls back to FP8 before narrowing the window.
 KV_CACHE_CHOICES: tuple[str, ...] = ("auto", "bf16", "fp8")
+# Inference attention kernels (attention_kernels.py): auto uses FlashAttention-4 where installed and faster.
+ATTENTION_CHOICES: tuple[str, ...] = ("auto", "sdpa", "flash4")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -73,8 +74,12 @@ class Attention(nn.Module):
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              mask: torch.Tensor | BlockCausalLayout | None = None) -> torch.Tensor:
-    """q/k/v [B, L, H, D] -> [B, L, H*D] through fused SDPA (which wants heads before tokens)."""
+              mask: torch.Tensor | BlockCausalLayout | None = None,
+              kernel: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+    """q/k/v [B, L, H, D] -> [B, L, H*D] through fused SDPA (which wants heads before tokens), or
+    through `kernel` (q/k/v [B, L, H, D] -> [B, L, H, D]) when unmasked and without autograd."""
+    if kernel is not None and mask is None and not torch.is_grad_enabled():
+        return kernel(q, k, v).flatten(2)
     if isinstance(mask, BlockCausalLayout):  # each block's queries over the keys up to its end
         starts = (0, *mask.token_ends[:-1])
         return torch.cat([attention(q[:, s:e], k[:, :e], v[:, :e]) for s, e in zip(starts, mask.token_ends)], dim=1)
@@ -86,10 +91,11 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.net = nn.ModuleList([_Proj(dim, hidden), nn.Identity(), nn.Linear(hidden, dim)])
+        self.gelu_epilogue = True  # False once the weights are quantized (fp8.py): the fused op wants plain ones
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         up = self.net[0].proj
-        if x.is_cuda and type(up) is nn.Linear and not torch.is_grad_enabled():
+        if x.is_cuda and self.gelu_epilogue and type(up) is nn.Linear and not torch.is_grad_enabled():
             # Inference only (the fused op has no backward; a LoRA wrapper runs its own forward):
             # cuBLASLt applies the tanh GELU in the GEMM epilogue, saving a pass over the
             # 5.8x wider hidden activation (on the CPU this op would use the exact GELU).
@@ -121,6 +127,7 @@ class CausalWanBlock(nn.Module):
         self.norm3 = LayerNorm(dim, eps, elementwise_affine=False)
         self.ffn = FeedForward(dim, ffn_dim)
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim ** 0.5)
+        self.self_attention_kernel = None  # inference kernel over the KV cache (attention_kernels.py); None: SDPA
 
     def forward(self, x: torch.Tensor, frame_mod: torch.Tensor, rope: RopeTables,
                 context_kv: tuple[torch.Tensor, torch.Tensor], layer: int,
@@ -130,7 +137,7 @@ class CausalWanBlock(nn.Module):
         q, k, v = self.project_self(x, mods[0], mods[1], rope.cos, rope.sin)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)
-        return self.finish(x, attention(q, k, v, mask), mods, context_kv)
+        return self.finish(x, attention(q, k, v, mask, self.self_attention_kernel), mods, context_kv)
 
     def project_self(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, cos: torch.Tensor,
                      sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -151,9 +158,16 @@ class CausalWanBlock(nn.Module):
         return x + _gated(self.ffn(_modulate(self.norm3(x), c_shift, c_scale)), c_gate)
 
     def compile_static_parts(self, **options) -> None:
-        """torch.compile the parts whose shapes never change; attention over the growing cache stays eager."""
-        self.project_self = torch.compile(self.project_self, **options)
-        self.finish = torch.compile(self.finish, **options)
+        """torch.compile the parts whose shapes never change; attention over the growing cache stays eager.
+        Compiling again replaces the earlier compilation (e.g. after the weights were quantized)."""
+        self.drop_compiled_parts()
+        for name in ("project_self", "finish"):
+            setattr(self, name, torch.compile(getattr(self, name), **options))
+
+    def drop_compiled_parts(self) -> None:
+        """Back to the eager methods (the compiled ones are instance attributes shadowing them)."""
+        for name in ("project_self", "finish"):
+            self.__dict__.pop(name, None)
 
 
 def _modulate(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -196,6 +210,15 @@ class CausalWanModel(ModelMixin, ConfigMixin):
     @property
     def head_dim(self) -> int:
         return self.config.dim // self.config.num_heads
+
+    def set_attention_kernel(self, kernel: Callable[..., torch.Tensor] | None) -> None:
+        """Every block's self-attention over the KV cache through `kernel` at inference (None: SDPA).
+
+        The cross-attention (a few hundred text keys) stays on SDPA inside the compiled block part:
+        there SDPA is the faster kernel, and an opaque call would split the compiled graph.
+        """
+        for block in self.blocks:
+            block.self_attention_kernel = kernel
 
     def compile_blocks(self, **options) -> None:
         for block in self.blocks:

@@ -109,6 +109,24 @@ def test_the_pipeline_decodes_with_it_on_request(tmp_path, tiny_config):
     assert finding.supported and "--fast-decoder" in finding.detail
 
 
+def test_warm_up_runs_the_fast_decoder_too(tmp_path, tiny_config, monkeypatch):
+    """Its convs are tuned on first use (seconds on a GPU): the start-up warm-up pays that, not a user."""
+    from pipelines.builder import build_pipeline, warm_up
+
+    torch.save(taew2_1_state(), tmp_path / "taew2_1.pth")
+    pipeline, _ = build_pipeline(tiny_config, tmp_path, "cpu")
+    requests = []
+    generate = pipeline.generate
+    monkeypatch.setattr(pipeline, "generate", lambda request, **kw: requests.append(request) or generate(request, **kw))
+    warm_up(pipeline)
+    assert [r.fast_decode for r in requests] == [False, False, True]
+    assert requests[1].image is not None
+    pipeline.tiny_decoder = None
+    requests.clear()
+    warm_up(pipeline)
+    assert [r.fast_decode for r in requests] == [False, False]
+
+
 def test_the_app_offers_it_when_the_file_is_there(tmp_path):
     from demo.runtime import load_runtime
 
@@ -142,6 +160,7 @@ def test_api_fast_run_then_full_vae_redecode_gives_the_normal_video(fast_app):
     path, status = client.predict(api_name="/redecode_text_to_video")
     assert status.startswith("Re-decoded with the full Wan VAE: 21 frames")
     normal = client.predict("a lighthouse", *args, api_name="/text_to_video")
+    assert "fast path (TAEHV decoder)" in fast[2] and "fast path" not in normal[2]  # the API's status names it
     fast_frames, redecoded, normal_frames = (np.stack(read_video(p)).astype(float) for p in (fast[3], path, normal[3]))
     assert fast_frames.shape == redecoded.shape == normal_frames.shape == (21, 64, 96, 3)
     # generation does not depend on the decoder: the re-decoded video is the normal one (up to H.264)

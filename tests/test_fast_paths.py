@@ -1,0 +1,101 @@
+"""The opt-in FP8 fast path and the attention option: clear refusals where they cannot run, planning
+that keeps FP8 weights resident, and the fast path named wherever frames come out.
+
+The FP8 arithmetic itself needs a GPU of compute capability 8.9+ (tests/test_gpu_kernels.py;
+measured in bench/results/h100_fast_paths.json).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from pipelines import compile_cache
+from pipelines.builder import build_pipeline
+from pipelines.core import GenerationRequest, RequestError, StreamingVideoPipeline
+from pipelines.fp8 import FP8Error, is_block_linear, quantize_blocks_fp8
+from pipelines.lora import LoraChoice
+from pipelines.memory import GIB, plan_memory
+from pipelines.weights import WeightsError
+from test_memory import REAL
+
+
+def test_fp8_on_a_cpu_is_refused_with_what_it_needs(tiny_config, tiny_components):
+    with pytest.raises(WeightsError, match="FP8 linear layers need a CUDA GPU"):
+        build_pipeline(tiny_config, None, "cpu", fp8=True)
+    with pytest.raises(FP8Error, match="need a CUDA GPU"):
+        quantize_blocks_fp8(tiny_components.generator)
+    assert all(type(block.ffn.net[0].proj.weight.data) is torch.Tensor for block in tiny_components.generator.blocks)
+
+
+def test_app_with_fp8_on_a_cpu_shows_the_reason_instead_of_failing():
+    from demo.runtime import load_runtime
+
+    runtime = load_runtime("configs/tiny.yaml", None, "cpu", fp8=True)
+    assert runtime.pipeline is None and "FP8 linear layers need a CUDA GPU" in runtime.banner()
+    runtime = load_runtime("configs/tiny.yaml", None, "cpu")
+    assert "fast path" not in runtime.banner() and "FlashAttention" not in runtime.banner()
+    runtime.pipeline.fp8, runtime.pipeline.attention = True, "sdpa+flash4"  # as on a GPU with both
+    assert "**fast path:** FP8 linear layers" in runtime.banner() and "FlashAttention-4 or SDPA" in runtime.banner()
+
+
+def test_only_the_transformer_blocks_linears_are_converted(tiny_components):
+    generator = tiny_components.generator
+    chosen = {name for name, module in generator.named_modules() if is_block_linear(module, name)}
+    per_block = {"attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
+                 "attn2.to_v", "attn2.to_out.0", "ffn.net.0.proj", "ffn.net.2"}
+    assert chosen == {f"blocks.{i}.{name}" for i in range(len(generator.blocks)) for name in per_block}
+    assert "proj_out" not in chosen and "condition_embedder.time_proj" not in chosen
+
+
+def test_fp8_weights_are_never_planned_for_streaming():
+    assert plan_memory(REAL, 8 * GIB, 21, 3).profile.stream_generator  # control: bf16 streams here
+    kept = plan_memory(REAL, 8 * GIB, 21, 3, resident_generator=True)
+    assert kept.profile.name == "medium" and not kept.profile.stream_generator
+    with pytest.raises(ValueError, match="restart without --fp8"):
+        plan_memory(REAL, 80 * GIB, 21, 3, requested="low", resident_generator=True)
+
+
+def test_fast_path_is_named_and_loras_are_refused_on_fp8_weights(tiny_components, tiny_config, tmp_path):
+    pipeline = StreamingVideoPipeline(tiny_components, tiny_config)
+    exact = GenerationRequest("a red circle")
+    assert pipeline.fast_path_note(exact) == ""
+    assert "TAEHV decoder" in pipeline.fast_path_note(GenerationRequest("a red circle", fast_decode=True))
+    pipeline.fp8 = True  # as build_pipeline(fp8=True) leaves it on a GPU
+    assert pipeline.fast_path_note(exact).startswith("fast path (FP8 linear layers)")
+    with pytest.raises(RequestError, match="start it without --fp8"):
+        pipeline.validate(GenerationRequest("a red circle", loras=(LoraChoice(str(tmp_path / "x.safetensors")),)))
+
+
+def test_fp8_and_attention_options_in_both_command_lines(monkeypatch):
+    from app import build_parser as app_parser
+    from pipelines.generate import build_parser as cli_parser
+
+    app_args, cli_args = app_parser().parse_args([]), cli_parser().parse_args(["--prompt", "x"])
+    assert (app_args.attention, app_args.fp8, cli_args.attention, cli_args.fp8) == ("auto", False, "auto", False)
+    monkeypatch.setenv("SF_FP8", "1")
+    monkeypatch.setenv("SF_ATTENTION", "sdpa")
+    args = app_parser().parse_args([])
+    assert args.fp8 and args.attention == "sdpa"
+    assert cli_parser().parse_args(["--prompt", "x", "--attention", "flash4"]).attention == "flash4"
+    with pytest.raises(SystemExit):
+        app_parser().parse_args(["--attention", "flash3"])
+
+
+def test_cli_with_flash4_on_a_cpu_exits_with_the_reason(tmp_path, caplog):
+    from pipelines.generate import main
+
+    assert main(["--prompt", "a red circle", "--device", "cpu", "--attention", "flash4",
+                 "--out", str(tmp_path / "x.mp4")]) == 2
+    assert "FlashAttention-4 runs on CUDA GPUs only" in caplog.text
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def test_compile_cache_also_keeps_flash_attention_kernels(tmp_path, monkeypatch):
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED",
+                 "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    compile_cache.activate(tmp_path)
+    assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"] == "1"
+    assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"] == str(tmp_path / "flash_attn")
