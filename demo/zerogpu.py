@@ -32,6 +32,9 @@ def adapt_arguments(args: argparse.Namespace) -> argparse.Namespace:
     if args.compile:
         log.warning("ZeroGPU: --compile ignored (its warm-up needs a GPU at start; ZeroGPU has none there)")
     args.compile = False
+    if args.fp8 or args.attention == "flash4":
+        log.warning("ZeroGPU: --fp8 / --attention flash4 ignored (both check the GPU at start; ZeroGPU has none there)")
+    args.fp8, args.attention = False, "sdpa"
     args.device = args.device or "cuda"
     args.memory_profile = "high"
     args.vram_gb = args.vram_gb or ZERO_GPU_VRAM_GB

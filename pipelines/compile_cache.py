@@ -1,9 +1,10 @@
 """Keeps torch.compile's results on disk, so a restarted server does not compile again.
 
 Inductor's, Triton's and FlashAttention-4's own caches go under the folder (TORCHINDUCTOR_CACHE_DIR,
-TRITON_CACHE_DIR, FLASH_ATTENTION_CUTE_DSL_CACHE_DIR; FX-graph and autotuning caches on). After the warm-up, torch.compiler.save_cache_artifacts()
-packs what this process compiled into `artifacts.bin`; the next start loads it with
-load_cache_artifacts() before anything compiles. Copying the folder is all a fresh machine needs.
+TRITON_CACHE_DIR, FLASH_ATTENTION_CUTE_DSL_CACHE_DIR; FX-graph and autotuning caches on). After the
+warm-up, torch.compiler.save_cache_artifacts() packs what this process compiled into `artifacts.bin`;
+the next start loads it with load_cache_artifacts() before anything compiles. Copying the folder is
+all a fresh machine needs.
 """
 from __future__ import annotations
 

@@ -35,8 +35,9 @@ def zero_gpu(monkeypatch):
 def test_start_up_settings_on_zero_gpu(zero_gpu):
     from app import build_parser
 
-    args = adapt_arguments(build_parser().parse_args(["--compile"]))
+    args = adapt_arguments(build_parser().parse_args(["--compile", "--fp8", "--attention", "flash4"]))
     assert (args.compile, args.device, args.memory_profile, args.vram_gb) == (False, "cuda", "high", 70.0)
+    assert (args.fp8, args.attention) == (False, "sdpa")
     assert adapt_arguments(build_parser().parse_args(["--device", "cpu", "--vram-gb", "40"])).vram_gb == 40
 
 
@@ -44,8 +45,9 @@ def test_start_up_settings_elsewhere_are_untouched(monkeypatch):
     from app import build_parser
 
     monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
-    args = adapt_arguments(build_parser().parse_args(["--compile", "--memory-profile", "low"]))
-    assert (args.compile, args.device, args.memory_profile) == (True, None, "low")
+    args = adapt_arguments(build_parser().parse_args(["--compile", "--memory-profile", "low", "--fp8"]))
+    assert (args.compile, args.device, args.memory_profile, args.fp8, args.attention) == (True, None, "low", True,
+                                                                                          "auto")
 
 
 def _frames(runtime, blocks=2):
