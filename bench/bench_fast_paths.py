@@ -25,18 +25,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_streaming import PROMPTS, build_components, time_generation  # noqa: E402
+from bench_streaming import PROMPTS, build_components, reference_output, time_generation  # noqa: E402
 from pipelines import compile_cache  # noqa: E402
 from pipelines.acceleration import accelerate  # noqa: E402
 from pipelines.attention_kernels import enable_attention_kernels, load_flash4, sdpa, time_kernel  # noqa: E402
 from pipelines.builder import warm_up  # noqa: E402
 from pipelines.config import load_config  # noqa: E402
-from pipelines.core import GenerationRequest, StreamingVideoPipeline  # noqa: E402
+from pipelines.core import StreamingVideoPipeline  # noqa: E402
 from pipelines.fp8 import quantize_blocks_fp8  # noqa: E402
 from pipelines.tiny_decoder import TinyVideoDecoder  # noqa: E402
 
 log = logging.getLogger("bench_fast_paths")
-REFERENCE = GenerationRequest("A lighthouse on a cliff in a storm, waves crashing, dramatic clouds", seed=7)
 BLOCK_KEYS = (4680, 14040, 23400, 32760)  # 1, 3, 5, 7 blocks of 3 latent frames at 832x480
 
 
@@ -53,16 +52,6 @@ def kernel_table(heads: int, head_dim: int) -> list[dict]:
                      "flash4_ms": round(time_kernel(flash4, q, k, v), 4),
                      "max_abs_diff": float((flash4(q, k, v).float() - reference.float()).abs().max())})
     return rows
-
-
-def reference_output(pipeline: StreamingVideoPipeline, fast_decode: bool) -> tuple[torch.Tensor, np.ndarray]:
-    latents, frames = [], []
-    request = GenerationRequest(REFERENCE.prompt, seed=REFERENCE.seed, fast_decode=fast_decode)
-    for result in pipeline.generate(request):
-        frames.append(result.frames)
-        if result.latents is not None:
-            latents.append(result.latents)
-    return torch.cat(latents, dim=2), np.concatenate(frames)
 
 
 def psnr(frames: np.ndarray, reference: np.ndarray) -> float:

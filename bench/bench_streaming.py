@@ -19,6 +19,7 @@ from pathlib import Path
 
 PROCESS_START = time.perf_counter()  # before the heavy imports: a cold start counts them
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -33,6 +34,7 @@ from pipelines.config import load_config  # noqa: E402
 from pipelines.core import GenerationRequest, StreamingVideoPipeline  # noqa: E402
 from pipelines.model import CausalWanModel  # noqa: E402
 from pipelines.builder import warm_up  # noqa: E402
+from pipelines.fp8 import quantize_blocks_fp8  # noqa: E402
 from pipelines.text_encoder import PromptEncoder, umt5_config  # noqa: E402
 from pipelines.vae import WanVAE  # noqa: E402
 from pipelines.weights import Components, byte_tokenizer  # noqa: E402
@@ -43,6 +45,7 @@ PROMPTS = ["A corgi runs along a beach at sunset, waves rolling in, cinematic li
            "A chef slices vegetables in a busy kitchen, steam rising, close-up",
            "A red kite flying over green hills on a windy afternoon",
            "Timelapse of clouds moving over snowy mountains"]
+REFERENCE = GenerationRequest("A lighthouse on a cliff in a storm, waves crashing, dramatic clouds", seed=7)
 
 
 def build_components(config, device: torch.device, dtype: torch.dtype) -> Components:
@@ -71,6 +74,17 @@ def time_generation(pipeline: StreamingVideoPipeline, prompt: str, seed: int, fa
     total = time.perf_counter() - start
     return {"first_frames_s": first, "total_s": total, "frames": frames, "fps": frames / total,
             "blocks": [blocks[i] for i in sorted(blocks)], "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def reference_output(pipeline: StreamingVideoPipeline, fast_decode: bool = False) -> tuple[torch.Tensor, np.ndarray]:
+    """Latents [1, C, F, h, w] and frames [T, H, W, 3] of one fixed request (REFERENCE), for comparing paths."""
+    latents, frames = [], []
+    request = GenerationRequest(REFERENCE.prompt, seed=REFERENCE.seed, fast_decode=fast_decode)
+    for result in pipeline.generate(request):
+        frames.append(result.frames)
+        if result.latents is not None:
+            latents.append(result.latents)
+    return torch.cat(latents, dim=2), np.concatenate(frames)
 
 
 def capped_runs(pipeline: StreamingVideoPipeline, card_gib: float, runs: int, compiled: bool) -> dict:
@@ -110,6 +124,10 @@ def main() -> None:
     parser.add_argument("--compile-cache", type=Path,
                         help="as the app's --compile-cache: load saved compilation results before compiling, save "
                              "them after the warm-up (time a cold start on a fresh machine)")
+    parser.add_argument("--fp8", action="store_true", help="FP8 block linears, as the app's --fp8 (needs torchao)")
+    parser.add_argument("--save-reference", type=Path,
+                        help="after the timed runs, save one fixed request's latents and every 10th frame here "
+                             "(torch.save), to compare paths run in separate processes")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -120,12 +138,16 @@ def main() -> None:
     build_start = time.perf_counter()
     if args.compile_cache:
         compile_cache.activate(args.compile_cache)
+    torch.manual_seed(0)  # the same random weights in every process, so paths run apart compare
     components = build_components(config, device, config.torch_dtype)
+    if args.fp8:
+        quantize_blocks_fp8(components.generator)
     if args.fast_kernels:
-        accelerate(components, compile_models=args.compile)
+        accelerate(components, compile_models=args.compile, fp8=args.fp8)
     elif args.compile:
         components.generator.compile_blocks(mode="max-autotune-no-cudagraphs", dynamic=False)
     pipeline = StreamingVideoPipeline(components, config, device)
+    pipeline.fp8 = args.fp8
     pipeline.attention = enable_attention_kernels(components.generator, device, args.attention)
     if args.fast_decoder:
         from pipelines.tiny_decoder import TinyVideoDecoder
@@ -151,6 +173,7 @@ def main() -> None:
     summary = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "config": args.config,
         "compile": args.compile, "fast_kernels": args.fast_kernels, "sdpa": args.sdpa, "attention": pipeline.attention,
+        "fp8": args.fp8,
         "compile_cache": str(args.compile_cache) if args.compile_cache else None,
         "warm_up_s": round(warm_up_s, 1), "ready_after_process_start_s": round(ready_s, 1),
         "fast_decoder": args.fast_decoder, "dtype": config.dtype, "height": config.height, "width": config.width,
@@ -166,6 +189,10 @@ def main() -> None:
     }
     if args.cap_gib:
         summary["capped"] = capped_runs(pipeline, args.cap_gib, args.runs, args.compile)
+    if args.save_reference:
+        latents, frames = reference_output(pipeline, fast_decode=args.fast_decoder)
+        torch.save({"latents": latents.to(torch.bfloat16), "frames": torch.from_numpy(frames[::10].copy())},
+                   args.save_reference)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(summary, indent=2))

@@ -173,7 +173,7 @@ class Runtime:
         if self.pipeline.attention != "sdpa":
             text += " · attention: FlashAttention-4 or SDPA, the faster per shape"
         if self.pipeline.fp8:
-            text += " · **fast path:** FP8 linear layers (frames differ slightly from the bf16 model)"
+            text += " · **FP8 linear layers (experimental):** frames differ slightly from the bf16 model"
         if self.config.demo.note:
             text += f" · {self.config.demo.note}"
         return text + verdict

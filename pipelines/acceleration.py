@@ -28,8 +28,8 @@ def accelerate(components: Components, compile_models: bool = False, fp8: bool =
     if compile_models:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         if fp8:
-            log.warning("FP8 generator blocks run without torch.compile: compiling them did not finish its "
-                        "warm-up within 13 minutes on an H100 (bench/results/NOTES.md)")
+            log.warning("FP8 generator blocks run without torch.compile (compiling them did not finish its warm-up "
+                        "within 13 minutes on an H100) and are slower than bf16 there (bench/results/NOTES.md)")
         else:
             # inductor autotunes the bf16 GEMMs (max-autotune) once per shape
             components.generator.compile_blocks(mode="max-autotune-no-cudagraphs", dynamic=False)

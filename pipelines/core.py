@@ -172,10 +172,10 @@ class StreamingVideoPipeline:
 
     def fast_path_note(self, request: GenerationRequest) -> str:
         """What makes this request's frames differ from the exact bf16 path ('' when nothing does)."""
-        parts = ["FP8 linear layers"] if self.fp8 else []
+        parts = ["FP8 linear layers (experimental)"] if self.fp8 else []
         if request.fast_decode:
-            parts.append("TAEHV decoder")
-        return f"fast path ({', '.join(parts)}): frames differ slightly from the exact bf16 path" if parts else ""
+            parts.append("fast TAEHV decoder")
+        return f"{' and '.join(parts)}: frames differ slightly from the exact bf16 path" if parts else ""
 
     def attention_window_for(self, latent_frames: int, frame_tokens: int,
                              continuous: bool = False) -> tuple[AttentionWindow, bool]:

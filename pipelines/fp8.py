@@ -1,9 +1,11 @@
-"""FP8 linear layers for the DiT blocks: an opt-in fast path whose frames differ slightly from bf16.
+"""FP8 linear layers for the DiT blocks: an opt-in, experimental path whose frames differ slightly from bf16.
 
 torchao (optional package) stores each block's linear weights in float8 with one scale per output
 row and scales the activations per token at run time, so the blocks' matrix products run on the
 GPU's FP8 tensor cores (compute capability 8.9+, twice the bf16 rate). The embedders and the output
-projection are small and feed every token, so they stay in bf16.
+projection are small and feed every token, so they stay in bf16. Measured on an H100 it is not yet
+faster: uncompiled, the per-call quantization and tensor-subclass dispatch cost more than the FP8
+GEMMs save (bench/results/h100_eager_bf16_vs_fp8.json).
 """
 from __future__ import annotations
 

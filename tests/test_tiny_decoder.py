@@ -160,7 +160,7 @@ def test_api_fast_run_then_full_vae_redecode_gives_the_normal_video(fast_app):
     path, status = client.predict(api_name="/redecode_text_to_video")
     assert status.startswith("Re-decoded with the full Wan VAE: 21 frames")
     normal = client.predict("a lighthouse", *args, api_name="/text_to_video")
-    assert "fast path (TAEHV decoder)" in fast[2] and "fast path" not in normal[2]  # the API's status names it
+    assert "fast TAEHV decoder: frames differ" in fast[2] and "TAEHV" not in normal[2]  # the API's status names it
     fast_frames, redecoded, normal_frames = (np.stack(read_video(p)).astype(float) for p in (fast[3], path, normal[3]))
     assert fast_frames.shape == redecoded.shape == normal_frames.shape == (21, 64, 96, 3)
     # generation does not depend on the decoder: the re-decoded video is the normal one (up to H.264)
