@@ -1,8 +1,9 @@
-"""The opt-in FP8 fast path and the attention option: clear refusals where they cannot run, planning
-that keeps FP8 weights resident, and the fast path named wherever frames come out.
+"""The opt-in FP8 path, the fast decoder's label and the attention option: clear refusals where they
+cannot run, planning that keeps FP8 weights resident, and approximate paths named wherever frames
+come out.
 
 The FP8 arithmetic itself needs a GPU of compute capability 8.9+ (tests/test_gpu_kernels.py;
-measured in bench/results/h100_fast_paths.json).
+measured in bench/results/h100_eager_bf16_vs_fp8.json).
 """
 from __future__ import annotations
 
