@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_streaming import PROMPTS, build_components, reference_output, time_generation  # noqa: E402
+from compare_references import latent_relative_error, psnr  # noqa: E402
 from pipelines import compile_cache  # noqa: E402
 from pipelines.acceleration import accelerate  # noqa: E402
 from pipelines.attention_kernels import enable_attention_kernels, load_flash4, sdpa, time_kernel  # noqa: E402
@@ -54,11 +55,6 @@ def kernel_table(heads: int, head_dim: int) -> list[dict]:
     return rows
 
 
-def psnr(frames: np.ndarray, reference: np.ndarray) -> float:
-    mse = np.mean((frames.astype(np.float64) - reference.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
-
-
 def run_path(pipeline: StreamingVideoPipeline, name: str, fast_decode: bool,
              runs: int) -> tuple[dict, tuple[torch.Tensor, np.ndarray]]:
     """Warm-up as the app does, timed runs, then the reference request's latents and frames."""
@@ -84,7 +80,7 @@ def run_path(pipeline: StreamingVideoPipeline, name: str, fast_decode: bool,
 
 def compare_with(result: dict, output: tuple[torch.Tensor, np.ndarray], exact: tuple[torch.Tensor, np.ndarray]) -> None:
     latents, frames = output
-    result["latent_relative_error"] = float((latents - exact[0]).norm() / exact[0].norm())
+    result["latent_relative_error"] = latent_relative_error(latents, exact[0])
     result["frames_psnr_db"] = None if result["fast_decoder"] else psnr(frames, exact[1])
 
 

@@ -35,6 +35,7 @@ from pipelines.core import GenerationRequest, StreamingVideoPipeline  # noqa: E4
 from pipelines.model import CausalWanModel  # noqa: E402
 from pipelines.builder import warm_up  # noqa: E402
 from pipelines.fp8 import quantize_blocks_fp8  # noqa: E402
+from pipelines.memory_profiles import ATTENTION_CHOICES  # noqa: E402
 from pipelines.text_encoder import PromptEncoder, umt5_config  # noqa: E402
 from pipelines.vae import WanVAE  # noqa: E402
 from pipelines.weights import Components, byte_tokenizer  # noqa: E402
@@ -118,7 +119,7 @@ def main() -> None:
                              "the process with set_per_process_memory_fraction and time the same runs again")
     parser.add_argument("--fast-decoder", action="store_true",
                         help="decode with the TAEHV-architecture tiny decoder (random weights) instead of the Wan VAE")
-    parser.add_argument("--attention", choices=["auto", "sdpa", "flash4"], default="sdpa",
+    parser.add_argument("--attention", choices=ATTENTION_CHOICES, default="sdpa",
                         help="inference attention kernels as the app's --attention (auto: FlashAttention-4 per shape "
                              "where installed and faster)")
     parser.add_argument("--compile-cache", type=Path,

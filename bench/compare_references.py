@@ -13,13 +13,21 @@ import numpy as np
 import torch
 
 
+def latent_relative_error(latents: torch.Tensor, reference: torch.Tensor) -> float:
+    reference = reference.float()
+    return float((latents.float() - reference).norm() / reference.norm())
+
+
+def psnr(frames: np.ndarray, reference: np.ndarray) -> float:
+    """PSNR in dB of uint8 frames against reference frames of the same shape."""
+    mse = float(np.mean((frames.astype(np.float64) - reference.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+
+
 def compare(exact: dict, other: dict) -> dict:
-    reference, latents = exact["latents"].float(), other["latents"].float()
-    frames_a, frames_b = (d["frames"].numpy().astype(np.float64) for d in (exact, other))
-    mse = float(np.mean((frames_a - frames_b) ** 2))
-    return {"latent_relative_error": float((latents - reference).norm() / reference.norm()),
-            "frames_psnr_db": float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse)),
-            "frames_compared": int(frames_a.shape[0])}
+    return {"latent_relative_error": latent_relative_error(other["latents"], exact["latents"]),
+            "frames_psnr_db": psnr(other["frames"].numpy(), exact["frames"].numpy()),
+            "frames_compared": int(exact["frames"].shape[0])}
 
 
 def main() -> None:

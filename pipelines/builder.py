@@ -41,10 +41,11 @@ def build_pipeline(config: PipelineConfig, weights_dir: str | Path | None, devic
                    fp8: bool = False) -> tuple[StreamingVideoPipeline, MemoryPlan]:
     """Loads the weights (raising WeightsError with a user-facing message) and places them.
 
-    warm: when the models were compiled, run warm_up() so no user waits for the compiler.
+    warm: when the models were compiled or FlashAttention-4 is in use, run warm_up() so no user waits
+    for a compiler.
     compile_cache: a folder that keeps compilation results between starts (pipelines/compile_cache.py).
-    attention: inference attention kernels (attention_kernels.ATTENTION_CHOICES).
-    fp8: the fast path's FP8 block linears (fp8.py; needs the generator resident on the GPU).
+    attention: inference attention kernels (memory_profiles.ATTENTION_CHOICES, attention_kernels.py).
+    fp8: the experimental FP8 block linears (fp8.py; needs the generator resident on the GPU).
     """
     components = load_components(config, weights_dir, "cpu")
     pipeline = StreamingVideoPipeline(components, config, device)

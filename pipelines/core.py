@@ -132,7 +132,7 @@ class StreamingVideoPipeline:
         self.decode_frame_by_frame = False  # smaller VAE working set, same frames (low-VRAM planning)
         self.tiny_decoder = None  # TinyVideoDecoder when taew2_1 is in the weights folder (fast_decode)
         self.compiled = False  # torch.compile in use: the memory planner reserves its larger decode buffers
-        self.fp8 = False  # block linears in FP8 (fp8.py): the fast path, frames differ slightly from bf16
+        self.fp8 = False  # block linears in FP8 (fp8.py, experimental): frames differ slightly from bf16
         self.attention = "sdpa"  # inference attention kernels in use (attention_kernels.py)
         self.sampler = make_sampler(config.sampler)
         self.loras = LoraMerger(self.generator)
