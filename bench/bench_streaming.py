@@ -28,7 +28,7 @@ from diffusers import AutoencoderKLWan  # noqa: E402
 from transformers import UMT5EncoderModel  # noqa: E402
 
 from pipelines import compile_cache  # noqa: E402
-from pipelines.acceleration import accelerate  # noqa: E402
+from pipelines.acceleration import BLOCK_COMPILE_OPTIONS, accelerate  # noqa: E402
 from pipelines.attention_kernels import enable_attention_kernels  # noqa: E402
 from pipelines.config import load_config  # noqa: E402
 from pipelines.core import GenerationRequest, StreamingVideoPipeline  # noqa: E402
@@ -47,6 +47,20 @@ PROMPTS = ["A corgi runs along a beach at sunset, waves rolling in, cinematic li
            "A red kite flying over green hills on a windy afternoon",
            "Timelapse of clouds moving over snowy mountains"]
 REFERENCE = GenerationRequest("A lighthouse on a cliff in a storm, waves crashing, dramatic clouds", seed=7)
+
+
+def compile_report() -> dict:
+    """What the warm-up's compilation did: graphs traced, cache hits and the slowest compiler phases
+    (seconds summed over all graphs), to see where a cached start still spends its time."""
+    from torch._dynamo.utils import compilation_time_metrics, counters
+
+    phases = sorted(((name, sum(times)) for name, times in compilation_time_metrics.items()), key=lambda p: -p[1])
+    wanted = ("fxgraph_cache_hit", "fxgraph_cache_miss", "autograd_cache_hit", "autograd_cache_miss",
+              "coordesc_tuning_bench")
+    return {"unique_graphs": counters["stats"]["unique_graphs"], "calls_captured": counters["stats"]["calls_captured"],
+            **{key: counters[group][key] for group in ("inductor", "aot_autograd") for key in wanted
+               if counters[group][key]},
+            "slowest_phases_s": {name: round(seconds, 1) for name, seconds in phases[:10]}}
 
 
 def build_components(config, device: torch.device, dtype: torch.dtype) -> Components:
@@ -146,7 +160,7 @@ def main() -> None:
     if args.fast_kernels:
         accelerate(components, compile_models=args.compile, fp8=args.fp8)
     elif args.compile:
-        components.generator.compile_blocks(mode="max-autotune-no-cudagraphs", dynamic=False)
+        components.generator.compile_blocks(options=BLOCK_COMPILE_OPTIONS, dynamic=False)
     pipeline = StreamingVideoPipeline(components, config, device)
     pipeline.fp8 = args.fp8
     pipeline.attention = enable_attention_kernels(components.generator, device, args.attention)
@@ -167,6 +181,8 @@ def main() -> None:
     warm_up_s = time.perf_counter() - warm_start
     ready_s = time.perf_counter() - PROCESS_START
     logging.info("warm-up generation %.1fs; ready %.1fs after the process started", warm_up_s, ready_s)
+    compilation = compile_report()
+    logging.info("compilation: %s", compilation)
     if args.compile_cache:
         compile_cache.save(args.compile_cache)
 
@@ -177,6 +193,7 @@ def main() -> None:
         "fp8": args.fp8,
         "compile_cache": str(args.compile_cache) if args.compile_cache else None,
         "warm_up_s": round(warm_up_s, 1), "ready_after_process_start_s": round(ready_s, 1),
+        "build_start_after_process_start_s": round(build_start - PROCESS_START, 1), "compilation": compilation,
         "fast_decoder": args.fast_decoder, "dtype": config.dtype, "height": config.height, "width": config.width,
         "frames": runs[0]["frames"],
         "first_frames_s_median": statistics.median(r["first_frames_s"] for r in runs),

@@ -10,6 +10,10 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, Wa
 from .weights import Components
 
 log = logging.getLogger(__name__)
+# max-autotune-no-cudagraphs without its coordinate-descent tuning: inductor autotunes the bf16 GEMMs
+# once per shape and keeps the result in the compile cache, whereas the descent re-benchmarked ~120
+# pointwise/norm kernel variants on every start, cached or not (26-56 s of an H100 restart).
+BLOCK_COMPILE_OPTIONS = {"max_autotune": True, "coordinate_descent_tuning": False, "triton.cudagraphs": False}
 
 
 def accelerate(components: Components, compile_models: bool = False, fp8: bool = False) -> bool:
@@ -31,8 +35,7 @@ def accelerate(components: Components, compile_models: bool = False, fp8: bool =
             log.warning("FP8 generator blocks run without torch.compile (compiling them did not finish its warm-up "
                         "within 13 minutes on an H100) and are slower than bf16 there (bench/results/NOTES.md)")
         else:
-            # inductor autotunes the bf16 GEMMs (max-autotune) once per shape
-            components.generator.compile_blocks(mode="max-autotune-no-cudagraphs", dynamic=False)
+            components.generator.compile_blocks(options=BLOCK_COMPILE_OPTIONS, dynamic=False)
         # The decoder's many small norm/activation/pad/cat kernels fuse into few memory passes.
         make_upsamplers_traceable(components.vae.model)
         components.vae.model.decoder.compile(dynamic=False)

@@ -51,3 +51,53 @@ def test_fp8_blocks_stay_close_to_bf16():
         fast = model(latents, timesteps, model.encode_context(text)).float()
     relative = ((fast - exact).norm() / exact.norm()).item()
     assert 0 < relative < 0.05  # FP8 ran (not bit-identical) and stayed close
+
+
+RESTART_PROBE = """
+import json, sys, torch
+from pathlib import Path
+from pipelines import compile_cache
+from pipelines.acceleration import BLOCK_COMPILE_OPTIONS
+from pipelines.model import CausalWanModel
+from torch._dynamo.utils import counters
+folder = Path(sys.argv[1])
+loaded = compile_cache.activate(folder)
+torch.manual_seed(0)
+model = CausalWanModel(dim=256, ffn_dim=1024, num_heads=2, num_layers=2, text_len=32, text_dim=64)
+model = model.to("cuda", torch.bfloat16).eval().requires_grad_(False)
+model.compile_blocks(options=BLOCK_COMPILE_OPTIONS, dynamic=False)
+with torch.no_grad():
+    out = model(torch.randn(1, 16, 3, 16, 16, device="cuda"), torch.full((1, 3), 500.0, device="cuda"),
+                model.encode_context(torch.randn(1, 32, 64, device="cuda")))
+if not loaded:
+    compile_cache.save(folder)
+print(json.dumps({"loaded": loaded, "hits": counters["inductor"]["fxgraph_cache_hit"],
+                  "misses": counters["inductor"]["fxgraph_cache_miss"],
+                  "tuned": counters["inductor"]["coordesc_tuning_bench"], "sum": float(out.float().sum())}))
+"""
+
+
+def test_a_restart_with_the_compile_cache_neither_compiles_nor_tunes_the_blocks_again(tmp_path):
+    """The app's block compilation, restarted on its saved cache folder: every graph comes from the
+    cache and no kernel is benchmarked again (coordinate-descent tuning re-ran on every start)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+
+    def start() -> dict:
+        done = subprocess.run([sys.executable, "-c", RESTART_PROBE, str(tmp_path / "cache")], env=env,
+                              capture_output=True, text=True, timeout=900, check=True)
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    first = start()
+    assert not first["loaded"] and first["misses"] >= 1
+    second = start()
+    assert second["loaded"] and second["hits"] >= 1 and second["misses"] == 0
+    assert first["tuned"] == second["tuned"] == 0
+    assert second["sum"] == first["sum"]
