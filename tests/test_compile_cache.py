@@ -55,7 +55,7 @@ print(json.dumps({"loaded": loaded, "hits": counters["inductor"]["fxgraph_cache_
 
 
 def _start(folder: Path, probe: str = PROBE) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     done = subprocess.run([sys.executable, "-c", probe, str(folder)], env=env, capture_output=True, text=True,
                           timeout=600, check=True)

@@ -113,11 +113,15 @@ def test_configure_memory_puts_the_plan_into_the_pipeline(tiny_config):
     assert not pipeline.kv_cache_fp8 and not pipeline.decode_frame_by_frame
 
 
-def test_fp8_with_a_rolling_window_generates(tiny_components, tiny_config):
-    rolled = dataclasses.replace(tiny_config, local_attn_size=6, sink_size=3)
-    base, quantised = StreamingVideoPipeline(tiny_components, rolled), StreamingVideoPipeline(tiny_components, rolled)
+def test_fp8_with_a_rolling_window_stays_close_to_bf16(random_components, random_config):
+    """Evictions and re-quantisation while the window rolls twice. On seeded random weights: the trained
+    model's sampler turns a 3 % difference in one block into a shape edge a latent pixel away a few
+    blocks later (up to 18 % relative difference by the fifth block), which says nothing about the cache."""
+    rolled = dataclasses.replace(random_config, local_attn_size=6, sink_size=3)
+    base = StreamingVideoPipeline(random_components, rolled)
+    quantised = StreamingVideoPipeline(random_components, rolled)
     quantised.kv_cache_fp8 = True
-    request = GenerationRequest("waves", seed=2, num_blocks=5)  # the window rolls twice
+    request = GenerationRequest("waves", seed=2, num_blocks=5)
     want, got = block_latents(base.generate(request)), block_latents(quantised.generate(request))
     errors = [((g - w).norm() / w.norm()).item() for g, w in zip(got, want)]
-    assert errors[0] == 0 and all(e < 0.05 for e in errors[1:]) and max(errors) > 0
+    assert errors[0] == 0 and all(0 < e < 0.005 for e in errors[1:]), errors

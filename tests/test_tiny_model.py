@@ -21,8 +21,6 @@ def test_text_to_video_draws_the_named_colour(scores):
     assert t2v["colour_found"] >= 0.8, scores["text_to_video_prompts"]
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped weights move the shape the caption's way in 15/24 held-out "
-                                       "prompts (62.5 %); the issue asks 70 % (bench/results/NOTES.md)")
 def test_text_to_video_moves_the_shape_the_named_way(scores):
     assert scores["text_to_video"]["direction_ok"] >= 0.7, scores["text_to_video_prompts"]
 
