@@ -75,21 +75,22 @@ def main() -> None:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         last = time.perf_counter()
-        frames = 0
+        frames, denoise_s, decode_s = 0, 0.0, 0.0
         for result in pipeline.generate(request, cancel=lambda: done["blocks"] >= args.blocks):
             if writer is not None:
                 writer.write(result.frames)
             frames += result.frames.shape[0]
+            denoise_s, decode_s = denoise_s + result.denoise_s, decode_s + result.decode_s
             if not result.complete:
                 continue
             now = time.perf_counter()
             rows.append({"block": result.index + 1, "wall_s": now - last, "frames": frames,
-                         "denoise_ms": result.denoise_s * 1e3, "decode_ms": result.decode_s * 1e3,
+                         "denoise_ms": denoise_s * 1e3, "decode_ms": decode_s * 1e3,
                          "gpu_peak_gib": torch.cuda.max_memory_allocated() / GIB,
                          "gpu_allocated_gib": torch.cuda.memory_allocated() / GIB,
                          "host_rss_gib": host_rss_gib(), "window_frames": result.window_frames})
             torch.cuda.reset_peak_memory_stats()
-            last, frames = now, 0
+            last, frames, denoise_s, decode_s = now, 0, 0.0, 0.0
             done["blocks"] += 1
         if writer is not None:
             writer.close()

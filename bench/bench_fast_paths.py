@@ -6,7 +6,7 @@ block linears (`--fp8`); FP8 with the TAEHV decoder. Each path is warmed up as t
 then timed over --runs generations. One fixed prompt and seed per path gives its latents and decoded
 frames, compared with the exact SDPA path's: relative latent error and PSNR of the frames (the TAEHV
 decoder has random weights here, so only its speed means anything). Also times FA4 against SDPA at the
-block shapes. Needs flash-attn-4 and torchao installed.
+block shapes. Needs flash-attn-4 installed.
 
     python bench/bench_fast_paths.py --runs 3 --out bench/results/h100_fast_paths.json
 """
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_streaming import PROMPTS, build_components, reference_output, time_generation  # noqa: E402
 from compare_references import latent_relative_error, psnr  # noqa: E402
 from pipelines import compile_cache  # noqa: E402
-from pipelines.acceleration import accelerate  # noqa: E402
+from pipelines.acceleration import FP8_BLOCK_COMPILE_OPTIONS, accelerate  # noqa: E402
 from pipelines.attention_kernels import enable_attention_kernels, load_flash4, sdpa, time_kernel  # noqa: E402
 from pipelines.builder import warm_up  # noqa: E402
 from pipelines.config import load_config  # noqa: E402
@@ -131,8 +131,7 @@ def main() -> None:
     pipeline.attention = enable_attention_kernels(generator, device, "flash4")
     run("exact bf16, FA4/SDPA + TAEHV decoder", True)
     quantize_blocks_fp8(generator)
-    for block in generator.blocks:  # as the app runs FP8 blocks: uncompiled (pipelines/acceleration.py)
-        block.drop_compiled_parts()
+    generator.compile_blocks(options=FP8_BLOCK_COMPILE_OPTIONS, dynamic=False)  # as accelerate(fp8=True) does
     pipeline.fp8 = True
     run("FP8 linears, FA4/SDPA", False)
     run("FP8 linears, FA4/SDPA + TAEHV decoder", True)

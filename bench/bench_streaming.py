@@ -139,7 +139,7 @@ def main() -> None:
     parser.add_argument("--compile-cache", type=Path,
                         help="as the app's --compile-cache: load saved compilation results before compiling, save "
                              "them after the warm-up (time a cold start on a fresh machine)")
-    parser.add_argument("--fp8", action="store_true", help="FP8 block linears, as the app's --fp8 (needs torchao)")
+    parser.add_argument("--fp8", action="store_true", help="FP8 block linears, as the app's --fp8")
     parser.add_argument("--save-reference", type=Path,
                         help="after the timed runs, save one fixed request's latents and every 10th frame here "
                              "(torch.save), to compare paths run in separate processes")

@@ -68,7 +68,8 @@ class BlockResult:
     frames: np.ndarray  # uint8 [T, H, W, 3]
     latents: torch.Tensor | None  # clean latents of the whole block [1, C, F, h, w] (CPU) when complete, and
     # the image prefix's latent on the result that shows it
-    denoise_s: float  # denoising time of this block, on its first result only
+    denoise_s: float  # denoising and cache-write time of this block, split over its results when the first
+    # frame is sent early (the cache write runs after it)
     decode_s: float
     elapsed_s: float  # since generate() was called
     complete: bool = True  # this result finishes block `index`
@@ -287,16 +288,16 @@ class StreamingVideoPipeline:
                              start_frame=start_frame, kv_cache=caches[context_index], token_bias=bias)
 
             clean = self.sampler.denoise(noisy, predict, rng)
-            write(clean, start_frame, cfg.sampler.context_noise, bias)
-            if self.device.type == "cuda":
-                torch.cuda.current_stream(self.device).synchronize()
-            denoise_s = time.perf_counter() - block_start
             if decoder.frames_seen == 0 and clean.shape[2] > 1:
-                # The first latent frame decodes to one video frame: send it before the rest of the block.
-                yield decoded(index, clean[:, :, :1], denoise_s, None)
-                yield decoded(index, clean[:, :, 1:], 0.0, clean)
+                # The first latent frame decodes to one video frame: send it before the cache write (which
+                # only later blocks need) and the rest of the block.
+                yield decoded(index, clean[:, :, :1], self._seconds_since(block_start), None)
+                write_start = time.perf_counter()
+                write(clean, start_frame, cfg.sampler.context_noise, bias)
+                yield decoded(index, clean[:, :, 1:], self._seconds_since(write_start), clean)
             else:
-                yield decoded(index, clean, denoise_s, clean)
+                write(clean, start_frame, cfg.sampler.context_noise, bias)
+                yield decoded(index, clean, self._seconds_since(block_start), clean)
 
     @torch.no_grad()
     def decode_with_vae(self, latents: list[torch.Tensor]) -> Iterator[np.ndarray]:
@@ -327,6 +328,12 @@ class StreamingVideoPipeline:
                 fresh.advance_to(start_token)
             self._write_context(item.latents, item.start_frame, [context], [fresh], item.timestep, item.bias)
         return fresh
+
+    def _seconds_since(self, start: float) -> float:
+        """Wall time of the GPU work queued since `start` (waits for it)."""
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        return time.perf_counter() - start
 
     def _timesteps(self, value: float, frames: int) -> torch.Tensor:
         return torch.full((1, frames), float(value), device=self.device, dtype=torch.float32)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .fp8 import FP8, quantize_fp8
+
 
 @dataclass(frozen=True)
 class AttentionWindow:
@@ -41,10 +43,6 @@ class AttentionWindow:
         as many sink frames as still leave room for one block of recent frames."""
         frames = max(2 * frames_per_block, fitting_frames // frames_per_block * frames_per_block)
         return AttentionWindow(frames, min(self.sink_frames, frames - frames_per_block))
-
-
-FP8 = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8).max
 
 
 class KVCache:
@@ -129,17 +127,6 @@ class KVCache:
         self.local_end = self._write[1]
         self.global_end = start_token + num_tokens
         self._write = None
-
-
-def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., D] -> (e4m3 values, power-of-two scales [..., 1] in x's dtype) with values * scales ~= x.
-
-    Power-of-two scales make the dequantisation exact in bf16 (no extra rounding) and keep every
-    vector's largest entry in the top binade of e4m3."""
-    amax = x.abs().amax(-1, keepdim=True).float().clamp_min(torch.finfo(torch.float32).tiny)
-    # (scales below x's smallest normal number would vanish when stored in x's dtype)
-    scales = torch.exp2(torch.ceil(torch.log2(amax / FP8_MAX))).clamp_min(torch.finfo(x.dtype).tiny)
-    return (x.float() / scales).to(FP8), scales.to(x.dtype)
 
 
 def kv_bytes_per_frame(num_layers: int, dim: int, frame_tokens: int, dtype: torch.dtype,

@@ -1,9 +1,9 @@
 """The opt-in FP8 path, the fast decoder's label and the attention option: clear refusals where they
-cannot run, planning that keeps FP8 weights resident, and approximate paths named wherever frames
-come out.
+cannot run, planning that keeps FP8 weights resident, approximate paths named wherever frames come out,
+and the FP8 layer's arithmetic and compilation (torch._scaled_mm also runs on the CPU; the app still
+refuses FP8 there, where it would only be slower).
 
-The FP8 arithmetic itself needs a GPU of compute capability 8.9+ (tests/test_gpu_kernels.py;
-measured in bench/results/h100_eager_bf16_vs_fp8.json).
+On a GPU: tests/test_gpu_kernels.py; speed in bench/results/h100_fast_paths*.json.
 """
 from __future__ import annotations
 
@@ -11,11 +11,17 @@ import os
 
 import pytest
 import torch
+from torch import nn
+from torch._dynamo.utils import counters
 
 from pipelines import compile_cache
 from pipelines.builder import build_pipeline
 from pipelines.core import GenerationRequest, RequestError, StreamingVideoPipeline
-from pipelines.fp8 import FP8Error, is_block_linear, quantize_blocks_fp8
+from pipelines.acceleration import FP8_BLOCK_COMPILE_OPTIONS
+from pipelines.fp8 import (FP8Error, Float8Linear, convert_block_linears, is_block_linear, quantize_blocks_fp8,
+                          quantize_fp8)
+from pipelines.kv_cache import AttentionWindow, KVCache
+from pipelines.model import CausalWanModel
 from pipelines.lora import LoraChoice
 from pipelines.memory import GIB, plan_memory
 from pipelines.weights import WeightsError
@@ -27,7 +33,61 @@ def test_fp8_on_a_cpu_is_refused_with_what_it_needs(tiny_config, tiny_components
         build_pipeline(tiny_config, None, "cpu", fp8=True)
     with pytest.raises(FP8Error, match="need a CUDA GPU"):
         quantize_blocks_fp8(tiny_components.generator)
-    assert all(type(block.ffn.net[0].proj.weight.data) is torch.Tensor for block in tiny_components.generator.blocks)
+    assert all(type(block.ffn.net[0].proj) is nn.Linear for block in tiny_components.generator.blocks)
+
+
+def _small_bf16_model() -> CausalWanModel:
+    torch.manual_seed(0)
+    model = CausalWanModel(dim=128, ffn_dim=256, num_heads=2, num_layers=2, text_len=16, text_dim=32)
+    return model.to(torch.bfloat16).eval().requires_grad_(False)
+
+
+def test_fp8_linear_stays_within_quantization_error_of_the_bf16_linear():
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 512).to(torch.bfloat16)
+    x = torch.randn(3, 100, 256, dtype=torch.bfloat16) * torch.logspace(-1, 1, 100)[:, None].to(torch.bfloat16)
+    fp8 = Float8Linear(linear)
+    assert fp8.weight_fp8.dtype == torch.float8_e4m3fn and fp8.weight_fp8.shape == (512, 256)
+    with torch.no_grad():
+        exact, fast = linear(x).float(), fp8(x)
+        values, scales = quantize_fp8(x)  # the product of the two quantized operands, in float32
+        dequantized = (values.float() * scales.float()) @ (fp8.weight_fp8.float() * fp8.weight_scales.t()).t()
+    assert fast.shape == (3, 100, 512) and fast.dtype == torch.bfloat16
+    assert _relative(fast, dequantized + linear.bias.float()) < 0.01  # bf16 output rounding only
+    assert 0 < _relative(fast, exact) < 0.06  # e4m3 keeps 3 mantissa bits: a few % per product
+    shuffled = Float8Linear(nn.Linear(256, 512).to(torch.bfloat16))
+    assert _relative(shuffled(x), exact) > 0.5  # control: other weights
+
+
+def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+def test_compiled_fp8_blocks_are_one_graph_each_and_stay_close_to_bf16():
+    """The FP8 layer is plain tensors and torch._scaled_mm: compiling the blocks gives no graph breaks and
+    no new graphs for later blocks (torchao's tensor subclass never finished compiling on an H100)."""
+    model = _small_bf16_model()
+    latents = torch.randn(1, 16, 6, 8, 8)
+    timesteps, text = torch.full((1, 3), 500.0), torch.randn(1, 16, 32)
+    with torch.no_grad():
+        context = model.encode_context(text)
+        exact = [model(latents[:, :, 3 * i:3 * i + 3], timesteps, context, start_frame=3 * i,
+                       kv_cache=cache).float() for cache in [_cache(model)] for i in range(2)]
+        assert convert_block_linears(model) == 20
+        torch._dynamo.reset()
+        counters.clear()
+        model.compile_blocks(options=FP8_BLOCK_COMPILE_OPTIONS, dynamic=False)
+        cache = _cache(model)
+        fast = [model(latents[:, :, 3 * i:3 * i + 3], timesteps, model.encode_context(text), start_frame=3 * i,
+                      kv_cache=cache).float() for i in range(2)]
+    assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 2  # project_self, finish
+    for got, want in zip(fast, exact):
+        assert 0 < _relative(got, want) < 0.05
+
+
+def _cache(model: CausalWanModel) -> KVCache:
+    return KVCache(model.config.num_layers, 1, 6, 16, model.config.num_heads, model.head_dim, AttentionWindow(),
+                   torch.bfloat16, "cpu")
 
 
 def test_app_with_fp8_on_a_cpu_shows_the_reason_instead_of_failing():

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from pipelines.core import GenerationRequest, StreamingVideoPipeline
-from pipelines.kv_cache import AttentionWindow, KVCache, quantize_fp8
+from pipelines.fp8 import quantize_fp8
+from pipelines.kv_cache import AttentionWindow, KVCache
 from pipelines.memory import PLANNING_HEADROOM, PROFILES, apply_profile, configure_memory, footprint_of
 from pipelines.weights import load_components
 from streams import block_latents
