@@ -64,9 +64,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                             "Hopper/Blackwell) for each shape where it is faster than PyTorch's SDPA, same results "
                             "up to rounding; flash4 fails if it cannot; sdpa never uses it [SF_ATTENTION]")
     group.add_argument("--fp8", action="store_true", default=bool(env_flag("SF_FP8")),
-                       help="experimental: the generator blocks' linear layers in FP8 (pip install torchao; GPUs "
-                            "of compute capability 8.9+); frames differ slightly from the bf16 model, and on an H100 "
-                            "it is still slower than bf16 (README, Measured) [SF_FP8=1]")
+                       help="experimental: the generator blocks' linear layers in FP8 (GPUs of compute capability "
+                            "8.9+, bfloat16 models); frames differ slightly from the bf16 model, and with --compile "
+                            "an H100 runs it only ~5%% faster (README, Measured) [SF_FP8=1]")
     group.add_argument("--prompt-extender", default=env("SF_PROMPT_EXTENDER"),
                        help="folder of an instruction-tuned causal LM that extends short prompts (relative to "
                             "--weights or absolute); default: <weights>/prompt_extender or the first causal LM "
