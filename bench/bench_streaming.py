@@ -10,6 +10,7 @@ what the app streams. Reports time to first decoded frames, per-block ms, FPS an
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import statistics
@@ -73,22 +74,45 @@ def build_components(config, device: torch.device, dtype: torch.dtype) -> Compon
                       PromptEncoder(byte_tokenizer(), t5, text_len), "random full-size weights")
 
 
+class GarbageCollectionTimer:
+    """Host time the Python garbage collector spends during a run (it stalls the kernel launches)."""
+
+    def __init__(self) -> None:
+        self.ms, self.full_passes, self._start = 0.0, 0, 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.ms += (time.perf_counter() - self._start) * 1e3
+            self.full_passes += info["generation"] == 2
+
+    def __enter__(self) -> "GarbageCollectionTimer":
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *_) -> None:
+        gc.callbacks.remove(self)
+
+
 def time_generation(pipeline: StreamingVideoPipeline, prompt: str, seed: int, fast_decode: bool = False) -> dict:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     blocks: dict[int, dict] = {}
     frames, first = 0, None
-    for result in pipeline.generate(GenerationRequest(prompt, seed=seed, fast_decode=fast_decode)):
-        frames += result.frames.shape[0]
-        if first is None:
-            first = time.perf_counter() - start
-        block = blocks.setdefault(result.index, {"denoise_ms": 0.0, "decode_ms": 0.0})
-        block["denoise_ms"] += result.denoise_s * 1e3
-        block["decode_ms"] += result.decode_s * 1e3
+    with GarbageCollectionTimer() as collector:
+        for result in pipeline.generate(GenerationRequest(prompt, seed=seed, fast_decode=fast_decode)):
+            frames += result.frames.shape[0]
+            if first is None:
+                first = time.perf_counter() - start
+            block = blocks.setdefault(result.index, {"denoise_ms": 0.0, "decode_ms": 0.0})
+            block["denoise_ms"] += result.denoise_s * 1e3
+            block["decode_ms"] += result.decode_s * 1e3
     total = time.perf_counter() - start
     return {"first_frames_s": first, "total_s": total, "frames": frames, "fps": frames / total,
-            "blocks": [blocks[i] for i in sorted(blocks)], "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30}
+            "blocks": [blocks[i] for i in sorted(blocks)], "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "gc_ms": round(collector.ms, 1), "gc_full_passes": collector.full_passes}
 
 
 def reference_output(pipeline: StreamingVideoPipeline, fast_decode: bool = False) -> tuple[torch.Tensor, np.ndarray]:

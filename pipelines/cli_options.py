@@ -66,7 +66,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--fp8", action="store_true", default=bool(env_flag("SF_FP8")),
                        help="experimental: the generator blocks' linear layers in FP8 (GPUs of compute capability "
                             "8.9+, bfloat16 models); frames differ slightly from the bf16 model, and with --compile "
-                            "an H100 runs it only ~5%% faster (README, Measured) [SF_FP8=1]")
+                            "it is not reliably faster on an H100 (README, Measured) [SF_FP8=1]")
     group.add_argument("--prompt-extender", default=env("SF_PROMPT_EXTENDER"),
                        help="folder of an instruction-tuned causal LM that extends short prompts (relative to "
                             "--weights or absolute); default: <weights>/prompt_extender or the first causal LM "

@@ -1,8 +1,8 @@
 """The one pipeline core behind every tab: block-by-block causal generation with streaming decode.
 
-generate() yields a BlockResult as soon as each block of latent frames is denoised, written
-into the KV cache and decoded, so callers can show frames while later blocks are still being
-generated. All per-generation state (KV caches, VAE conv cache, random generator) lives inside
+generate() yields a BlockResult as soon as each block of latent frames is denoised and
+decoded, so callers can show frames while later blocks are still being generated; the block's
+pass that writes it into the KV cache runs after that (and not after the last block). All per-generation state (KV caches, VAE conv cache, random generator) lives inside
 the generate() call; the model weights are the only thing shared between callers.
 """
 from __future__ import annotations
@@ -68,8 +68,8 @@ class BlockResult:
     frames: np.ndarray  # uint8 [T, H, W, 3]
     latents: torch.Tensor | None  # clean latents of the whole block [1, C, F, h, w] (CPU) when complete, and
     # the image prefix's latent on the result that shows it
-    denoise_s: float  # denoising and cache-write time of this block, split over its results when the first
-    # frame is sent early (the cache write runs after it)
+    denoise_s: float  # on a block's first result: its denoising plus the KV-cache write of the block before
+    # it (each block's write runs after its frames were sent)
     decode_s: float
     elapsed_s: float  # since generate() was called
     complete: bool = True  # this result finishes block `index`
@@ -266,6 +266,7 @@ class StreamingVideoPipeline:
             prefix.latents = first_latent.float().cpu()
             yield prefix
 
+        carried_s = 0.0  # the previous block's cache write, timed with this block's denoising
         for index in range(num_blocks):
             if cancel is not None and cancel():
                 log.info("generation cancelled before block %d/%d", index + 1, num_blocks)
@@ -288,16 +289,20 @@ class StreamingVideoPipeline:
                              start_frame=start_frame, kv_cache=caches[context_index], token_bias=bias)
 
             clean = self.sampler.denoise(noisy, predict, rng)
+            denoise_s = carried_s + self._seconds_since(block_start)
             if decoder.frames_seen == 0 and clean.shape[2] > 1:
-                # The first latent frame decodes to one video frame: send it before the cache write (which
-                # only later blocks need) and the rest of the block.
-                yield decoded(index, clean[:, :, :1], self._seconds_since(block_start), None)
+                # The first latent frame decodes to one video frame: send it before the rest of the block.
+                yield decoded(index, clean[:, :, :1], denoise_s, None)
+                yield decoded(index, clean[:, :, 1:], 0.0, clean)
+            else:
+                yield decoded(index, clean, denoise_s, clean)
+            # The clean block's pass that fills the KV cache only matters to later blocks: it runs after
+            # this block's frames were sent, and not at all after the last block.
+            carried_s = 0.0
+            if index + 1 < num_blocks:
                 write_start = time.perf_counter()
                 write(clean, start_frame, cfg.sampler.context_noise, bias)
-                yield decoded(index, clean[:, :, 1:], self._seconds_since(write_start), clean)
-            else:
-                write(clean, start_frame, cfg.sampler.context_noise, bias)
-                yield decoded(index, clean, self._seconds_since(block_start), clean)
+                carried_s = self._seconds_since(write_start)
 
     @torch.no_grad()
     def decode_with_vae(self, latents: list[torch.Tensor]) -> Iterator[np.ndarray]:
