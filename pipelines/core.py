@@ -2,8 +2,9 @@
 
 generate() yields a BlockResult as soon as each block of latent frames is denoised and
 decoded, so callers can show frames while later blocks are still being generated; the block's
-pass that writes it into the KV cache runs after that (and not after the last block). All per-generation state (KV caches, VAE conv cache, random generator) lives inside
-the generate() call; the model weights are the only thing shared between callers.
+pass that writes it into the KV cache runs after that (and not after the last block). All
+per-generation state (KV caches, VAE conv cache, random generator) lives inside the generate()
+call; the model weights are the only thing shared between callers.
 """
 from __future__ import annotations
 
