@@ -69,25 +69,24 @@ def test_compiled_fp8_blocks_are_one_graph_each_and_stay_close_to_bf16():
     model = _small_bf16_model()
     latents = torch.randn(1, 16, 6, 8, 8)
     timesteps, text = torch.full((1, 3), 500.0), torch.randn(1, 16, 32)
-    with torch.no_grad():
+
+    def two_blocks() -> list[torch.Tensor]:
+        cache = KVCache(model.config.num_layers, 1, 6, 16, model.config.num_heads, model.head_dim,
+                        AttentionWindow(), torch.bfloat16, "cpu")
         context = model.encode_context(text)
-        exact = [model(latents[:, :, 3 * i:3 * i + 3], timesteps, context, start_frame=3 * i,
-                       kv_cache=cache).float() for cache in [_cache(model)] for i in range(2)]
+        return [model(latents[:, :, 3 * i:3 * i + 3], timesteps, context, start_frame=3 * i, kv_cache=cache).float()
+                for i in range(2)]
+
+    with torch.no_grad():
+        exact = two_blocks()
         assert convert_block_linears(model) == 20
         torch._dynamo.reset()
         counters.clear()
         model.compile_blocks(options=FP8_BLOCK_COMPILE_OPTIONS, dynamic=False)
-        cache = _cache(model)
-        fast = [model(latents[:, :, 3 * i:3 * i + 3], timesteps, model.encode_context(text), start_frame=3 * i,
-                      kv_cache=cache).float() for i in range(2)]
+        fast = two_blocks()
     assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 2  # project_self, finish
     for got, want in zip(fast, exact):
         assert 0 < _relative(got, want) < 0.05
-
-
-def _cache(model: CausalWanModel) -> KVCache:
-    return KVCache(model.config.num_layers, 1, 6, 16, model.config.num_heads, model.head_dim, AttentionWindow(),
-                   torch.bfloat16, "cpu")
 
 
 def test_app_with_fp8_on_a_cpu_shows_the_reason_instead_of_failing():
