@@ -86,6 +86,13 @@ class Runtime:
             return []
         return sorted(p.name for p in self.lora_dir.glob("*.safetensors"))
 
+    def lora_menu(self) -> list[tuple[str, str]]:
+        """(label, name) per LoRA: the label adds what the file says it was trained for."""
+        from pipelines.lora import provenance
+
+        return [(f"{name} ({trained})" if (trained := provenance(self.lora_dir / name)) else name, name)
+                for name in self.lora_names()]
+
     def lora_choice(self, name: str | None, strength: float) -> tuple[LoraChoice, ...]:
         """The request's LoRA from a name in <weights>/loras (nothing else on the server can be named)."""
         if not name or name == NO_LORA:

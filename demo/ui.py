@@ -105,7 +105,7 @@ class Controls:
         self.extended = gr.Textbox(value="", label="Extended prompt", lines=3, visible=runtime.extender is not None,
                                    info="editable: generation uses this text while it belongs to the prompt above")
         with gr.Row():
-            loras = runtime.lora_names()
+            loras = runtime.lora_menu()
             # Custom values reach the handler, which refuses anything not in <weights>/loras with its own message.
             self.lora = gr.Dropdown([NO_LORA, *loras], value=NO_LORA, label="LoRA", interactive=bool(loras),
                                     allow_custom_value=True,

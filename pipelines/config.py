@@ -78,6 +78,8 @@ class PipelineConfig:
     resolutions: list[str] = field(default_factory=list)  # "WIDTHxHEIGHT" choices offered in the UI
     pose: dict[str, Any] = field(default_factory=dict)  # weights / detector_dir (relative to weights) / random_seed
     download: str = ""  # how to get this generator's own files into the weights folder
+    teacher: str = ""  # the multi-step model config this few-step generator was distilled from (what
+    # fine-tuning adapts first, training/finetune.py); empty: unknown or not distilled
     demo: DemoConfig = field(default_factory=DemoConfig)
     source: str = ""
 
@@ -103,6 +105,11 @@ class PipelineConfig:
     @property
     def uses_cfg(self) -> bool:
         return self.sampler.kind == "multi_step"
+
+    @property
+    def is_distilled(self) -> bool:
+        """A few-step sampler means a distilled generator: fine-tuning it by flow matching alone damages it."""
+        return self.sampler.kind == "few_step"
 
     @property
     def vae_stride(self) -> int:
@@ -136,6 +143,8 @@ def resolve_config_path(name: str | Path | None) -> Path:
     if not name:
         return DEFAULT_CONFIG
     path = Path(name)
+    if not path.is_absolute() and not path.exists() and (PROJECT_ROOT / path).exists():
+        return PROJECT_ROOT / path  # a repository path such as configs/tiny.yaml, from any working directory
     if path.suffix not in (".yaml", ".yml") and not path.exists():
         registered = OmegaConf.load(REGISTRY).models
         if str(name) in registered:

@@ -393,6 +393,8 @@ class Inspector:
                                      config_name))
 
     def lora(self, file: Path, shapes: dict) -> None:
+        from .lora import provenance
+
         down = {n: s for n, s in shapes.items() if "lora_A" in n or "lora_down" in n}
         style = ("original Wan / ComfyUI / musubi-tuner names" if any(n.startswith(("diffusion_model.", "lora_unet"))
                                                                         for n in shapes)
@@ -402,10 +404,12 @@ class Inspector:
         rank = min((s[0] for s in down.values() if len(s) == 2), default=0)
         base = {1536: "Wan2.1 1.3B", 5120: "Wan 14B", 3072: "Wan2.2 5B"}.get(width, f"width {width}")
         configs = configs_with_width(width)
+        trained = provenance(file)
         self.findings.append(Finding(
             self.rel(file), f"LoRA for {base} (rank {rank}, {style})", bool(configs),
-            f"fits the generator of {', '.join(configs)}" if configs else
-            "made for another base model: its shapes fit no generator in configs/ (the app runs width 1536)"))
+            (f"fits the generator of {', '.join(configs)}" if configs else
+             "made for another base model: its shapes fit no generator in configs/ (the app runs width 1536)")
+            + (f"; trained {trained}" if trained else "")))
 
     def tiny_autoencoder(self, file: Path, shapes: dict) -> None:
         from .tiny_decoder import layout_problem, not_a_decoder

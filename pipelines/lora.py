@@ -70,6 +70,30 @@ def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})
 
 
+PROVENANCE_KEYS = ("base_config", "stages", "steps", "clips", "captions")  # written by training/ (adapters.py)
+
+
+def provenance(path: str | Path) -> str:
+    """What a LoRA file says it was trained for, in one line ("" when it says nothing: another tool's file)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            metadata = dict(handle.metadata() or {})
+    except Exception:  # unreadable or not safetensors: the loader names the problem when it is used
+        return ""
+    if not metadata.get("base_config"):
+        return ""
+    parts = [f"for {metadata['base_config']}"]
+    if metadata.get("stages"):
+        parts.append(metadata["stages"])
+    elif metadata.get("steps"):
+        parts.append(f"{metadata['steps']} steps")
+    if metadata.get("clips"):
+        parts.append(f"{metadata['clips']} clips, {metadata.get('captions', '?')} captions")
+    return "; ".join(parts)
+
+
 def normalize_keys(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], bool]:
     """-> (diffusers-named state without prefixes, whether alpha is already baked into the weights)."""
     from diffusers.loaders.lora_conversion_utils import (_convert_musubi_wan_lora_to_diffusers,

@@ -18,6 +18,10 @@ from pipelines.weights import load_components  # noqa: E402
 logging.getLogger("diffusers").setLevel(logging.ERROR)
 
 
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "slow: minutes of CPU training (deselect with -m 'not slow')")
+
+
 @pytest.fixture(scope="session")
 def tiny_config():
     return load_config(ROOT / "configs" / "tiny.yaml")

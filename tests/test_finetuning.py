@@ -29,7 +29,8 @@ from pipelines.weights import load_components
 from training.data import CachedClips, read_manifest
 from training.objective import FlowObjective, noisy_latents, velocity_target
 from training.prepare import prepare
-from training.train import Trainer, build_parser, load_training_config
+from training.config import load_training_config
+from training.train import Trainer, TrainRun, build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_TRAIN = {"model_config": "configs/tiny.yaml", "max_steps": 30, "learning_rate": 3e-3, "warmup_steps": 1,
@@ -126,7 +127,7 @@ def _trainer(tmp_path: Path, data: Path, name: str, *flags: str, **overrides) ->
     OmegaConf.save(OmegaConf.create({**TINY_TRAIN, **overrides}), config)
     args = build_parser().parse_args(["--config", str(config), "--data", str(data), "--out", str(tmp_path / name),
                                       "--cpu", *flags])
-    return Trainer(args, load_training_config(config))
+    return Trainer(TrainRun.from_args(args), load_training_config(config))
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +144,7 @@ def test_thirty_steps_lower_the_loss_and_write_an_adapter(trained):
     assert np.mean(losses[-5:]) < np.mean(losses[:5]), losses
     state = load_file(str(adapter))
     assert all(k.startswith("transformer.blocks.") and (".lora_A." in k or ".lora_B." in k) for k in state)
-    assert (trainer.args.out / "logs" / "metrics.csv").is_file()
+    assert (trainer.run.out / "logs" / "metrics.csv").is_file()
 
 
 def test_resume_reproduces_the_next_steps_exactly(prepared, tmp_path):

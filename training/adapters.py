@@ -11,8 +11,7 @@ from torch import nn
 
 from pipelines.lora import FORMAT_TAG
 
-DEFAULT_TARGETS = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
-                   "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0", "ffn.net.0.proj", "ffn.net.2"]
+from .config import DEFAULT_TARGETS
 
 
 def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
@@ -36,12 +35,14 @@ def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
             for k, v in get_peft_model_state_dict(model).items()}
 
 
-def save_lora(model: nn.Module, path: Path, rank: int, alpha: float, base: str) -> Path:
-    """The project's adapter file: 'transformer.'-prefixed peft names + rank/alpha in the metadata."""
+def save_lora(model: nn.Module, path: Path, rank: int, alpha: float, base: str,
+              provenance: dict[str, str] | None = None) -> Path:
+    """The project's adapter file: 'transformer.'-prefixed peft names + rank/alpha in the metadata, and what it
+    was trained for (pipelines.lora.PROVENANCE_KEYS: base config, stages, steps, clips, captions)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {f"transformer.{k}": v for k, v in lora_state(model).items()}
-    save_file(state, str(path), metadata={"format": FORMAT_TAG, "rank": str(rank), "alpha": str(alpha),
-                                          "base": base})
+    metadata = {**(provenance or {}), "format": FORMAT_TAG, "rank": str(rank), "alpha": str(alpha), "base": base}
+    save_file(state, str(path), metadata=metadata)
     return path
 
 
@@ -49,3 +50,4 @@ def save_module(module: nn.Module, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}, str(path))
     return path
+

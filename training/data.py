@@ -186,3 +186,23 @@ class CachedClips(torch.utils.data.Dataset):
                 if any(key.endswith(".pose") for key in shard.keys()):
                     return True
         return False
+
+
+def collate(items: list[dict], text_len: int) -> dict:
+    """Clips of one size as a batch: latents stacked, prompts zero-padded to text_len tokens, trajectories
+    (teacher paths) stacked, poses as per-clip lists (None for clips without)."""
+    prompts = torch.zeros(len(items), text_len, items[0]["prompt"].shape[-1])
+    for row, item in enumerate(items):
+        tokens = min(text_len, item["prompt"].shape[0])
+        prompts[row, :tokens] = item["prompt"][:tokens].float()
+    batch = {"latents": torch.stack([item["latents"].float() for item in items]), "prompts": prompts}
+    if "trajectory" in items[0]:
+        batch["trajectory"] = torch.stack([item["trajectory"].float() for item in items])
+    if any("targets" in item for item in items):  # per-level targets; a teacher path's target is its end
+        batch["targets"] = torch.stack([item["targets"].float() if "targets" in item else
+                                        item["latents"].float()[None].expand_as(item["trajectory"])
+                                        for item in items])
+    if any("pose" in item for item in items):
+        batch["poses"] = [item["pose"].numpy() if "pose" in item else None for item in items]
+        batch["reference_poses"] = [item["reference_pose"].numpy() if "pose" in item else None for item in items]
+    return batch

@@ -22,19 +22,25 @@ import logging
 import random
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .data import ClipRecord
 
 log = logging.getLogger(__name__)
 
 
 def euler_grid(steps: int, record_sigmas: tuple[float, ...]) -> torch.Tensor:
-    """sigmas 1 -> 0 in `steps` equal Euler steps; every recorded sigma must be on the grid."""
+    """sigmas 1 -> 0 in `steps` equal Euler steps, plus each recorded sigma that is not on that grid (a
+    warped few-step schedule such as Self-Forcing's 1, .94, .83, .63 is not): the path passes every one."""
     grid = torch.arange(steps, -1, -1, dtype=torch.float64) / steps
-    for sigma in record_sigmas:
-        if not torch.isclose(grid, torch.tensor(sigma, dtype=torch.float64)).any():
-            raise ValueError(f"sigma {sigma} is not on a {steps}-step Euler grid: pick a multiple of its denominator")
+    extra = [sigma for sigma in record_sigmas
+             if not torch.isclose(grid, torch.tensor(sigma, dtype=torch.float64)).any()]
+    if extra:
+        grid = torch.cat([grid, torch.tensor(extra, dtype=torch.float64)]).unique().flip(0)
     return grid
 
 
@@ -69,22 +75,119 @@ def teacher_trajectories(teacher: nn.Module, latents: torch.Tensor, prompts: tor
             for slot, recorded in enumerate(record_sigmas):
                 if abs(sigma - recorded) < 1e-9:
                     trajectory[:, slot, :, start:start + frames_per_block] = x.float().cpu()
-            noisy = torch.cat([clean, x], dim=2)
-            timesteps = torch.zeros(batch, noisy.shape[2], device=device)
-            timesteps[:, start:] = sigma * 1000
-            flow = teacher(noisy, timesteps, prompts, prefix_frames, pose_condition=condition)[:, :, start:]
-            if guidance != 1.0:
-                flow_empty = teacher(noisy, timesteps, empty, prefix_frames, pose_condition=condition)[:, :, start:]
-                flow = flow_empty + guidance * (flow - flow_empty)
-            x = x + (sigma_next - sigma) * flow
+            x = x + (sigma_next - sigma) * guided_flow(teacher, clean, x, sigma, prompts, empty, prefix_frames,
+                                                       guidance, condition)
         clean = torch.cat([clean, x], dim=2)
     return clean.float().cpu(), trajectory
+
+
+def guided_flow(teacher: nn.Module, clean: torch.Tensor, x: torch.Tensor, sigma: float, prompts: torch.Tensor,
+                empty: torch.Tensor, prefix_frames: int, guidance: float, condition=None) -> torch.Tensor:
+    """The teacher's classifier-free-guided velocity for the noisy block `x` at `sigma` after the clean frames."""
+    start = clean.shape[2]
+    noisy = torch.cat([clean, x], dim=2)
+    timesteps = torch.zeros(x.shape[0], noisy.shape[2], device=x.device)
+    timesteps[:, start:] = sigma * 1000
+    flow = teacher(noisy, timesteps, prompts, prefix_frames, pose_condition=condition)[:, :, start:]
+    if guidance != 1.0:
+        flow_empty = teacher(noisy, timesteps, empty, prefix_frames, pose_condition=condition)[:, :, start:]
+        flow = flow_empty + guidance * (flow - flow_empty)
+    return flow
+
+
+@torch.no_grad()
+def on_policy_paths(student: nn.Module, teacher: nn.Module, latents: torch.Tensor, prompts: torch.Tensor,
+                    prefix_frames: int, sigmas: tuple[float, ...], steps: int, guidance: float,
+                    generator: torch.Generator, unconditional: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pairs for the student at the inputs its own sampler reaches, with the teacher's answers there.
+
+    The student's chain runs as at inference (predict x0, re-noise to the next sigma); at each sigma the
+    teacher's guided ODE is solved from the student's input down to 0, and that video is the target. From
+    sigma < 1 on the input already holds where the student puts its subject, and the teacher keeps it there:
+    a handful of videos then teach *what* to draw, not a new map from noise to place (teacher_trajectories'
+    targets, from pure noise, put the subject wherever the teacher's ODE does, and a student regressed onto a
+    few of those learns their blurred mean). The block's clean frames for the next block are the teacher's
+    answer at the second sigma (the student's place, the teacher's drawing).
+    Returns (clean [B, C, F', h, w], inputs [B, S, C, F', h, w], targets [B, S, C, F', h, w])."""
+    frames_per_block = student.frames_per_block
+    grid = euler_grid(steps, sigmas).tolist()
+    device = next(student.parameters()).device
+    batch, channels, frames, height, width = latents.shape
+    blocks = (frames - prefix_frames) // frames_per_block
+    total = prefix_frames + blocks * frames_per_block
+    clean = latents[:, :, :prefix_frames].to(device)
+    inputs = torch.zeros(batch, len(sigmas), channels, total, height, width)
+    targets = torch.zeros_like(inputs)
+    inputs[:, :, :, :prefix_frames] = targets[:, :, :, :prefix_frames] = latents[:, None, :, :prefix_frames]
+    prompts = prompts.to(device)
+    empty = unconditional.to(prompts).expand_as(prompts)
+    for block in range(blocks):
+        start = prefix_frames + block * frames_per_block
+        shape = (batch, channels, frames_per_block, height, width)
+        x = torch.randn(shape, generator=generator).to(device)
+        answers = []
+        for level, sigma in enumerate(sigmas):
+            timesteps = torch.zeros(batch, start + frames_per_block, device=device)
+            timesteps[:, start:] = sigma * 1000
+            x0 = x - sigma * student(torch.cat([clean, x], dim=2), timesteps, prompts, prefix_frames)[:, :, start:].float()
+            points = [sigma] + [g for g in grid if g < sigma - 1e-9]
+            answer = x.clone()
+            for now, after in zip(points[:-1], points[1:]):
+                answer = answer + (after - now) * guided_flow(teacher, clean, answer, now, prompts, empty,
+                                                              prefix_frames, guidance)
+            inputs[:, level, :, start:start + frames_per_block] = x.float().cpu()
+            targets[:, level, :, start:start + frames_per_block] = answer.float().cpu()
+            answers.append(answer)
+            if level + 1 < len(sigmas):  # the student's own next input: its x0 re-noised with fresh noise
+                following = sigmas[level + 1]
+                x = (1 - following) * x0 + following * torch.randn(shape, generator=generator).to(device)
+        clean = torch.cat([clean, answers[min(1, len(answers) - 1)]], dim=2)
+    return clean.float().cpu(), inputs, targets
+
+
+@torch.no_grad()
+def student_trajectories(student: nn.Module, latents: torch.Tensor, prompts: torch.Tensor, prefix_frames: int,
+                         sigmas: tuple[float, ...], generator: torch.Generator
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Samples videos shaped like `latents` with the few-step sampler's own rule (at each sigma predict x0, then
+    re-noise it with fresh noise to the next sigma; the last x0 is the block), block by block over the clean
+    earlier blocks. Returns (clean [B, C, F', h, w], inputs [B, S, C, F', h, w], targets [B, S, C, F', h, w]):
+    what the generator saw at each sigma and what it predicted there. Regressing onto these pairs asks a LoRA
+    to leave the generator's behaviour as it was: the loss is zero before training."""
+    frames_per_block = student.frames_per_block
+    device = next(student.parameters()).device
+    batch, channels, frames, height, width = latents.shape
+    blocks = (frames - prefix_frames) // frames_per_block
+    total = prefix_frames + blocks * frames_per_block
+    clean = latents[:, :, :prefix_frames].to(device)
+    inputs = torch.zeros(batch, len(sigmas), channels, total, height, width)
+    targets = torch.zeros_like(inputs)
+    inputs[:, :, :, :prefix_frames] = targets[:, :, :, :prefix_frames] = latents[:, None, :, :prefix_frames]
+    prompts = prompts.to(device)
+    for block in range(blocks):
+        start = prefix_frames + block * frames_per_block
+        shape = (batch, channels, frames_per_block, height, width)
+        x = torch.randn(shape, generator=generator).to(device)
+        for level, sigma in enumerate(sigmas):
+            timesteps = torch.zeros(batch, start + frames_per_block, device=device)
+            timesteps[:, start:] = sigma * 1000
+            flow = student(torch.cat([clean, x], dim=2), timesteps, prompts, prefix_frames)[:, :, start:]
+            x0 = x - sigma * flow.float()
+            inputs[:, level, :, start:start + frames_per_block] = x.float().cpu()
+            targets[:, level, :, start:start + frames_per_block] = x0.float().cpu()
+            if level + 1 < len(sigmas):
+                following = sigmas[level + 1]
+                x = (1 - following) * x0 + following * torch.randn(shape, generator=generator).to(device)
+        clean = torch.cat([clean, x0], dim=2)
+    return clean.float().cpu(), inputs, targets
 
 
 def ode_regression_loss(student: nn.Module, batch: dict, record_sigmas: tuple[float, ...], frames_per_block: int,
                         prefix_frames: int, rng: torch.Generator, device: torch.device) -> torch.Tensor:
     """One block of each clip at one of its recorded noise levels, after the clean earlier blocks;
-    MSE between the student's clean prediction and the end of the teacher's path."""
+    MSE between the student's clean prediction and the end of the teacher's path (or, where the batch has
+    `targets`, the prediction recorded for that level: student_trajectories' preservation pairs)."""
     x0, trajectory = batch["latents"], batch["trajectory"]
     clips = x0.shape[0]
     blocks = (x0.shape[2] - prefix_frames) // frames_per_block
@@ -101,7 +204,11 @@ def ode_regression_loss(student: nn.Module, batch: dict, record_sigmas: tuple[fl
     flow = student(noisy, timesteps.to(device), batch["prompts"].to(device), prefix_frames, batch.get("poses"),
                    batch.get("reference_poses"))[:, :, start:]
     predicted = noisy[:, :, start:].float() - sigma[:, None, None, None, None] * flow.float()
-    return (predicted - x0[:, :, start:end].to(device).float()).pow(2).mean()
+    if "targets" in batch:
+        target = batch["targets"][torch.arange(clips), level, :, start:end]
+    else:
+        target = x0[:, :, start:end]
+    return (predicted - target.to(device).float()).pow(2).mean()
 
 
 def prefix_for(index: int, has_pose: bool, image_to_video: float, seed: int) -> int:
@@ -112,41 +219,64 @@ def prefix_for(index: int, has_pose: bool, image_to_video: float, seed: int) -> 
     return int(random.Random(seed * 1_000_003 + index).random() < image_to_video)
 
 
-@torch.no_grad()
-def distill_dataset(teacher: nn.Module, source: Path, target: Path, record_sigmas: tuple[float, ...], steps: int,
-                    guidance: float, image_to_video: float, unconditional: torch.Tensor, seed: int,
-                    batch_size: int = 128) -> int:
-    """Writes, for every clip of the prepared folder `source`, the teacher's video from the clip's
-    prompt (and first latent / poses, see prefix_for) with its recorded path, as a folder the trainer
-    reads (latents = the teacher's video, trajectory, prefix_frames, prompt, poses). Returns the clip count."""
-    from .data import CachedClips, ShardWriter, read_manifest
-    from .train import collate
+@dataclasses.dataclass
+class PathJob:
+    """One teacher video to sample and record: its manifest line, its inputs (`latents` gives the shape and the
+    first `prefix` clean frames; `prompt`; optional `pose` / `reference_pose`) and how many clean leading frames."""
+    record: "ClipRecord"
+    item: dict
+    prefix: int
 
-    records = read_manifest(source)
-    clips = CachedClips(source, in_memory=True)
-    groups: dict[tuple, list[int]] = {}
-    for index in range(len(clips)):
-        item = clips[index]
-        prefix = prefix_for(index, "pose" in item, image_to_video, seed)
-        groups.setdefault((tuple(item["latents"].shape), prefix), []).append(index)
+
+@torch.no_grad()
+def record_paths(sample, jobs: list[PathJob], target: Path, text_len: int, seed: int, batch_size: int = 128) -> int:
+    """Samples every job's video with `sample(batch, prefix, generator)` -> (videos, trajectory[, targets]) (the
+    teacher's ODE, teacher_trajectories, or the student's own sampler, student_trajectories) and writes them as a
+    folder the trainer reads (latents = the video, trajectory, targets, prefix_frames, prompt, poses). Jobs of one
+    latent size and prefix are batched. Returns the video count."""
+    from .data import ShardWriter, collate
+
+    groups: dict[tuple, list[PathJob]] = {}
+    for job in jobs:
+        groups.setdefault((tuple(job.item["latents"].shape), job.prefix), []).append(job)
     writer = ShardWriter(target, clips_per_shard=256)
     generator = torch.Generator().manual_seed(seed)
     started, done = time.perf_counter(), 0
-    teacher.eval()
-    for (_, prefix), indices in sorted(groups.items()):
-        for first in range(0, len(indices), batch_size):
-            chunk = indices[first:first + batch_size]
-            items = [clips[i] for i in chunk]
-            batch = collate(items, len(unconditional))
-            videos, paths = teacher_trajectories(teacher, batch["latents"], batch["prompts"], prefix, record_sigmas,
-                                                 steps, guidance, generator, batch.get("poses"),
-                                                 batch.get("reference_poses"), unconditional)
-            for row, (index, item) in enumerate(zip(chunk, items)):
+    for (_, prefix), group in sorted(groups.items(), key=lambda entry: entry[0]):
+        for first in range(0, len(group), batch_size):
+            chunk = group[first:first + batch_size]
+            batch = collate([job.item for job in chunk], text_len)
+            videos, paths, *targets = sample(batch, prefix, generator)
+            for row, job in enumerate(chunk):
                 tensors = {"latents": videos[row], "trajectory": paths[row].to(torch.bfloat16),
-                           "prefix_frames": torch.tensor(prefix), "prompt": item["prompt"]}
-                tensors.update({k: item[k] for k in ("pose", "reference_pose") if k in item})
-                writer.add(dataclasses.replace(records[index]), tensors)
+                           "prefix_frames": torch.tensor(prefix), "prompt": job.item["prompt"]}
+                if targets:
+                    tensors["targets"] = targets[0][row].to(torch.bfloat16)
+                tensors.update({k: job.item[k] for k in ("pose", "reference_pose") if k in job.item})
+                writer.add(dataclasses.replace(job.record), tensors)
             done += len(chunk)
-            log.info("teacher videos: %d/%d (%.1f clips/s)", done, len(clips), done / (time.perf_counter() - started))
+            log.info("videos with paths: %d/%d (%.2f videos/s)", done, len(jobs), done / (time.perf_counter() - started))
     writer.flush()
     return done
+
+
+def distill_dataset(teacher: nn.Module, source: Path, target: Path, record_sigmas: tuple[float, ...], steps: int,
+                    guidance: float, image_to_video: float, unconditional: torch.Tensor, seed: int,
+                    batch_size: int = 128) -> int:
+    """The teacher's video of every clip of the prepared folder `source`, from the clip's prompt (and first
+    latent / poses, see prefix_for), recorded as record_paths does. Returns the clip count."""
+    from .data import CachedClips, read_manifest
+
+    records = read_manifest(source)
+    clips = CachedClips(source, in_memory=True)
+    jobs = []
+    for index in range(len(clips)):
+        item = clips[index]
+        jobs.append(PathJob(records[index], item, prefix_for(index, "pose" in item, image_to_video, seed)))
+    teacher.eval()
+
+    def sample(batch: dict, prefix: int, generator: torch.Generator):
+        return teacher_trajectories(teacher, batch["latents"], batch["prompts"], prefix, record_sigmas, steps, guidance,
+                                    generator, batch.get("poses"), batch.get("reference_poses"), unconditional)
+
+    return record_paths(sample, jobs, target, len(unconditional), seed, batch_size)

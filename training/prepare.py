@@ -1,6 +1,6 @@
 """Prepare fine-tuning data: videos + captions -> cached VAE latents and UMT5 prompt embeddings.
 
-    python -m training.prepare --videos DIR --out DATA [--config configs/self_forcing_dmd.yaml]
+    python -m training.prepare --videos DIR --out DATA [--config configs/tiny.yaml]
         [--weights W] [--captions captions.csv] [--frames 81] [--stride 81] [--poses]
 
 Videos are resampled to 16 fps, cut into clips of 4k+1 frames, resized to cover and centre-
@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      description=__doc__)
     parser.add_argument("--videos", type=Path, required=True, help="folder of source videos (searched recursively)")
     parser.add_argument("--out", type=Path, required=True, help="data folder to write (or resume)")
-    parser.add_argument("--config", default="configs/self_forcing_dmd.yaml", help="model whose VAE/UMT5 encode")
+    parser.add_argument("--config", default="configs/tiny.yaml", help="model whose VAE/UMT5 encode (default: the "
+                                                                     "app's embedded tiny model)")
     parser.add_argument("--weights", help="weights folder of that model")
     parser.add_argument("--captions", type=Path, help="CSV or JSONL with path,caption (default: clip.txt sidecars)")
     parser.add_argument("--frames", type=int, help="frames per clip, 4k+1; default: the config's video "

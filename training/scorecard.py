@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from pipelines.core import GenerationRequest, StreamingVideoPipeline
+from pipelines.lora import LoraChoice
 from pipelines.vae import frames_psnr
 
 from .evaluate import PromptScore, keypoint_error, score_video, summarise, track_blob
@@ -27,12 +28,24 @@ def video(pipeline: StreamingVideoPipeline, request: GenerationRequest) -> np.nd
     return np.concatenate([result.frames for result in pipeline.generate(request)])
 
 
-def text_to_video_scores(pipeline: StreamingVideoPipeline, world: SyntheticWorld, count: int = 24) -> list[PromptScore]:
+def text_to_video_scores(pipeline: StreamingVideoPipeline, world: SyntheticWorld, count: int = 24,
+                         loras: tuple[LoraChoice, ...] = ()) -> list[PromptScore]:
+    """The world's held-out prompts (optionally with LoRAs merged: is anything forgotten?)."""
+    return _scored(pipeline, [world.held_out_scene(index) for index in range(count)], loras)
+
+
+def concept_scores(pipeline: StreamingVideoPipeline, world: SyntheticWorld, loras: tuple[LoraChoice, ...],
+                   count: int = 16) -> list[PromptScore]:
+    """Captions of the fine-tuning example's concept (SyntheticWorld.concept_scene) on scenes not among its
+    training clips, one seed each: is the new colour there, and does it move the caption's way?"""
+    return _scored(pipeline, [world.concept_scene(1000 + index) for index in range(count)], loras)
+
+
+def _scored(pipeline: StreamingVideoPipeline, scenes: list, loras: tuple[LoraChoice, ...]) -> list[PromptScore]:
     scores = []
-    for index in range(count):
-        scene = world.held_out_scene(index)
+    for index, scene in enumerate(scenes):
         spec = scene.shapes[0]
-        frames = video(pipeline, GenerationRequest(scene.caption, seed=index))
+        frames = video(pipeline, GenerationRequest(scene.caption, seed=index, loras=loras))
         scores.append(score_video(frames, scene.caption, spec.colour, spec.motion))
     return scores
 
@@ -71,16 +84,18 @@ def pose_scores(pipeline: StreamingVideoPipeline, animator, world: SyntheticWorl
     return results
 
 
-def evaluate_model(model_dir: Path | None, device: torch.device | str = "cpu", sampler: dict | None = None) -> dict:
+def evaluate_model(model_dir: Path | None, device: torch.device | str = "cpu", sampler: dict | None = None,
+                   config_path: str = "configs/tiny.yaml") -> dict:
     """All three scores for the tiny model in model_dir (None: the bundled one), sampled with the config's
-    few-step sampler or `sampler` (a config's sampler section: how the distillation teacher is scored)."""
+    sampler or `sampler` (a config's sampler section: how the distillation teacher is scored);
+    configs/tiny_multistep.yaml scores the shipped teacher."""
     from omegaconf import OmegaConf
 
     from pipelines.pose.animation import make_pose_animator
     from pipelines.builder import build_pipeline
     from pipelines.config import load_config
 
-    config = load_config("configs/tiny.yaml")
+    config = load_config(config_path)
     if sampler is not None:
         config.sampler = OmegaConf.create({"context_noise": 0, **sampler})
     pipeline, _ = build_pipeline(config, model_dir, str(device))

@@ -31,6 +31,10 @@ BACKGROUND_COLOURS: dict[str, tuple[int, int, int]] = {
     "brown": (85, 55, 30), "dark purple": (55, 25, 70),
 }
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross")
+# A colour and a shape the world never draws (nor names: the caption encoder reads them as <unk>): the
+# concept the fine-tuning example and its tests teach the trained model (concept_scenes).
+NOVEL_COLOURS: dict[str, tuple[int, int, int]] = {"magenta": (235, 20, 160)}  # ~115 from purple, pink and red
+NOVEL_SHAPES = ("heart",)
 # Sign of travel along x (right) and y (down) per directional motion.
 DIRECTIONS: dict[str, tuple[int, int]] = {
     "right": (1, 0), "left": (-1, 0), "up": (0, -1), "down": (0, 1),
@@ -220,6 +224,17 @@ class SyntheticWorld:
         height, width = size or self.sizes[0]
         return self.figure_scene(rng, height, width, Background((rng.choice(list(BACKGROUND_COLOURS)),)))
 
+    def concept_scene(self, index: int, colour: str = "magenta", shape: str = "heart",
+                      motions: tuple[str, ...] = ("right", "left", "up", "down")) -> Scene:
+        """Clip `index` of a concept outside the world (a novel colour and shape, NOVEL_COLOURS / NOVEL_SHAPES)
+        moving in a named direction on the world's backgrounds, captioned as the world's clips are."""
+        rng = self._rng(f"concept-{colour}-{shape}", index)
+        height, width = self.sizes[0]
+        motion = motions[index % len(motions)]
+        spec = self._shape(rng, colour, shape, motion, width / height, small=False)
+        background = Background((rng.choice(list(BACKGROUND_COLOURS)),))
+        return self._with_caption(Scene(height, width, self.frames, background, (spec,)), rng)
+
     @staticmethod
     def _with_caption(scene: Scene, rng: random.Random) -> Scene:
         background = scene.background.describe()
@@ -274,11 +289,20 @@ def _polygon(shape: str, x: float, y: float, r: float) -> list[tuple[float, floa
         return ring(4, (1.15,), -math.pi / 2)
     if shape == "star":
         return ring(10, (1.25, 0.55), -math.pi / 2)
+    if shape == "heart":  # two lobes and a point, drawn as one outline
+        points = [(16 * math.sin(t) ** 3, -(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t)
+                                            - math.cos(4 * t))) for t in (2 * math.pi * i / 32 for i in range(32))]
+        return [(x + r * px / 15, y + r * (py + 2) / 15) for px, py in points]
     if shape == "cross":
         w = r * 0.38
         return [(x - w, y - r), (x + w, y - r), (x + w, y - w), (x + r, y - w), (x + r, y + w), (x + w, y + w),
                 (x + w, y + r), (x - w, y + r), (x - w, y + w), (x - r, y + w), (x - r, y - w), (x - w, y - w)]
     return None
+
+
+def colour_rgb(name: str) -> tuple[int, int, int]:
+    """A shape colour of the world or a novel one."""
+    return SHAPE_COLOURS[name] if name in SHAPE_COLOURS else NOVEL_COLOURS[name]
 
 
 def _draw_background(draw: ImageDraw.ImageDraw, background: Background, height: int, width: int) -> None:
@@ -303,7 +327,7 @@ def render(scene: Scene) -> np.ndarray:
         _draw_background(draw, scene.background, scene.height * s, scene.width * s)
         for spec in scene.shapes:
             x, y, r = (v * s for v in shape_track(spec, index, scene.height, scene.width))
-            colour = SHAPE_COLOURS[spec.colour]
+            colour = colour_rgb(spec.colour)
             polygon = _polygon(spec.shape, x, y, r)
             if polygon is None:
                 draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)

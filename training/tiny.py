@@ -12,7 +12,12 @@ Stages (each is skipped when its output exists, so a stopped run continues where
   6. student: `training.train --full --pose` (configs/tiny_train.yaml) regresses the few-step generator onto
      those paths, so that the app's own 4-step sampler gives sharp videos
   7. the folder OUT/model (diffusers layout + pose_encoders.safetensors) is what configs/tiny.yaml reads;
-     --install copies it to assets/tiny_shapes. OUT/training.json records times and held-out scores.
+     --install copies it to assets/tiny_shapes, with the teacher beside it as teacher.safetensors (bf16: the
+     model fine-tuning adapts first, configs/tiny_multistep.yaml). OUT/training.json records times and scores.
+
+--from DIR starts from a trained model folder instead of random weights (its caption encoder, VAE and
+generator); with --teacher-only the command stops after the teacher (stages 3-4), which then starts from that
+generator: how the shipped teacher was made again from the shipped student when it had not been kept.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ import torch
 
 from pipelines.cli_options import HelpFormatter
 
+from .config import TrainingConfig, load_training_config
 from .synthetic import CLIP_FRAMES, SyntheticWorld, render
 
 log = logging.getLogger("training.tiny")
@@ -38,6 +44,7 @@ MODEL_CONFIG = "configs/tiny.yaml"
 TEACHER_CONFIG = "configs/tiny_teacher.yaml"
 TRAIN_CONFIG = "configs/tiny_train.yaml"
 BUNDLE = Path(__file__).resolve().parent.parent / "assets" / "tiny_shapes"
+TEACHER_FILE = "teacher.safetensors"  # the teacher's generator inside the bundle (configs/tiny_multistep.yaml)
 VAE_CLIPS = 800  # rendered clips the VAE's training windows are cut from
 VAE_HELD_OUT_CLIPS = 12  # held-out scenes its reconstructions are scored on
 
@@ -68,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "stage pauses with a checkpoint when it runs out (rerun "
                                                           "the same command to continue)")
     parser.add_argument("--skip-evaluation", action="store_true", help="leave out the held-out scores")
+    parser.add_argument("--from", dest="start_from", type=Path,
+                        help="a trained model folder to start from (e.g. assets/tiny_shapes) instead of random weights")
+    parser.add_argument("--teacher-only", action="store_true",
+                        help="stop after the teacher; --install then installs only the teacher")
     parser.add_argument("--install", action="store_true", help=f"copy the finished model to {BUNDLE}")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is there")
     return parser
@@ -253,25 +264,30 @@ def prepare_data(args: argparse.Namespace, model_dir: Path, data_dir: Path, devi
     log.info("%d clips cached in %s (%.0f s)", args.clips, data_dir, time.perf_counter() - started)
 
 
-def run_trainer(args: argparse.Namespace, config: Path | str, data_dir: Path, run_dir: Path, weights_dir: Path,
-                steps: int | None, minutes_left: float | None) -> bool:
-    """Runs (or continues) `training.train --full --pose`; True once it wrote its final weights."""
-    from . import train
+def run_trainer(args: argparse.Namespace, config: TrainingConfig, data_dir: Path, run_dir: Path, weights_dir: Path,
+                minutes_left: float | None) -> bool:
+    """Runs (or continues) the trainer on every generator weight and the pose encoders (what
+    `training.train --full --pose` does); True once it wrote its final weights."""
+    from .train import Trainer, TrainRun
 
-    argv = ["--config", str(config), "--data", str(data_dir), "--out", str(run_dir), "--weights", str(weights_dir),
-            "--full", "--pose"]
-    if list((run_dir / "checkpoints").glob("step-*")):
-        argv += ["--resume", "latest"]
-    if steps:
-        argv += ["--max-steps", str(steps)]
-    if args.cpu:
-        argv += ["--cpu"]
-    if minutes_left is not None:
-        argv += ["--max-minutes", f"{max(minutes_left, 0.1):.2f}"]
+    resume = "latest" if list((run_dir / "checkpoints").glob("step-*")) else None
     for stale in (run_dir / "generator.safetensors", run_dir / "checkpoints" / "pose_encoders.safetensors"):
         stale.unlink(missing_ok=True)
-    train.main(argv)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run = TrainRun(data_dir, run_dir, weights_dir, full=True, pose=True, resume=resume,
+                   max_minutes=None if minutes_left is None else max(minutes_left, 0.1), cpu=args.cpu)
+    Trainer(run, config).train()
     return (run_dir / "generator.safetensors").exists()
+
+
+def install_teacher(teacher_dir: Path, bundle: Path) -> Path:
+    """The teacher's generator beside the student, in bf16 (half the bytes in git; it is sampled in float32)."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(teacher_dir / "transformer" / "diffusion_pytorch_model.safetensors"))
+    path = bundle / TEACHER_FILE
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in state.items()}, str(path))
+    return path
 
 
 def install_generator(run_dir: Path, model_dir: Path) -> None:
@@ -289,7 +305,7 @@ def record_teacher_paths(args: argparse.Namespace, teacher_dir: Path, data_dir: 
 
     from .distill import distill_dataset
     from .objective import few_step_sigmas
-    from .train import FlowStep, empty_prompt, load_training_config
+    from .train import FlowStep, empty_prompt
 
     config = model_config()
     components = load_components(config, teacher_dir, device)
@@ -298,24 +314,23 @@ def record_teacher_paths(args: argparse.Namespace, teacher_dir: Path, data_dir: 
     encoders.load_state_dict(read_state(teacher_dir / "pose_encoders.safetensors"))
     teacher = FlowStep(generator, config.frames_per_block, generator.config.text_len, encoders).to(device).eval()
     sigmas = few_step_sigmas(config.sampler)
-    settings = load_training_config(TRAIN_CONFIG)["distill"]
+    settings = load_training_config(TRAIN_CONFIG).distill
     if paths_dir.exists():
         shutil.rmtree(paths_dir)
     unconditional = empty_prompt(components.prompt_encoder, generator.config.text_len)
-    count = distill_dataset(teacher, data_dir, paths_dir, sigmas, settings["teacher_steps"], settings["guidance"],
-                            settings["image_to_video"], unconditional, args.seed)
+    count = distill_dataset(teacher, data_dir, paths_dir, sigmas, settings.teacher_steps, settings.guidance,
+                            settings.image_to_video, unconditional, args.seed)
     return {"teacher_paths": count}
 
 
 def evaluate_teacher(teacher_dir: Path, device: torch.device) -> dict:
     """The teacher's held-out scores with the many-step guided sampler its paths are recorded with."""
     from .scorecard import evaluate_model
-    from .train import load_training_config
 
-    settings = load_training_config(TRAIN_CONFIG)["distill"]
+    settings = load_training_config(TRAIN_CONFIG).distill
     return evaluate_model(teacher_dir, device, sampler={
-        "kind": "multi_step", "solver": "euler", "num_steps": settings["teacher_steps"],
-        "guidance_scale": settings["guidance"], "timestep_shift": 1.0})
+        "kind": "multi_step", "solver": "euler", "num_steps": settings.teacher_steps,
+        "guidance_scale": settings.guidance, "timestep_shift": 1.0})
 
 
 def paths_recorded(paths_dir: Path, data_dir: Path, teacher_dir: Path) -> bool:
@@ -327,20 +342,12 @@ def paths_recorded(paths_dir: Path, data_dir: Path, teacher_dir: Path) -> bool:
             and manifest.stat().st_mtime > teacher_file.stat().st_mtime)
 
 
-def student_config(teacher_dir: Path, out: Path) -> Path:
-    """configs/tiny_train.yaml with the pose encoders starting from the teacher's."""
-    from omegaconf import OmegaConf
-
-    config = OmegaConf.load(TRAIN_CONFIG)
-    config.pose = {"init": str(teacher_dir / "pose_encoders.safetensors")}
-    path = out / "student.yaml"
-    OmegaConf.save(config, path)
-    return path
+def stage_config(path: str, steps: int | None, **overrides) -> TrainingConfig:
+    """A stage's training YAML with the command's step count (None: the file's)."""
+    return load_training_config(path, max_steps=steps, **overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .train import load_training_config
-
     args = build_parser().parse_args(argv)
     command_started = time.perf_counter()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -361,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         report.update(result or {})
         report_path.write_text(json.dumps(report, indent=2))
 
+    if args.start_from and not (model_dir / "transformer" / "config.json").exists():
+        shutil.copytree(args.start_from, model_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns(TEACHER_FILE))
     components = initial_components(args.seed)
     if not (model_dir / "transformer" / "config.json").exists():
         save_generator(components.generator, model_dir / "transformer")
@@ -368,16 +377,17 @@ def main(argv: list[str] | None = None) -> int:
         timed("caption_encoder", lambda: train_captions(args, model_dir, device))
     if not (model_dir / "vae" / "config.json").exists():
         timed("vae", lambda: train_vae(components, args, out, model_dir, device))
-    if not (model_dir / "pose_encoders.safetensors").exists():
+    teacher_dir, paths_dir = out / "teacher", out / "paths"
+    if not (model_dir / "pose_encoders.safetensors").exists() or args.teacher_only:
         def minutes_left() -> float | None:
             elapsed = (time.perf_counter() - command_started) / 60
             return None if args.max_minutes is None else args.max_minutes - elapsed
 
-        teacher_dir, paths_dir = out / "teacher", out / "paths"
         if not (teacher_dir / "pose_encoders.safetensors").exists():
             timed("data", lambda: prepare_data(args, model_dir, data_dir, device))
-            timed("teacher", lambda: {"paused": not run_trainer(args, args.teacher_config, data_dir, out / "teacher_run",
-                                                                model_dir, args.teacher_steps, minutes_left())})
+            teacher_config = stage_config(args.teacher_config, args.teacher_steps)
+            timed("teacher", lambda: {"paused": not run_trainer(args, teacher_config, data_dir, out / "teacher_run",
+                                                                model_dir, minutes_left())})
             if report["paused"]:
                 log.info("teacher training paused (--max-minutes): run the same command again to continue")
                 return 0
@@ -385,10 +395,16 @@ def main(argv: list[str] | None = None) -> int:
             install_generator(out / "teacher_run", teacher_dir)
             if not args.skip_evaluation:
                 timed("teacher_evaluation", lambda: {"teacher_evaluation": evaluate_teacher(teacher_dir, device)})
+        if args.teacher_only:
+            report_path.write_text(json.dumps(report, indent=2))
+            if args.install:
+                log.info("installed %s", install_teacher(teacher_dir, BUNDLE))
+            return 0
         if not paths_recorded(paths_dir, data_dir, teacher_dir):
             timed("teacher_paths", lambda: record_teacher_paths(args, teacher_dir, data_dir, paths_dir, device))
-        timed("student", lambda: {"paused": not run_trainer(args, student_config(teacher_dir, out), paths_dir,
-                                                            out / "student_run", teacher_dir, args.student_steps,
+        student = stage_config(TRAIN_CONFIG, args.student_steps,  # pose encoders start from the teacher's
+                               **{"pose.init": str(teacher_dir / "pose_encoders.safetensors")})
+        timed("student", lambda: {"paused": not run_trainer(args, student, paths_dir, out / "student_run", teacher_dir,
                                                             minutes_left())})
         if report["paused"]:
             log.info("student training paused (--max-minutes): run the same command again to continue")
@@ -397,8 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     report.update({"clips": args.clips, "caption_steps": args.caption_steps, "vae_steps": args.vae_steps,
                    "vae_long_steps": args.vae_long_steps, "vae_long_batch": args.vae_long_batch,
                    "vae_foreground_weight": args.vae_foreground_weight,
-                   "teacher_steps": args.teacher_steps or load_training_config(args.teacher_config)["max_steps"],
-                   "student_steps": args.student_steps or load_training_config(TRAIN_CONFIG)["max_steps"],
+                   "teacher_steps": stage_config(args.teacher_config, args.teacher_steps).max_steps,
+                   "student_steps": stage_config(TRAIN_CONFIG, args.student_steps).max_steps,
                    "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"})
     report_path.write_text(json.dumps(report, indent=2))
     if not args.skip_evaluation:
@@ -409,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         if BUNDLE.exists():
             shutil.rmtree(BUNDLE)
         shutil.copytree(model_dir, BUNDLE)
+        install_teacher(teacher_dir, BUNDLE)
         (BUNDLE / "training.json").write_text(json.dumps(report, indent=2))
         log.info("installed %s", BUNDLE)
     return 0

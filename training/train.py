@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import functools
 import json
 import logging
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +29,38 @@ from torch import nn
 
 from pipelines.cli_options import HelpFormatter
 
+from .config import TrainingConfig, TrainingConfigError, load_training_config
+from .data import collate
+
 log = logging.getLogger("training.train")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start with these data or settings; the message says what to change."""
+
+
+@dataclass
+class TrainRun:
+    """Where one training run reads and writes, and how it runs (the command line's options)."""
+    data: Path
+    out: Path
+    weights: str | Path | None = None
+    full: bool = False  # every generator weight instead of a LoRA
+    pose: bool = False  # also the pose encoders
+    resume: str | Path | None = None  # a checkpoint folder, or "latest"
+    max_minutes: float | None = None
+    cpu: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "TrainRun":
+        return cls(args.data, args.out, args.weights, args.full, args.pose, args.resume, args.max_minutes, args.cpu)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training.train", formatter_class=HelpFormatter,
                                      description=__doc__)
-    parser.add_argument("--config", default="configs/train_lora.yaml", help="training YAML")
+    parser.add_argument("--config", default="configs/tiny_lora.yaml",
+                        help="training YAML (default: the embedded tiny model's; configs/train_lora.yaml: real weights)")
     parser.add_argument("--data", type=Path, required=True, help="folder written by training.prepare")
     parser.add_argument("--out", type=Path, required=True, help="output folder (checkpoints, logs, adapter)")
     parser.add_argument("--weights", help="weights folder of the model being fine-tuned")
@@ -45,17 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "jobs); continue with --resume latest")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is there")
     return parser
-
-
-def load_training_config(path: str | Path, **overrides) -> dict:
-    from omegaconf import OmegaConf
-
-    defaults = OmegaConf.load(Path(__file__).resolve().parent.parent / "configs" / "train_lora.yaml")
-    merged = OmegaConf.merge(defaults, OmegaConf.load(path))
-    for key, value in overrides.items():
-        if value is not None:
-            OmegaConf.update(merged, key, value)
-    return OmegaConf.to_container(merged, resolve=True)
 
 
 class FlowStep(nn.Module):
@@ -146,20 +162,6 @@ def flow_matching_loss(step_module: nn.Module, batch: dict, objective, frames_pe
     return flow_loss(prediction, velocity_target(x0, noise).to(device), weights.to(device), positions)
 
 
-def collate(items: list[dict], text_len: int) -> dict:
-    prompts = torch.zeros(len(items), text_len, items[0]["prompt"].shape[-1])
-    for row, item in enumerate(items):
-        tokens = min(text_len, item["prompt"].shape[0])
-        prompts[row, :tokens] = item["prompt"][:tokens].float()
-    batch = {"latents": torch.stack([item["latents"].float() for item in items]), "prompts": prompts}
-    if "trajectory" in items[0]:
-        batch["trajectory"] = torch.stack([item["trajectory"].float() for item in items])
-    if any("pose" in item for item in items):
-        batch["poses"] = [item["pose"].numpy() if "pose" in item else None for item in items]
-        batch["reference_poses"] = [item["reference_pose"].numpy() if "pose" in item else None for item in items]
-    return batch
-
-
 def same_size_groups(items: list[dict]) -> list[list[dict]]:
     """Clips of one latent size (and, in distilled data, one number of clean prefix frames) per group:
     a prepared folder may mix the config's resolutions."""
@@ -233,47 +235,54 @@ def make_tracker(out: Path) -> str | CSVTracker:
 
 
 class Trainer:
-    def __init__(self, args: argparse.Namespace, cfg: dict) -> None:
+    """One training run: the model and optimiser are built at construction, train() runs the steps."""
+
+    def __init__(self, run: TrainRun, cfg: TrainingConfig) -> None:
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
 
-        self.args, self.cfg = args, cfg
-        precision = cfg["mixed_precision"]
-        use_cuda = torch.cuda.is_available() and not args.cpu
+        self.run, self.cfg = run, cfg
+        precision = cfg.mixed_precision
+        use_cuda = torch.cuda.is_available() and not run.cpu
         if precision == "auto":
             precision = "bf16" if use_cuda else "no"
         self.accelerator = Accelerator(mixed_precision=precision, cpu=not use_cuda,
-                                       gradient_accumulation_steps=cfg["gradient_accumulation"],
-                                       log_with=make_tracker(args.out),
-                                       project_config=ProjectConfiguration(project_dir=str(args.out),
-                                                                           logging_dir=str(args.out / "logs")))
+                                       gradient_accumulation_steps=cfg.gradient_accumulation,
+                                       log_with=make_tracker(run.out),
+                                       project_config=ProjectConfiguration(project_dir=str(run.out),
+                                                                           logging_dir=str(run.out / "logs")))
         self.device = self.accelerator.device
         self._build_model()
         from .data import CachedClips
         from .objective import FlowObjective, few_step_sigmas
 
-        self.data = CachedClips(args.data, in_memory=cfg["data_in_memory"])
-        if args.pose and not self.data.has_poses:
-            raise SystemExit(f"--pose needs clips prepared with --poses; {args.data} has none")
+        try:
+            self.data = CachedClips(run.data, in_memory=cfg.data_in_memory)
+        except FileNotFoundError as err:
+            raise TrainingError(str(err)) from err
+        if run.pose and not self.data.has_poses:
+            raise TrainingError(f"--pose needs clips prepared with --poses; {run.data} has none")
         self.sampler_sigmas = few_step_sigmas(self.model_config.sampler)
-        if cfg["prompt_dropout"] > 0:  # the empty prompt, as classifier-free guidance's negative prompt "" reads
+        if cfg.prompt_dropout > 0:  # the empty prompt, as classifier-free guidance's negative prompt "" reads
             self.empty_prompt = empty_prompt(self.components.prompt_encoder, self.step_module_unwrapped.text_len)
-        self.objective = FlowObjective(**cfg["objective"], few_step_sigmas=self.sampler_sigmas)
-        if cfg["loss"] not in ("flow", "ode_regression"):
-            raise SystemExit(f"loss must be 'flow' or 'ode_regression', got {cfg['loss']!r}")
-        if cfg["loss"] == "ode_regression" and ("trajectory" not in self.data[0] or not self.sampler_sigmas):
-            raise SystemExit(f"loss: ode_regression needs a few-step model config and a folder of teacher paths "
-                             f"(training.distill.distill_dataset); {args.data} has none")
-        self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg["learning_rate"], betas=tuple(cfg["betas"]),
-                                           weight_decay=cfg["weight_decay"])
-        total = cfg["max_steps"]
+        self.objective = FlowObjective(**dataclasses.asdict(cfg.objective), few_step_sigmas=self.sampler_sigmas)
+        if cfg.loss == "flow" and self.model_config.is_distilled and not run.full:
+            log.warning("%s is a few-step (distilled) model: a LoRA trained by flow matching alone blurs what it "
+                        "draws; python -m training.finetune adapts its teacher first (README 'Fine-tuning')",
+                        Path(self.model_config.source).name)
+        if cfg.loss == "ode_regression" and ("trajectory" not in self.data[0] or not self.sampler_sigmas):
+            raise TrainingError(f"loss: ode_regression needs a few-step model config and a folder of teacher paths "
+                                f"(training.distill.distill_dataset); {run.data} has none")
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg.learning_rate, betas=tuple(cfg.betas),
+                                           weight_decay=cfg.weight_decay)
+        total = cfg.max_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: learning_rate_factor(s, cfg["warmup_steps"], total, cfg["lr_schedule"]))
+            self.optimizer, lambda s: learning_rate_factor(s, cfg.warmup_steps, total, cfg.lr_schedule))
         self.step_module, self.optimizer, self.scheduler = self.accelerator.prepare(
             self.step_module, self.optimizer, self.scheduler)
         self.start_step = 0
-        if args.resume:
-            self.start_step = self.load_checkpoint(self.resolve_resume(args.resume))
+        if run.resume:
+            self.start_step = self.load_checkpoint(self.resolve_resume(run.resume))
 
     def _build_model(self) -> None:
         from pipelines.config import load_config
@@ -282,24 +291,24 @@ class Trainer:
 
         from .adapters import add_lora
 
-        cfg, args = self.cfg, self.args
-        self.model_config = load_config(cfg["model_config"])
-        torch.manual_seed(cfg["seed"])
-        self.components = load_components(self.model_config, args.weights, "cpu")
+        cfg, run = self.cfg, self.run
+        self.model_config = load_config(cfg.model_config)
+        torch.manual_seed(cfg.seed)
+        self.components = load_components(self.model_config, run.weights, "cpu")
         generator = self.components.generator
-        generator.gradient_checkpointing = bool(cfg["gradient_checkpointing"])
-        generator.checkpointed_blocks = cfg.get("checkpointed_blocks")
-        if args.full:
+        generator.gradient_checkpointing = bool(cfg.gradient_checkpointing)
+        generator.checkpointed_blocks = cfg.checkpointed_blocks
+        if run.full:
             generator.float().requires_grad_(True)
             self.trainable = list(generator.parameters())
         else:
             if self.device.type == "cuda":
                 generator.to(torch.bfloat16)  # frozen base in bf16; the LoRA weights stay float32
-            lora = cfg["lora"]
-            self.trainable = add_lora(generator, lora["rank"], lora["alpha"], lora["dropout"], lora["targets"])
+            lora = cfg.lora
+            self.trainable = add_lora(generator, lora.rank, lora.alpha, lora.dropout, lora.targets)
         encoders = None
-        if args.pose:
-            init = cfg["pose"]["init"]
+        if run.pose:
+            init = cfg.pose.init
             state = read_state(Path(init)) if init else None
             encoders = PoseEncoders(generator.config.dim, source_dim=pose_width(state) if state else None)
             if state is not None:
@@ -316,22 +325,22 @@ class Trainer:
         """Loss of one micro-batch. With --pose, or with probability image_to_video, the first latent
         frame is a clean prefix (as the image / pose reference is at inference)."""
         cfg, acc = self.cfg, self.accelerator
-        indices = sample_indices(step, micro, acc.process_index, acc.num_processes, cfg["batch_size"],
-                                 cfg["gradient_accumulation"], len(self.data), cfg["seed"])
+        indices = sample_indices(step, micro, acc.process_index, acc.num_processes, cfg.batch_size,
+                                 cfg.gradient_accumulation, len(self.data), cfg.seed)
         items = [self.data[i] for i in indices]
-        seed = ((cfg["seed"] * 1_000_003 + step) * 97 + micro) * 131 + acc.process_index
+        seed = ((cfg.seed * 1_000_003 + step) * 97 + micro) * 131 + acc.process_index
         torch.manual_seed(seed)  # dropout
         rng = torch.Generator().manual_seed(seed)
-        with_image = cfg["image_to_video"] > 0 and torch.rand(1, generator=rng).item() < cfg["image_to_video"]
-        prefix = 1 if with_image or (self.args.pose and not cfg["image_to_video"]) else 0
+        with_image = cfg.image_to_video > 0 and torch.rand(1, generator=rng).item() < cfg.image_to_video
+        prefix = 1 if with_image or (self.run.pose and not cfg.image_to_video) else 0
         frames_per_block = self.model_config.frames_per_block
         total = 0.0
         for group in same_size_groups(items):
             batch = collate(group, self.step_module_unwrapped.text_len)
-            if cfg["prompt_dropout"] > 0:
-                dropped = torch.rand(len(group), generator=rng) < cfg["prompt_dropout"]
+            if cfg.prompt_dropout > 0:
+                dropped = torch.rand(len(group), generator=rng) < cfg.prompt_dropout
                 batch["prompts"][dropped] = self.empty_prompt
-            if cfg["loss"] == "ode_regression":
+            if cfg.loss == "ode_regression":
                 from .distill import ode_regression_loss
 
                 loss = ode_regression_loss(self.step_module, batch, self.sampler_sigmas, frames_per_block,
@@ -350,37 +359,38 @@ class Trainer:
         from tqdm import tqdm
 
         cfg, acc = self.cfg, self.accelerator
-        acc.init_trackers("train", config={k: v for k, v in cfg.items() if not isinstance(v, (dict, list))})
+        acc.init_trackers("train", config={k: v for k, v in dataclasses.asdict(cfg).items()
+                                           if not isinstance(v, (dict, list))})
         losses: list[float] = []
-        max_steps = cfg["max_steps"]
+        max_steps = cfg.max_steps
         bar = tqdm(range(self.start_step, max_steps), initial=self.start_step, total=max_steps,
                    disable=not acc.is_main_process, unit="step")
         started = time.perf_counter()
-        deadline = started + self.args.max_minutes * 60 if self.args.max_minutes is not None else None
+        deadline = started + self.run.max_minutes * 60 if self.run.max_minutes is not None else None
         self.step_module.train()
         for step in bar:
             step_loss = 0.0
-            for micro in range(cfg["gradient_accumulation"]):
+            for micro in range(cfg.gradient_accumulation):
                 with acc.accumulate(self.step_module):
                     loss = self.loss(step, micro)
                     acc.backward(loss)
-                    if acc.sync_gradients and cfg["max_grad_norm"]:
-                        acc.clip_grad_norm_(self.trainable, cfg["max_grad_norm"])
+                    if acc.sync_gradients and cfg.max_grad_norm:
+                        acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
                     self.optimizer.step()
                     self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
-                step_loss += acc.reduce(loss.detach(), reduction="mean").item() / cfg["gradient_accumulation"]
+                step_loss += acc.reduce(loss.detach(), reduction="mean").item() / cfg.gradient_accumulation
             losses.append(step_loss)
             done = step + 1
             rate = (done - self.start_step) / (time.perf_counter() - started)
             lr = self.scheduler.get_last_lr()[0]
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", steps_s=f"{rate:.2f}")
-            if done % cfg["log_every"] == 0 or done == max_steps:
+            if done % cfg.log_every == 0 or done == max_steps:
                 acc.log({"loss": step_loss, "lr": lr, "steps_per_s": rate}, step=done)
-            if cfg["checkpoint_every"] and done % cfg["checkpoint_every"] == 0 and done < max_steps:
+            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < max_steps:
                 self.save_checkpoint(done)
-            if cfg["validate_every"] and done % cfg["validate_every"] == 0:
-                self.validate(done)
+            if cfg.validate_every and done % cfg.validate_every == 0:
+                self.write_validation_videos(done)
             if deadline is not None and done < max_steps and self._past(deadline):
                 self.save_checkpoint(done)
                 log.info("--max-minutes reached at step %d: checkpoint saved, continue with --resume latest", done)
@@ -405,7 +415,7 @@ class Trainer:
         from safetensors.torch import save_file
 
         acc = self.accelerator
-        folder = self.args.out / "checkpoints" / f"step-{step:06d}"
+        folder = self.run.out / "checkpoints" / f"step-{step:06d}"
         acc.wait_for_everyone()
         if acc.is_main_process:
             folder.mkdir(parents=True, exist_ok=True)
@@ -417,12 +427,12 @@ class Trainer:
         acc.wait_for_everyone()
         return folder
 
-    def resolve_resume(self, value: str) -> Path:
+    def resolve_resume(self, value: str | Path) -> Path:
         if value != "latest":
             return Path(value)
-        found = sorted((self.args.out / "checkpoints").glob("step-*"))
+        found = sorted((self.run.out / "checkpoints").glob("step-*"))
         if not found:
-            raise SystemExit(f"--resume latest: no checkpoint under {self.args.out / 'checkpoints'}")
+            raise TrainingError(f"--resume latest: no checkpoint under {self.run.out / 'checkpoints'}")
         return found[-1]
 
     def load_checkpoint(self, folder: Path) -> int:
@@ -448,20 +458,28 @@ class Trainer:
         acc.wait_for_everyone()
         if not acc.is_main_process:
             return
-        module, out, cfg = self.step_module_unwrapped, self.args.out, self.cfg
-        if self.args.full:
+        module, out, cfg = self.step_module_unwrapped, self.run.out, self.cfg
+        if self.run.full:
             path = save_module(module.generator, out / "generator.safetensors")
         else:
-            path = save_lora(module.generator, out / "lora.safetensors", cfg["lora"]["rank"], cfg["lora"]["alpha"],
-                             self.model_config.name)
+            path = save_lora(module.generator, out / "lora.safetensors", cfg.lora.rank, cfg.lora.alpha,
+                             self.model_config.name, self.provenance())
         log.info("wrote %s", path)
         if module.pose_encoders is not None:
             log.info("wrote %s", save_module(module.pose_encoders, out / "checkpoints" / "pose_encoders.safetensors"))
 
     # -- validation videos through the streaming pipeline
 
+    def provenance(self) -> dict[str, str]:
+        """What the adapter was trained for, kept in its file's metadata (the inspector and the app show it)."""
+        from .data import read_manifest
+
+        return {"base_config": Path(self.model_config.source).name, "steps": str(self.cfg.max_steps),
+                "loss": self.cfg.loss, "clips": str(len(self.data)),
+                "captions": str(len({record.caption for record in read_manifest(self.run.data)}))}
+
     @torch.no_grad()
-    def validate(self, step: int) -> None:
+    def write_validation_videos(self, step: int) -> None:
         from pipelines.core import GenerationRequest, StreamingVideoPipeline
         from pipelines.video_io import H264Writer
         from pipelines.weights import Components
@@ -477,12 +495,12 @@ class Trainer:
         generator = module.generator
         pipeline = StreamingVideoPipeline(Components(generator, vae, encoder, "validation"), self.model_config,
                                           self.device)
-        folder = self.args.out / "validation" / f"step-{step:06d}"
+        folder = self.run.out / "validation" / f"step-{step:06d}"
         folder.mkdir(parents=True, exist_ok=True)
-        val = self.cfg["validation"]
-        for index, prompt in enumerate(val["prompts"]):
+        val = self.cfg.validation
+        for index, prompt in enumerate(val.prompts):
             writer = None
-            request = GenerationRequest(prompt, seed=val["seed"], num_blocks=val["blocks"])
+            request = GenerationRequest(prompt, seed=val.seed, num_blocks=val.blocks)
             for result in pipeline.generate(request):
                 if writer is None:
                     writer = H264Writer(folder / f"prompt-{index}.mp4", result.frames.shape[2],
@@ -496,12 +514,18 @@ class Trainer:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipelines.weights import WeightsError
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     logging.getLogger("diffusers").setLevel(logging.ERROR)
-    cfg = load_training_config(args.config, max_steps=args.max_steps)
-    args.out.mkdir(parents=True, exist_ok=True)
-    Trainer(args, cfg).train()
+    try:
+        cfg = load_training_config(args.config, max_steps=args.max_steps)
+        args.out.mkdir(parents=True, exist_ok=True)
+        Trainer(TrainRun.from_args(args), cfg).train()
+    except (TrainingError, TrainingConfigError, WeightsError) as err:
+        log.error("%s", err)
+        return 2
     return 0
 
 
