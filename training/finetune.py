@@ -133,7 +133,7 @@ class Finetune:
 
     def path_jobs(self, encoder, text_len: int) -> tuple[list, list]:
         """(the adapted teacher's videos: each clip's caption `per_clip` times, an `image_to_video` share of
-        those from the clip's own first latent; the original teacher's: each preserve prompt `per_prompt` times)."""
+        those from the clip's own first latent; the student's own: each preserve prompt `per_prompt` times)."""
         import random
 
         from pipelines.config import parse_resolution
@@ -253,9 +253,10 @@ class Finetune:
         described = [f"{s.name}: {Path(s.config.model_config).name} {s.config.loss} {s.config.max_steps} steps"
                      for s in stages]
         if self.distilled:
-            videos = len(read_manifest(self.out / "paths"))
-            described.insert(1, f"paths: {videos} teacher videos ({len(self.config.preserve.prompts)} preserve "
-                                f"prompts)")
+            paths = read_manifest(self.out / "paths")
+            kept = sum(record.source == "preserve" for record in paths)
+            described.insert(1, f"paths: {len(paths) - kept} teacher videos, {kept} of the student's own "
+                                f"({len(self.config.preserve.prompts)} preserve prompts)")
         metadata.update({"base_config": Path(self.model.source).name, "stages": "; ".join(described),
                          "steps": str(sum(s.config.max_steps for s in stages)), "clips": str(len(records)),
                          "captions": str(len({record.caption for record in records}))})
