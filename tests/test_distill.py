@@ -5,7 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from training.distill import euler_grid, ode_regression_loss, prefix_for, teacher_trajectories
+from training.data import collate
+from training.distill import (euler_grid, ode_regression_loss, on_policy_paths, prefix_for, student_trajectories,
+                               teacher_trajectories)
 
 SIGMAS = (1.0, 0.75, 0.5, 0.25)
 
@@ -84,6 +86,44 @@ def test_the_student_loss_is_zero_only_on_the_teachers_paths():
     wrong = ode_regression_loss(PointMassTeacher(torch.zeros_like(clean)), batch, SIGMAS, 3, 1,
                                 torch.Generator().manual_seed(1), "cpu")
     assert float(exact) < 1e-8 and float(wrong) > 0.5
+
+
+def test_the_students_own_pairs_follow_its_sampler_and_cost_nothing_before_training():
+    """Preserve pairs (student_trajectories): at each sigma the sampler's input and the student's own
+    prediction; the loss on them is zero for the model that made them, and not for another."""
+    target = torch.randn(2, 4, 6, 3, 5)
+    student = PointMassTeacher(target)  # predicts x0 = target at every sigma
+    clean, inputs, targets = student_trajectories(student, target, torch.zeros(2, 8, 4), 0, SIGMAS,
+                                                  torch.Generator().manual_seed(0))
+    torch.testing.assert_close(clean, target, atol=1e-5, rtol=0)
+    torch.testing.assert_close(targets, target[:, None].expand_as(targets), atol=1e-5, rtol=0)
+    for slot, sigma in enumerate(SIGMAS[1:], 1):  # the prediction re-noised with fresh noise
+        fresh = (inputs[:, slot] - (1 - sigma) * target) / sigma
+        assert abs(float(fresh.std()) - 1) < 0.3
+        assert not torch.allclose(fresh, inputs[:, 0])
+    batch = {"latents": clean, "trajectory": inputs, "targets": targets, "prompts": torch.zeros(2, 8, 4)}
+    same = ode_regression_loss(student, batch, SIGMAS, 3, 0, torch.Generator().manual_seed(1), "cpu")
+    other = ode_regression_loss(PointMassTeacher(torch.zeros_like(target)), batch, SIGMAS, 3, 0,
+                                torch.Generator().manual_seed(1), "cpu")
+    assert float(same) < 1e-10 and float(other) > 0.5
+
+
+def test_on_policy_targets_are_the_teachers_answers_at_the_students_inputs():
+    target, drawn = torch.randn(2, 4, 6, 3, 5), torch.randn(2, 4, 6, 3, 5)
+    student, teacher = PointMassTeacher(drawn), PointMassTeacher(target)  # they draw different videos
+    clean, inputs, targets = on_policy_paths(student, teacher, target, torch.zeros(2, 8, 4), 0, SIGMAS, 8, 1.0,
+                                             torch.Generator().manual_seed(0), torch.zeros(8, 4))
+    torch.testing.assert_close(targets, target[:, None].expand_as(targets), atol=1e-5, rtol=0)  # exact ODE
+    torch.testing.assert_close(clean, target, atol=1e-5, rtol=0)
+    fresh = (inputs[:, 1] - (1 - SIGMAS[1]) * drawn) / SIGMAS[1]  # the student's chain: its own x0, re-noised
+    assert abs(float(fresh.std()) - 1) < 0.3
+
+
+def test_a_batch_mixing_teacher_paths_and_preserve_pairs_targets_each_its_own():
+    path = {"latents": torch.ones(4, 6, 2, 2), "trajectory": torch.zeros(2, 4, 6, 2, 2), "prompt": torch.ones(3, 4)}
+    pair = {**path, "targets": torch.full((2, 4, 6, 2, 2), 5.0)}
+    batch = collate([path, pair], 8)
+    assert batch["targets"][0].eq(1).all() and batch["targets"][1].eq(5).all()
 
 
 def test_pose_clips_always_get_their_reference_and_others_a_seeded_share():

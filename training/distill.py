@@ -96,22 +96,18 @@ def guided_flow(teacher: nn.Module, clean: torch.Tensor, x: torch.Tensor, sigma:
 
 
 @torch.no_grad()
-def on_policy_paths(student: nn.Module, teacher: nn.Module, latents: torch.Tensor, prompts: torch.Tensor,
-                    prefix_frames: int, sigmas: tuple[float, ...], steps: int, guidance: float,
-                    generator: torch.Generator, unconditional: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pairs for the student at the inputs its own sampler reaches, with the teacher's answers there.
+def student_trajectories(student: nn.Module, latents: torch.Tensor, prompts: torch.Tensor, prefix_frames: int,
+                         sigmas: tuple[float, ...], generator: torch.Generator, answer=None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Samples videos shaped like `latents` with the few-step sampler's own rule (at each sigma predict x0, then
+    re-noise it with fresh noise to the next sigma; the last x0 is the block), block by block over the clean
+    earlier blocks. Returns (clean [B, C, F', h, w], inputs [B, S, C, F', h, w], targets [B, S, C, F', h, w]):
+    what the generator saw at each sigma and what it predicted there. Regressing onto these pairs asks a LoRA
+    to leave the generator's behaviour as it was: the loss is zero before training.
 
-    The student's chain runs as at inference (predict x0, re-noise to the next sigma); at each sigma the
-    teacher's guided ODE is solved from the student's input down to 0, and that video is the target. From
-    sigma < 1 on the input already holds where the student puts its subject, and the teacher keeps it there:
-    a handful of videos then teach *what* to draw, not a new map from noise to place (teacher_trajectories'
-    targets, from pure noise, put the subject wherever the teacher's ODE does, and a student regressed onto a
-    few of those learns their blurred mean). The block's clean frames for the next block are the teacher's
-    answer at the second sigma (the student's place, the teacher's drawing).
-    Returns (clean [B, C, F', h, w], inputs [B, S, C, F', h, w], targets [B, S, C, F', h, w])."""
+    answer(clean, x, sigma) -> video: another model's target at each input instead of the student's own
+    prediction (on_policy_paths); the block's clean frames are then its answer at the second sigma."""
     frames_per_block = student.frames_per_block
-    grid = euler_grid(steps, sigmas).tolist()
     device = next(student.parameters()).device
     batch, channels, frames, height, width = latents.shape
     blocks = (frames - prefix_frames) // frames_per_block
@@ -121,7 +117,6 @@ def on_policy_paths(student: nn.Module, teacher: nn.Module, latents: torch.Tenso
     targets = torch.zeros_like(inputs)
     inputs[:, :, :, :prefix_frames] = targets[:, :, :, :prefix_frames] = latents[:, None, :, :prefix_frames]
     prompts = prompts.to(device)
-    empty = unconditional.to(prompts).expand_as(prompts)
     for block in range(blocks):
         start = prefix_frames + block * frames_per_block
         shape = (batch, channels, frames_per_block, height, width)
@@ -130,57 +125,45 @@ def on_policy_paths(student: nn.Module, teacher: nn.Module, latents: torch.Tenso
         for level, sigma in enumerate(sigmas):
             timesteps = torch.zeros(batch, start + frames_per_block, device=device)
             timesteps[:, start:] = sigma * 1000
-            x0 = x - sigma * student(torch.cat([clean, x], dim=2), timesteps, prompts, prefix_frames)[:, :, start:].float()
-            points = [sigma] + [g for g in grid if g < sigma - 1e-9]
-            answer = x.clone()
-            for now, after in zip(points[:-1], points[1:]):
-                answer = answer + (after - now) * guided_flow(teacher, clean, answer, now, prompts, empty,
-                                                              prefix_frames, guidance)
+            flow = student(torch.cat([clean, x], dim=2), timesteps, prompts, prefix_frames)[:, :, start:]
+            x0 = x - sigma * flow.float()
+            answers.append(x0 if answer is None else answer(clean, x, sigma))
             inputs[:, level, :, start:start + frames_per_block] = x.float().cpu()
-            targets[:, level, :, start:start + frames_per_block] = answer.float().cpu()
-            answers.append(answer)
-            if level + 1 < len(sigmas):  # the student's own next input: its x0 re-noised with fresh noise
+            targets[:, level, :, start:start + frames_per_block] = answers[-1].float().cpu()
+            if level + 1 < len(sigmas):  # the sampler's next input: its x0 re-noised with fresh noise
                 following = sigmas[level + 1]
                 x = (1 - following) * x0 + following * torch.randn(shape, generator=generator).to(device)
-        clean = torch.cat([clean, answers[min(1, len(answers) - 1)]], dim=2)
+        block_frames = x0 if answer is None else answers[min(1, len(answers) - 1)]
+        clean = torch.cat([clean, block_frames.to(clean.dtype)], dim=2)
     return clean.float().cpu(), inputs, targets
 
 
 @torch.no_grad()
-def student_trajectories(student: nn.Module, latents: torch.Tensor, prompts: torch.Tensor, prefix_frames: int,
-                         sigmas: tuple[float, ...], generator: torch.Generator
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Samples videos shaped like `latents` with the few-step sampler's own rule (at each sigma predict x0, then
-    re-noise it with fresh noise to the next sigma; the last x0 is the block), block by block over the clean
-    earlier blocks. Returns (clean [B, C, F', h, w], inputs [B, S, C, F', h, w], targets [B, S, C, F', h, w]):
-    what the generator saw at each sigma and what it predicted there. Regressing onto these pairs asks a LoRA
-    to leave the generator's behaviour as it was: the loss is zero before training."""
-    frames_per_block = student.frames_per_block
-    device = next(student.parameters()).device
-    batch, channels, frames, height, width = latents.shape
-    blocks = (frames - prefix_frames) // frames_per_block
-    total = prefix_frames + blocks * frames_per_block
-    clean = latents[:, :, :prefix_frames].to(device)
-    inputs = torch.zeros(batch, len(sigmas), channels, total, height, width)
-    targets = torch.zeros_like(inputs)
-    inputs[:, :, :, :prefix_frames] = targets[:, :, :, :prefix_frames] = latents[:, None, :, :prefix_frames]
-    prompts = prompts.to(device)
-    for block in range(blocks):
-        start = prefix_frames + block * frames_per_block
-        shape = (batch, channels, frames_per_block, height, width)
-        x = torch.randn(shape, generator=generator).to(device)
-        for level, sigma in enumerate(sigmas):
-            timesteps = torch.zeros(batch, start + frames_per_block, device=device)
-            timesteps[:, start:] = sigma * 1000
-            flow = student(torch.cat([clean, x], dim=2), timesteps, prompts, prefix_frames)[:, :, start:]
-            x0 = x - sigma * flow.float()
-            inputs[:, level, :, start:start + frames_per_block] = x.float().cpu()
-            targets[:, level, :, start:start + frames_per_block] = x0.float().cpu()
-            if level + 1 < len(sigmas):
-                following = sigmas[level + 1]
-                x = (1 - following) * x0 + following * torch.randn(shape, generator=generator).to(device)
-        clean = torch.cat([clean, x0], dim=2)
-    return clean.float().cpu(), inputs, targets
+def on_policy_paths(student: nn.Module, teacher: nn.Module, latents: torch.Tensor, prompts: torch.Tensor,
+                    prefix_frames: int, sigmas: tuple[float, ...], steps: int, guidance: float,
+                    generator: torch.Generator, unconditional: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pairs for the student at the inputs its own sampler reaches, with the teacher's answers there.
+
+    The student's chain runs as at inference (student_trajectories); at each sigma the teacher's guided ODE is
+    solved from the student's input down to 0, and that video is the target. From sigma < 1 on the input
+    already holds where the student puts its subject, and the teacher keeps it there: a handful of videos then
+    teach *what* to draw, not a new map from noise to place (teacher_trajectories' targets, from pure noise,
+    put the subject wherever the teacher's ODE does, and a student regressed onto a few of those learns their
+    blurred mean). The block's clean frames for the next block are the teacher's answer at the second sigma
+    (the student's place, the teacher's drawing).
+    Returns (clean [B, C, F', h, w], inputs [B, S, C, F', h, w], targets [B, S, C, F', h, w])."""
+    grid = euler_grid(steps, sigmas).tolist()
+    prompts = prompts.to(next(teacher.parameters()).device)
+    empty = unconditional.to(prompts).expand_as(prompts)
+
+    def teacher_answer(clean: torch.Tensor, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        points = [sigma] + [g for g in grid if g < sigma - 1e-9]
+        for now, after in zip(points[:-1], points[1:]):
+            x = x + (after - now) * guided_flow(teacher, clean, x, now, prompts, empty, prefix_frames, guidance)
+        return x
+
+    return student_trajectories(student, latents, prompts, prefix_frames, sigmas, generator, teacher_answer)
 
 
 def ode_regression_loss(student: nn.Module, batch: dict, record_sigmas: tuple[float, ...], frames_per_block: int,

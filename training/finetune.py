@@ -239,13 +239,17 @@ class Finetune:
     # -- the result
 
     def write_result(self, stages: list[Stage]) -> Path:
-        """The student's LoRA as OUT/lora.safetensors, its metadata naming every stage."""
+        """The student's LoRA as OUT/lora.safetensors, its metadata naming every stage (kept as it is when it was
+        written from this student LoRA already)."""
         from safetensors import safe_open
         from safetensors.torch import save_file
 
         from .data import read_manifest
 
-        student = stages[-1].out / RESULT
+        student, path = stages[-1].out / RESULT, self.out / RESULT
+        if path.exists() and path.stat().st_mtime >= student.stat().st_mtime:
+            log.info("%s is up to date", path)
+            return path
         with safe_open(str(student), "pt") as handle:
             state = {key: handle.get_tensor(key) for key in handle.keys()}
             metadata = dict(handle.metadata() or {})
@@ -260,7 +264,6 @@ class Finetune:
         metadata.update({"base_config": Path(self.model.source).name, "stages": "; ".join(described),
                          "steps": str(sum(s.config.max_steps for s in stages)), "clips": str(len(records)),
                          "captions": str(len({record.caption for record in records}))})
-        path = self.out / RESULT
         save_file(state, str(path), metadata=metadata)
         (self.out / "finetune.json").write_text(json.dumps(metadata, indent=2))
         log.info("wrote %s (%s)", path, metadata["stages"])
