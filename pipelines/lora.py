@@ -70,11 +70,9 @@ def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})
 
 
-PROVENANCE_KEYS = ("base_config", "stages", "steps", "clips", "captions")  # written by training/ (adapters.py)
-
-
 def provenance(path: str | Path) -> str:
-    """What a LoRA file says it was trained for, in one line ("" when it says nothing: another tool's file)."""
+    """What a LoRA file says it was trained for, in one line, from the metadata training/ writes (base_config,
+    stages, steps, clips, captions); "" when it says nothing: another tool's file."""
     from safetensors import safe_open
 
     try:

@@ -38,7 +38,7 @@ def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_lora(model: nn.Module, path: Path, rank: int, alpha: float, base: str,
               provenance: dict[str, str] | None = None) -> Path:
     """The project's adapter file: 'transformer.'-prefixed peft names + rank/alpha in the metadata, and what it
-    was trained for (pipelines.lora.PROVENANCE_KEYS: base config, stages, steps, clips, captions)."""
+    was trained for (base config, stages, steps, clips, captions: pipelines.lora.provenance reads them)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {f"transformer.{k}": v for k, v in lora_state(model).items()}
     metadata = {**(provenance or {}), "format": FORMAT_TAG, "rank": str(rank), "alpha": str(alpha), "base": base}
