@@ -13,6 +13,7 @@ block shapes. Needs flash-attn-4 installed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import statistics
@@ -32,6 +33,7 @@ from pipelines.acceleration import FP8_BLOCK_COMPILE_OPTIONS, accelerate  # noqa
 from pipelines.attention_kernels import enable_attention_kernels, load_flash4, sdpa, time_kernel  # noqa: E402
 from pipelines.builder import warm_up  # noqa: E402
 from pipelines.config import load_config  # noqa: E402
+from pipelines.settings import RuntimeSettings  # noqa: E402
 from pipelines.core import StreamingVideoPipeline  # noqa: E402
 from pipelines.fp8 import quantize_blocks_fp8  # noqa: E402
 from pipelines.tiny_decoder import TinyVideoDecoder  # noqa: E402
@@ -63,7 +65,7 @@ def run_path(pipeline: StreamingVideoPipeline, name: str, fast_decode: bool,
     warm_s = time.perf_counter() - start
     timed = [time_generation(pipeline, PROMPTS[i % len(PROMPTS)], i + 1, fast_decode) for i in range(runs)]
     result = {
-        "path": name, "attention": pipeline.attention, "fp8": pipeline.fp8, "fast_decoder": fast_decode,
+        "path": name, "attention": pipeline.settings.attention, "fp8": pipeline.settings.fp8_linears, "fast_decoder": fast_decode,
         "warm_up_s": round(warm_s, 1),
         "fps_median": statistics.median(r["fps"] for r in timed),
         "first_frames_s_median": statistics.median(r["first_frames_s"] for r in timed),
@@ -108,10 +110,8 @@ def main() -> None:
                "height": config.height, "width": config.width, "dtype": config.dtype, "compile": True,
                "command": " ".join(["python"] + sys.argv),
                "attention_kernels": kernel_table(generator.config.num_heads, generator.head_dim), "paths": []}
-    pipeline = StreamingVideoPipeline(components, config, device)
-    pipeline.tiny_decoder = TinyVideoDecoder().to(device, config.torch_dtype).eval()
-    accelerate(components, compile_models=True)
-    pipeline.compiled = True
+    compiled = accelerate(components, compile_models=True)
+    settings = RuntimeSettings(compiled=compiled, fast_decoder=TinyVideoDecoder().to(device, config.torch_dtype).eval())
     outputs = []
 
     def run(name: str, fast_decode: bool) -> None:
@@ -121,18 +121,20 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(summary, indent=2))
 
-    pipeline.attention = enable_attention_kernels(generator, device, "flash4")
+    pipeline = StreamingVideoPipeline(components, config, device, dataclasses.replace(
+        settings, attention=enable_attention_kernels(generator, device, "flash4")))
     run("exact bf16, FA4/SDPA per shape (app default)", False)
     if args.compile_cache:
         compile_cache.save(args.compile_cache)
     generator.set_attention_kernel(None)
-    pipeline.attention = "sdpa"
+    pipeline = pipeline.with_settings(dataclasses.replace(settings, attention="sdpa"))
     run("exact bf16, SDPA only", False)
-    pipeline.attention = enable_attention_kernels(generator, device, "flash4")
+    pipeline = pipeline.with_settings(dataclasses.replace(settings, attention=enable_attention_kernels(
+        generator, device, "flash4")))
     run("exact bf16, FA4/SDPA + TAEHV decoder", True)
     quantize_blocks_fp8(generator)
     generator.compile_blocks(options=FP8_BLOCK_COMPILE_OPTIONS, dynamic=False)  # as accelerate(fp8=True) does
-    pipeline.fp8 = True
+    pipeline = pipeline.with_settings(dataclasses.replace(pipeline.settings, fp8_linears=True))
     run("FP8 linears, FA4/SDPA", False)
     run("FP8 linears, FA4/SDPA + TAEHV decoder", True)
     for result, output in zip(summary["paths"], outputs):

@@ -12,6 +12,7 @@ VAE decode working set whole vs frame by frame (calibrates the planner).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -57,8 +58,8 @@ def repeat_runs(pipeline: StreamingVideoPipeline, repeat: int) -> list[float]:
 def fidelity(pipeline: StreamingVideoPipeline, seeds: list[int]) -> dict:
     """FP8 vs bf16 KV cache on the same requests: latent relative error and PSNR of the decoded frames."""
     def run(fp8: bool, seed: int):
-        pipeline.kv_cache_fp8 = fp8
-        results = list(pipeline.generate(GenerationRequest(PROMPTS[seed % len(PROMPTS)], seed=seed)))
+        settings = dataclasses.replace(pipeline.settings, kv_cache_fp8=fp8)
+        results = list(pipeline.with_settings(settings).generate(GenerationRequest(PROMPTS[seed % len(PROMPTS)], seed=seed)))
         latents = torch.cat([r.latents for r in results if r.complete], dim=2)
         return latents, np.concatenate([r.frames for r in results])
 
@@ -68,7 +69,6 @@ def fidelity(pipeline: StreamingVideoPipeline, seeds: list[int]) -> dict:
         rows.append({"seed": seed,
                      "latent_relative_error": float((got_latents - want_latents).norm() / want_latents.norm()),
                      "psnr_db": frames_psnr(got_frames, want_frames)})
-    pipeline.kv_cache_fp8 = False
     return {"runs": rows, "latent_relative_error_mean": statistics.mean(r["latent_relative_error"] for r in rows),
             "psnr_db_mean": statistics.mean(r["psnr_db"] for r in rows)}
 
@@ -113,7 +113,8 @@ def main() -> None:
     device = torch.device("cuda")
     total = torch.cuda.get_device_properties(device).total_memory
     config = load_config(args.config)
-    pipeline = StreamingVideoPipeline(build_components(config, device, config.torch_dtype), config, device)
+    components = build_components(config, device, config.torch_dtype)
+    pipeline = StreamingVideoPipeline(components, config, device)
     report: dict = {"device": torch.cuda.get_device_name(), "command": " ".join(["python"] + sys.argv),
                     "profiles": {}}
     time_generation(pipeline, "warm-up", seed=0)
@@ -122,14 +123,16 @@ def main() -> None:
     report["fp8_kv_cache_vs_bf16"] = fidelity(pipeline, list(range(args.fidelity_seeds)))
     logging.info("fp8 fidelity: %s", report["fp8_kv_cache_vs_bf16"])
     for name in ("high", "medium"):
-        plan = configure_memory(pipeline, name, total)
+        plan, settings = configure_memory(components, config, device, name, total)
+        pipeline = pipeline.with_settings(settings)
         report["profiles"][name] = {"plan": plan.summary(), **measure(pipeline, args.runs)}
         logging.info("%s: %s", name, report["profiles"][name])
     for card in args.card_gib:
-        configure_memory(pipeline, "low", total)  # weights off the GPU before the cap applies
+        configure_memory(components, config, device, "low", total)  # weights off the GPU before the cap applies
         torch.cuda.empty_cache()
         torch.cuda.set_per_process_memory_fraction(card * GIB / total, torch.cuda.current_device())
-        plan = configure_memory(pipeline, "auto", int(card * GIB))
+        plan, settings = configure_memory(components, config, device, "auto", int(card * GIB))
+        pipeline = pipeline.with_settings(settings)
         key = f"auto@{card:g}GiB"
         try:
             measured = measure(pipeline, args.runs)

@@ -33,6 +33,7 @@ from pipelines.acceleration import BLOCK_COMPILE_OPTIONS, accelerate  # noqa: E4
 from pipelines.attention_kernels import enable_attention_kernels  # noqa: E402
 from pipelines.config import load_config  # noqa: E402
 from pipelines.core import GenerationRequest, StreamingVideoPipeline  # noqa: E402
+from pipelines.settings import RuntimeSettings  # noqa: E402
 from pipelines.model import CausalWanModel  # noqa: E402
 from pipelines.builder import warm_up  # noqa: E402
 from pipelines.fp8 import quantize_blocks_fp8  # noqa: E402
@@ -130,8 +131,9 @@ def capped_runs(pipeline: StreamingVideoPipeline, card_gib: float, runs: int, co
     """The same runs on an emulated card: the planner's choice for it, then the process capped."""
     from pipelines.memory import GIB, configure_memory
 
-    pipeline.compiled = compiled
-    plan = configure_memory(pipeline, "auto", int(card_gib * GIB))
+    plan, settings = configure_memory(pipeline.components, pipeline.config, pipeline.device, "auto",
+                                      int(card_gib * GIB), settings=pipeline.settings, compile_models=compiled)
+    pipeline = pipeline.with_settings(settings)
     torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(card_gib * GIB / total)
@@ -185,13 +187,14 @@ def main() -> None:
         accelerate(components, compile_models=args.compile, fp8=args.fp8)
     elif args.compile:
         components.generator.compile_blocks(options=BLOCK_COMPILE_OPTIONS, dynamic=False)
-    pipeline = StreamingVideoPipeline(components, config, device)
-    pipeline.fp8 = args.fp8
-    pipeline.attention = enable_attention_kernels(components.generator, device, args.attention)
+    fast_decoder = None
     if args.fast_decoder:
         from pipelines.tiny_decoder import TinyVideoDecoder
 
-        pipeline.tiny_decoder = TinyVideoDecoder().to(device, config.torch_dtype).eval()
+        fast_decoder = TinyVideoDecoder().to(device, config.torch_dtype).eval()
+    settings = RuntimeSettings(fp8_linears=args.fp8, compiled=args.compile, fast_decoder=fast_decoder,
+                               attention=enable_attention_kernels(components.generator, device, args.attention))
+    pipeline = StreamingVideoPipeline(components, config, device, settings)
     logging.info("built in %.1fs; resident %.1f GiB", time.perf_counter() - build_start,
                  torch.cuda.memory_allocated() / 2**30)
 
@@ -213,7 +216,7 @@ def main() -> None:
     runs = [time_generation(pipeline, PROMPTS[i % len(PROMPTS)], i + 1, args.fast_decoder) for i in range(args.runs)]
     summary = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "config": args.config,
-        "compile": args.compile, "fast_kernels": args.fast_kernels, "sdpa": args.sdpa, "attention": pipeline.attention,
+        "compile": args.compile, "fast_kernels": args.fast_kernels, "sdpa": args.sdpa, "attention": pipeline.settings.attention,
         "fp8": args.fp8,
         "compile_cache": str(args.compile_cache) if args.compile_cache else None,
         "warm_up_s": round(warm_up_s, 1), "ready_after_process_start_s": round(ready_s, 1),

@@ -15,7 +15,7 @@ import torch
 from pipelines import config
 from pipelines.core import MAX_SEED, GenerationRequest, RequestError
 from pipelines.prompt_extender import ExtenderError
-from pipelines.video_io import H264Writer
+from pipelines.video_io import write_video
 
 from .media import StreamRecorder
 from .metrics import RunRecord
@@ -136,9 +136,10 @@ def stream_video(runtime: Runtime, session: SessionControl, request: GenerationR
         raise UserError(runtime.load_error or "The model is not loaded.")
     pipeline = runtime.pipeline
     try:
-        num_blocks, height, width = pipeline.validate(request)
+        validated = pipeline.validate(dataclasses.replace(request, steering=session.steering))
     except RequestError as err:
         raise UserError(str(err)) from err
+    request, num_blocks, height, width = validated.request, validated.num_blocks, validated.height, validated.width
     extended_prompt = gr.skip() if extended_prompt is None else extended_prompt
     note += truncation_note(runtime, request.prompt)
     fast_path = pipeline.fast_path_note(request)
@@ -151,13 +152,12 @@ def stream_video(runtime: Runtime, session: SessionControl, request: GenerationR
                        extended_prompt, timeline="").as_tuple()
     status, block_s, total_block_s = "", 0.0, 0.0
     timeline = PromptTimeline()
-    request = dataclasses.replace(request, steering=session.steering)
     cuda = pipeline.device.type == "cuda"
     with runtime.gpu_lock, session.running():
         if cuda:
             torch.cuda.reset_peak_memory_stats(pipeline.device)
         try:
-            for result in runtime.generate_blocks(request, session.stop_requested.is_set):
+            for result in runtime.generate_blocks(validated, session.stop_requested.is_set):
                 segment = recorder.add_block(result.frames)
                 if fast_run is not None and result.latents is not None:
                     fast_run.latents.append(result.latents)
@@ -185,6 +185,9 @@ def stream_video(runtime: Runtime, session: SessionControl, request: GenerationR
                                    timeline=timeline_update).as_tuple()
                 if result.complete and session.stop_requested.is_set():
                     break  # (the core checks too; this ends a ZeroGPU call, which cannot see the flag)
+        except RequestError as err:  # (a LoRA file that cannot be merged is found when the run starts)
+            run.failed = "refused"
+            raise UserError(str(err)) from err
         except torch.cuda.OutOfMemoryError as err:
             log.warning("out of GPU memory: %s", str(err).splitlines()[0])
             run.failed = "out of GPU memory"
@@ -215,12 +218,7 @@ def redecode_with_vae(runtime: Runtime, session: SessionControl) -> tuple[str, s
     if run is None or runtime.pipeline is None:
         raise UserError("Nothing to re-decode: generate a video with the fast decoder first (continuous runs "
                         "are not kept).")
-    with runtime.gpu_lock:
-        writer = None
-        for frames in runtime.pipeline.decode_with_vae(run.latents):
-            if writer is None:
-                writer = H264Writer(run.run_dir / "video_full_vae.mp4", frames.shape[2], frames.shape[1], run.fps,
-                                    progressive=True)  # encoded as the run's own mp4
-            writer.write(frames)
-        path = writer.close()
-    return str(path), f"Re-decoded with the full Wan VAE: {writer.frames_written} frames."
+    path = run.run_dir / "video_full_vae.mp4"
+    with runtime.gpu_lock:  # encoded as the run's own mp4
+        frames = write_video(path, runtime.pipeline.decode_with_vae(run.latents), run.fps, progressive=True)
+    return str(path), f"Re-decoded with the full Wan VAE: {frames} frames."

@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 import torch
 
 from pipelines.config import PipelineConfig, load_config
-from pipelines.core import BlockResult, GenerationRequest, StreamingVideoPipeline
+from pipelines.core import BlockResult, StreamingVideoPipeline, ValidatedRequest
 from pipelines.memory import MemoryPlan, configure_memory
 from pipelines.pose.animation import PoseAnimator, make_pose_animator
 from pipelines.builder import build_pipeline, default_device, vram_bytes
@@ -101,13 +101,13 @@ class Runtime:
             raise ValueError(f"No LoRA named {name!r} in {self.lora_dir or '<weights>/loras'}.")
         return (LoraChoice(str(self.lora_dir / name), float(strength)),)
 
-    def generate_blocks(self, request: GenerationRequest, cancel: Callable[[], bool]) -> Iterator[BlockResult]:
+    def generate_blocks(self, request: ValidatedRequest, cancel: Callable[[], bool]) -> Iterator[BlockResult]:
         """The pipeline core's blocks; on a ZeroGPU Space inside a spaces.GPU call sized to the request
         (there the caller's stop check between blocks ends the call)."""
         if not on_zero_gpu():
             return self.pipeline.generate(request, cancel=cancel)
         if self._gpu_generate is None:
-            self._gpu_generate = gpu_generator(self.pipeline.generate, lambda req: self.pipeline.validate(req)[0])
+            self._gpu_generate = gpu_generator(self.pipeline.generate, lambda req: self.pipeline.validate(req).num_blocks)
         return self._gpu_generate(request)
 
     def extend_prompt(self, prompt: str) -> str:
@@ -162,13 +162,19 @@ class Runtime:
         if self.pipeline is None:
             return self.banner()
         with self.gpu_lock:
-            self.memory_plan = configure_memory(self.pipeline, requested, self.build_options.get("vram"),
-                                                self.build_options.get("kv_cache", "auto"))
+            pipeline = self.pipeline
+            self.memory_plan, settings = configure_memory(pipeline.components, pipeline.config, pipeline.device,
+                                                          requested, self.build_options.get("vram"),
+                                                          self.build_options.get("kv_cache", "auto"),
+                                                          pipeline.settings)
+            self.pipeline = pipeline.with_settings(settings)
+            if self.poser is not None:
+                self.poser = self.poser.for_pipeline(self.pipeline)
         return self.memory_plan.summary()
 
     @property
     def fast_decoder_available(self) -> bool:
-        return self.pipeline is not None and self.pipeline.tiny_decoder is not None
+        return self.pipeline is not None and self.pipeline.fast_decoder is not None
 
     def banner(self) -> str:
         verdict = f" · **Weights folder:** {self.weights_report.verdict()}" if self.weights_report else ""
@@ -177,9 +183,9 @@ class Runtime:
         text = f"**Model:** {self.pipeline.components.description} · **device:** {self.device}"
         if self.memory_plan is not None:
             text += f" · {self.memory_plan.summary()}"
-        if self.pipeline.attention != "sdpa":
+        if self.pipeline.settings.attention != "sdpa":
             text += " · attention: FlashAttention-4 or SDPA, the faster per shape"
-        if self.pipeline.fp8:
+        if self.pipeline.settings.fp8_linears:
             text += " · **FP8 linear layers (experimental):** frames differ slightly from the bf16 model"
         if self.config.demo.note:
             text += f" · {self.config.demo.note}"

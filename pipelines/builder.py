@@ -2,6 +2,7 @@
 decides what moves to the device, then the speed settings that plan allows."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from .config import PipelineConfig
 from .core import GenerationRequest, StreamingVideoPipeline
 from .fp8 import FP8Error, quantize_blocks_fp8
 from .memory import GIB, MemoryPlan, configure_memory
+from .settings import RuntimeSettings
 from .weights import WeightsError, load_components
 
 if TYPE_CHECKING:
@@ -48,37 +50,40 @@ def build_pipeline(config: PipelineConfig, weights_dir: str | Path | None, devic
     fp8: the experimental FP8 block linears (fp8.py; needs the generator resident on the GPU).
     """
     components = load_components(config, weights_dir, "cpu")
-    pipeline = StreamingVideoPipeline(components, config, device)
-    pipeline.tiny_decoder = load_tiny_decoder(Path(weights_dir) if weights_dir else None, pipeline.device,
-                                              config.torch_dtype)
-    pipeline.compiled = compile_models and pipeline.device.type == "cuda"  # planned for, if the profile allows
-    pipeline.fp8 = fp8  # planned for: FP8 weights stay resident
+    device = torch.device(device)
+    fast_decoder = load_tiny_decoder(Path(weights_dir) if weights_dir else None, device, config.torch_dtype)
+    planned = RuntimeSettings(fp8_linears=fp8, fast_decoder=fast_decoder)  # FP8 weights stay resident
+    compile_models = compile_models and device.type == "cuda"
     try:
-        plan = configure_memory(pipeline, memory_profile, vram, kv_cache)
+        plan, settings = configure_memory(components, config, device, memory_profile, vram, kv_cache, planned,
+                                          compile_models=compile_models)
     except ValueError as err:
         raise WeightsError(str(err)) from err
     # Compiled blocks would be re-traced as streamed weights move, so streaming runs eager.
-    compiling = pipeline.compiled and not plan.profile.stream_generator
+    compiling = compile_models and not plan.profile.stream_generator
     cache = Path(compile_cache).expanduser() if compile_cache and compiling else None
     if cache is not None:
         compile_cache_store.activate(cache)  # before FlashAttention-4 is imported: it reads where to cache
     try:
-        apply_fast_kernels(pipeline, attention)
+        kernels = enable_fast_kernels(components.generator, device, attention, fp8)
     except (FP8Error, AttentionKernelError) as err:
         raise WeightsError(str(err)) from err
-    pipeline.compiled = accelerate(components, compile_models=compiling, fp8=pipeline.fp8)
-    if warm and (pipeline.compiled or pipeline.attention != "sdpa"):  # FA4 compiles its kernels on first use
+    compiled = accelerate(components, compile_models=compiling, fp8=fp8)
+    pipeline = StreamingVideoPipeline(components, config, device,
+                                      dataclasses.replace(settings, attention=kernels, compiled=compiled))
+    if warm and (compiled or kernels != "sdpa"):  # FA4 compiles its kernels on first use
         warm_up(pipeline)
         if cache is not None:
             compile_cache_store.save(cache)
     return pipeline, plan
 
 
-def apply_fast_kernels(pipeline: StreamingVideoPipeline, attention: str) -> None:
-    """FP8 block linears when pipeline.fp8 asks for them, then the attention kernels `attention` allows."""
-    if pipeline.fp8:
-        quantize_blocks_fp8(pipeline.generator)
-    pipeline.attention = enable_attention_kernels(pipeline.generator, pipeline.device, attention)
+def enable_fast_kernels(generator, device: torch.device, attention: str, fp8: bool) -> str:
+    """FP8 block linears when asked for, then the attention kernels `attention` allows; returns the kernels
+    in use (attention_kernels.py)."""
+    if fp8:
+        quantize_blocks_fp8(generator)
+    return enable_attention_kernels(generator, device, attention)
 
 
 def load_tiny_decoder(weights_dir: Path | None, device: torch.device, dtype: torch.dtype) -> "TinyVideoDecoder | None":
@@ -111,7 +116,7 @@ def warm_up(pipeline: StreamingVideoPipeline) -> None:
     config = pipeline.config
     image = Image.new("RGB", (config.width, config.height), (128, 128, 128))
     requests = [GenerationRequest("warm-up"), GenerationRequest("warm-up", image=image)]
-    if pipeline.tiny_decoder is not None:
+    if pipeline.fast_decoder is not None:
         requests.append(GenerationRequest("warm-up", num_blocks=min(2, config.max_blocks), fast_decode=True))
     for request in requests:
         for _ in pipeline.generate(request):

@@ -3,8 +3,8 @@
 generate() yields a BlockResult as soon as each block of latent frames is denoised and
 decoded, so callers can show frames while later blocks are still being generated; the block's
 pass that writes it into the KV cache runs after that (and not after the last block). All
-per-generation state (KV caches, VAE conv cache, random generator) lives inside the generate()
-call; the model weights are the only thing shared between callers.
+per-generation state (KV caches, VAE conv cache, random generator) lives in one BlockRun made by
+each generate() call; the model weights are the only thing shared between callers.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from .config import PipelineConfig
 from .kv_cache import AttentionWindow, KVCache, kv_bytes_per_frame
 from .lora import LoraChoice, LoraError, LoraMerger
 from .scheduler import make_sampler, reference_noise
+from .settings import RuntimeSettings
 from .steering import PromptSteering, PromptSwitch
 from .vae import to_uint8_frames
 from .weights import Components
@@ -57,6 +58,16 @@ class GenerationRequest:
     steering: PromptSteering | None = field(default=None, repr=False)  # new prompts while it streams
     continuous: bool = False  # go on block after block (rolling window) until stopped or the config's limit
     fast_decode: bool = False  # decode with the tiny TAEHV decoder (preview quality) instead of the Wan VAE
+
+
+@dataclass(frozen=True)
+class ValidatedRequest:
+    """A request validate() accepted, with the length and size it resolved to; generate() runs it as is."""
+
+    request: GenerationRequest
+    num_blocks: int
+    height: int
+    width: int
 
 
 @dataclass
@@ -119,32 +130,41 @@ class ContextWrite:
 
 
 class StreamingVideoPipeline:
-    """Self-Forcing inference: few-step (or multi-step CFG) denoising of 3-frame blocks."""
+    """Self-Forcing inference: few-step (or multi-step CFG) denoising of 3-frame blocks.
 
-    def __init__(self, components: Components, config: PipelineConfig, device: torch.device | str = "cpu") -> None:
+    settings: how it runs (memory plan, kernels, compiled, fast decoder), fixed for the pipeline's life.
+    """
+
+    def __init__(self, components: Components, config: PipelineConfig, device: torch.device | str = "cpu",
+                 settings: RuntimeSettings = RuntimeSettings(), loras: LoraMerger | None = None) -> None:
         self.components = components
         self.config = config
         self.device = torch.device(device)
+        self.settings = settings
         self.generator = components.generator
         self.vae = components.vae
         self.prompt_encoder = components.prompt_encoder
         self.window = config.attention_window
-        self.kv_cache_budget: int | None = None  # bytes per KV cache; set by low-VRAM planning
-        self.kv_cache_fp8 = False  # FP8 keys/values (low-VRAM planning, when bf16 does not fit)
-        self.decode_frame_by_frame = False  # smaller VAE working set, same frames (low-VRAM planning)
-        self.tiny_decoder = None  # TinyVideoDecoder when taew2_1 is in the weights folder (fast_decode)
-        self.compiled = False  # torch.compile in use: the memory planner reserves its larger decode buffers
-        self.fp8 = False  # block linears in FP8 (fp8.py, experimental): frames differ slightly from bf16
-        self.attention = "sdpa"  # inference attention kernels in use (attention_kernels.py)
         self.sampler = make_sampler(config.sampler)
-        self.loras = LoraMerger(self.generator)
+        self.loras = loras or LoraMerger(self.generator)  # (shared with a pipeline made by with_settings)
+
+    def with_settings(self, settings: RuntimeSettings) -> "StreamingVideoPipeline":
+        """The same weights and merged LoRAs under new settings (a new memory profile)."""
+        return StreamingVideoPipeline(self.components, self.config, self.device, settings, self.loras)
 
     @property
     def dtype(self) -> torch.dtype:
         return self.generator.patch_embedding.weight.dtype
 
-    def validate(self, request: GenerationRequest) -> tuple[int, int, int]:
-        """Returns (num_blocks, height, width) or raises RequestError with a user-facing message."""
+    @property
+    def fast_decoder(self):
+        return self.settings.fast_decoder
+
+    def validate(self, request: GenerationRequest) -> ValidatedRequest:
+        """Checks the request (raising RequestError with a user-facing message) and resolves its length and size.
+        LoRA files are read when the run starts (a bad one raises RequestError there)."""
+        if isinstance(request, ValidatedRequest):
+            return request
         if not request.prompt or not request.prompt.strip():
             raise RequestError("Please enter a prompt.")
         if not 0 <= request.seed <= MAX_SEED:
@@ -154,29 +174,23 @@ class StreamingVideoPipeline:
             num_blocks = self.config.continuous_blocks
         elif not 1 <= num_blocks <= self.config.max_blocks:
             raise RequestError(f"Number of blocks must be between 1 and {self.config.max_blocks}.")
-        if request.fast_decode and self.tiny_decoder is None:
+        if request.fast_decode and self.fast_decoder is None:
             raise RequestError("The fast decoder needs taew2_1.pth from github.com/madebyollin/taehv in the weights "
                                "folder; without it the full Wan VAE decodes.")
         height, width = request.height or self.config.height, request.width or self.config.width
         if height % 16 or width % 16 or not (16 <= height <= 1280 and 16 <= width <= 1280):
             raise RequestError("Height and width must be multiples of 16 between 16 and 1280.")
-        if request.loras and self.fp8:
+        if request.loras and self.settings.fp8_linears:
             raise RequestError("LoRAs cannot be merged into FP8 weights: the server was started with --fp8; "
                                "start it without --fp8 to use LoRAs.")
         for choice in request.loras:
             if not 0 <= choice.scale <= 2:
                 raise RequestError(f"LoRA strength must be between 0 and 2, got {choice.scale}.")
-            try:
-                self.loras.load(choice.path)
-            except LoraError as err:
-                raise RequestError(str(err)) from err
-        return num_blocks, height, width
+        return ValidatedRequest(request, num_blocks, height, width)
 
     def fast_path_note(self, request: GenerationRequest) -> str:
         """What makes this request's frames differ from the exact bf16 path ('' when nothing does)."""
-        parts = ["FP8 linear layers (experimental)"] if self.fp8 else []
-        if request.fast_decode:
-            parts.append("fast TAEHV decoder")
+        parts = self.settings.differences(request.fast_decode)
         return f"{' and '.join(parts)}: frames differ slightly from the exact bf16 path" if parts else ""
 
     def attention_window_for(self, latent_frames: int, frame_tokens: int,
@@ -186,19 +200,20 @@ class StreamingVideoPipeline:
         window = self.window
         if continuous and window.window_frames is None:
             window = AttentionWindow(*self.config.continuous_window)
-        if self.kv_cache_budget is None:
+        budget = self.settings.kv_cache_budget
+        if budget is None:
             return window, False
         cfg = self.generator.config
         per_frame = kv_bytes_per_frame(cfg.num_layers, cfg.dim, frame_tokens, self.dtype,
-                                       fp8_heads=cfg.num_heads if self.kv_cache_fp8 else None)
-        if window.frames_needed(latent_frames) * per_frame <= self.kv_cache_budget:
+                                       fp8_heads=cfg.num_heads if self.settings.kv_cache_fp8 else None)
+        if window.frames_needed(latent_frames) * per_frame <= budget:
             return window, False
-        return window.narrowed(self.kv_cache_budget // per_frame, self.config.frames_per_block), True
+        return window.narrowed(budget // per_frame, self.config.frames_per_block), True
 
-    def generate(self, request: GenerationRequest, cancel: CancelCheck | None = None) -> Iterator[BlockResult]:
+    def generate(self, request: GenerationRequest | ValidatedRequest,
+                 cancel: CancelCheck | None = None) -> Iterator[BlockResult]:
         """Yields each block as soon as it is decoded; all per-run GPU memory is freed at the end."""
-        num_blocks, height, width = self.validate(request)
-        blocks = self._generate(request, num_blocks, height, width, cancel)
+        blocks = self._generate(self.validate(request), cancel)
         try:
             yield from blocks
         finally:
@@ -207,123 +222,48 @@ class StreamingVideoPipeline:
                 torch.cuda.empty_cache()
 
     @torch.no_grad()
-    def _generate(self, request: GenerationRequest, num_blocks: int, height: int, width: int,
-                  cancel: CancelCheck | None) -> Iterator[BlockResult]:
+    def _generate(self, validated: ValidatedRequest, cancel: CancelCheck | None) -> Iterator[BlockResult]:
+        request, num_blocks = validated.request, validated.num_blocks
         started = time.perf_counter()
-        self.loras.activate(request.loras)
-        cfg, model = self.config, self.generator
-        fpb = cfg.frames_per_block
-        latent_h, latent_w = cfg.latent_size(height, width)
-        frame_tokens = model.frame_tokens(latent_h, latent_w)
-        channels = model.config.in_dim
+        try:
+            self.loras.activate(request.loras)
+        except LoraError as err:
+            raise RequestError(str(err)) from err
+        run = BlockRun(self, validated, started)
 
-        prompts = [request.prompt]
-        if self.sampler.num_contexts == 2:
-            negative = request.negative_prompt if request.negative_prompt is not None else cfg.negative_prompt
-            prompts.append(negative or "")
-        contexts = [model.encode_context(self.prompt_encoder.encode(text, self.device)) for text in prompts]
+        # 1. The input image (image-to-video) or pose reference is the first frame: cached, and shown at once.
+        if run.first_latent is not None:
+            yield run.write_prefix()
 
-        rng = torch.Generator(device=self.device).manual_seed(int(request.seed))
-        block_shape = (1, channels, fpb, latent_h, latent_w)
-        # A fixed-length video draws all its noise first, in the reference's order (same seeds, same
-        # videos); a continuous one draws each block's noise when the block starts.
-        noise = None if request.continuous else reference_noise(
-            (1, channels, num_blocks * fpb, latent_h, latent_w), rng, self.device, self.dtype)
-
-        first_latent = request.reference_latent
-        if first_latent is None and request.image is not None:
-            first_latent = self.vae.encode(prepare_image(request.image, height, width))
-        prefix_frames = 0 if first_latent is None else first_latent.shape[2]
-        window, forced = self.attention_window_for(prefix_frames + num_blocks * fpb, frame_tokens,
-                                                   request.continuous)
-        caches = [KVCache(model.config.num_layers, 1, prefix_frames + num_blocks * fpb, frame_tokens,
-                          model.config.num_heads, model.head_dim, window, self.dtype, self.device,
-                          fp8=self.kv_cache_fp8)
-                  for _ in contexts]
-        decoder = self.tiny_decoder.stream() if request.fast_decode else self.vae.stream(self.decode_frame_by_frame)
-
-        prompt, switch_ms = request.prompt, None
-        written: list[ContextWrite] = []  # clean frames in the cache, to rebuild it under a new prompt
-
-        def decoded(index: int, latents: torch.Tensor, denoise_s: float, clean: torch.Tensor | None) -> BlockResult:
-            decode_start = time.perf_counter()
-            frames = to_uint8_frames(decoder.decode_block(latents))
-            now = time.perf_counter()
-            return BlockResult(index=index, num_blocks=num_blocks, frames=frames,
-                               latents=None if clean is None else clean.float().cpu(), denoise_s=denoise_s,
-                               decode_s=now - decode_start, elapsed_s=now - started, complete=clean is not None,
-                               window_frames=window.window_frames, window_forced=forced, prompt=prompt,
-                               switch_ms=switch_ms if clean is not None else None)
-
-        def write(clean: torch.Tensor, start_frame: int, timestep: float, bias: torch.Tensor | None) -> None:
-            written.append(ContextWrite(clean, start_frame, timestep, bias))
-            self._write_context(clean, start_frame, contexts, caches, timestep, bias)
-            written[:] = still_cached(written, window, start_frame + clean.shape[2])
-
-        if first_latent is not None:
-            first_latent = first_latent.to(self.device, self.dtype)
-            write(first_latent, 0, 0, self._token_bias(request, 0, prefix_frames))
-            prefix = decoded(0, first_latent, 0.0, None)  # the input image is the first frame: show it now
-            prefix.latents = first_latent.float().cpu()
-            yield prefix
-
-        carried_s = 0.0  # the previous block's cache write, timed with this block's denoising
+        # 2. Block by block: a prompt switch if one is waiting, the sampler's steps, frames out, then the
+        # clean block's pass that fills the KV cache (it only matters to later blocks: it runs after this
+        # block's frames were sent, and not at all after the last block).
         for index in range(num_blocks):
             if cancel is not None and cancel():
                 log.info("generation cancelled before block %d/%d", index + 1, num_blocks)
                 return
-            switch = request.steering.take() if request.steering is not None else None
-            switch_ms = None
-            if switch is not None and switch.prompt != prompt.strip():
-                switch_ms = self._switch_prompt(switch, contexts, caches, written)
-                prompt = switch.prompt
-                log.info("prompt switched before block %d/%d (%s, %.0f ms)", index + 1, num_blocks, switch.mode,
-                         switch_ms)
+            run.take_prompt_switch(index)
             block_start = time.perf_counter()
-            start_frame = prefix_frames + index * fpb
-            bias = self._token_bias(request, start_frame, fpb)
-            noisy = reference_noise(block_shape, rng, self.device, self.dtype) if noise is None else \
-                noise[:, :, index * fpb:(index + 1) * fpb]
-
-            def predict(latents: torch.Tensor, timestep: float, context_index: int) -> torch.Tensor:
-                return model(latents, self._timesteps(timestep, latents.shape[2]), contexts[context_index],
-                             start_frame=start_frame, kv_cache=caches[context_index], token_bias=bias)
-
-            clean = self.sampler.denoise(noisy, predict, rng)
-            denoise_s = carried_s + self._seconds_since(block_start)
-            if decoder.frames_seen == 0 and clean.shape[2] > 1:
-                # The first latent frame decodes to one video frame: send it before the rest of the block.
-                yield decoded(index, clean[:, :, :1], denoise_s, None)
-                yield decoded(index, clean[:, :, 1:], 0.0, clean)
-            else:
-                yield decoded(index, clean, denoise_s, clean)
-            # The clean block's pass that fills the KV cache only matters to later blocks: it runs after
-            # this block's frames were sent, and not at all after the last block.
-            carried_s = 0.0
+            clean, bias = run.denoise(index)
+            denoise_s = run.carried_s + self._seconds_since(block_start)
+            yield from run.decoded_block(index, clean, denoise_s)
+            run.carried_s = 0.0
             if index + 1 < num_blocks:
                 write_start = time.perf_counter()
-                write(clean, start_frame, cfg.sampler.context_noise, bias)
-                carried_s = self._seconds_since(write_start)
+                run.write(clean, run.start_frame(index), self.config.sampler.context_noise, bias)
+                run.carried_s = self._seconds_since(write_start)
 
     @torch.no_grad()
     def decode_with_vae(self, latents: list[torch.Tensor]) -> Iterator[np.ndarray]:
         """A run's latents (image prefix first, then each block) through the Wan VAE, block by block:
         the frames that run would have streamed without fast_decode (generation does not depend on
         the decoder)."""
-        decoder = self.vae.stream(self.decode_frame_by_frame)
+        decoder = self.vae.stream(self.settings.decode_frame_by_frame)
         for block in latents:
             yield to_uint8_frames(decoder.decode_block(block.to(self.device, self.dtype)))
 
-    def _switch_prompt(self, switch: PromptSwitch, contexts: list, caches: list[KVCache],
-                       written: list["ContextWrite"]) -> float:
-        """Conditions the following blocks on switch.prompt; returns the milliseconds it took."""
-        start = time.perf_counter()
-        contexts[0] = self.generator.encode_context(self.prompt_encoder.encode(switch.prompt, self.device))
-        if switch.mode == "recache":
-            caches[0] = self.rebuilt_cache(caches[0], contexts[0], written)
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
-        return (time.perf_counter() - start) * 1e3
+    def encode_prompt(self, text: str) -> list:
+        return self.generator.encode_context(self.prompt_encoder.encode(text, self.device))
 
     def rebuilt_cache(self, cache: KVCache, context: list, written: list["ContextWrite"]) -> KVCache:
         """A cache like `cache`, refilled from the clean frames written so far, under `context`."""
@@ -332,7 +272,7 @@ class StreamingVideoPipeline:
             start_token = item.start_frame * fresh.frame_tokens
             if start_token > fresh.global_end:
                 fresh.advance_to(start_token)
-            self._write_context(item.latents, item.start_frame, [context], [fresh], item.timestep, item.bias)
+            self.write_context(item.latents, item.start_frame, [context], [fresh], item.timestep, item.bias)
         return fresh
 
     def _seconds_since(self, start: float) -> float:
@@ -341,16 +281,132 @@ class StreamingVideoPipeline:
             torch.cuda.current_stream(self.device).synchronize()
         return time.perf_counter() - start
 
-    def _timesteps(self, value: float, frames: int) -> torch.Tensor:
+    def timesteps(self, value: float, frames: int) -> torch.Tensor:
         return torch.full((1, frames), float(value), device=self.device, dtype=torch.float32)
 
-    @staticmethod
-    def _token_bias(request: GenerationRequest, start_frame: int, num_frames: int) -> torch.Tensor | None:
-        return None if request.conditioning is None else request.conditioning.token_bias(start_frame, num_frames)
-
-    def _write_context(self, clean: torch.Tensor, start_frame: int, contexts: list, caches: list[KVCache],
-                       timestep: float, bias: torch.Tensor | None) -> None:
+    def write_context(self, clean: torch.Tensor, start_frame: int, contexts: list, caches: list[KVCache],
+                      timestep: float, bias: torch.Tensor | None) -> None:
         """Runs the clean frames through the generator once to store their keys/values."""
         for context, cache in zip(contexts, caches):
-            self.generator(clean, self._timesteps(timestep, clean.shape[2]), context, start_frame=start_frame,
+            self.generator(clean, self.timesteps(timestep, clean.shape[2]), context, start_frame=start_frame,
                            kv_cache=cache, token_bias=bias)
+
+
+class BlockRun:
+    """The state of one generate() call: prompt contexts, KV caches, noise, decoder, the frames written into the
+    caches (to rebuild them under a new prompt) and the prompt in force."""
+
+    def __init__(self, pipeline: StreamingVideoPipeline, validated: ValidatedRequest, started: float) -> None:
+        self.pipeline, self.request, self.started = pipeline, validated.request, started
+        self.num_blocks = validated.num_blocks
+        cfg, model, device, dtype = pipeline.config, pipeline.generator, pipeline.device, pipeline.dtype
+        request = self.request
+        self.frames_per_block = cfg.frames_per_block
+        latent_h, latent_w = cfg.latent_size(validated.height, validated.width)
+        frame_tokens = model.frame_tokens(latent_h, latent_w)
+
+        prompts = [request.prompt]
+        if pipeline.sampler.num_contexts == 2:
+            negative = request.negative_prompt if request.negative_prompt is not None else cfg.negative_prompt
+            prompts.append(negative or "")
+        self.contexts = [pipeline.encode_prompt(text) for text in prompts]
+
+        self.rng = torch.Generator(device=device).manual_seed(int(request.seed))
+        self.block_shape = (1, model.config.in_dim, self.frames_per_block, latent_h, latent_w)
+        # A fixed-length video draws all its noise first, in the reference's order (same seeds, same
+        # videos); a continuous one draws each block's noise when the block starts.
+        self.noise = None if request.continuous else reference_noise(
+            (1, model.config.in_dim, self.num_blocks * self.frames_per_block, latent_h, latent_w), self.rng, device,
+            dtype)
+
+        first_latent = request.reference_latent
+        if first_latent is None and request.image is not None:
+            first_latent = pipeline.vae.encode(prepare_image(request.image, validated.height, validated.width))
+        self.first_latent = first_latent
+        self.prefix_frames = 0 if first_latent is None else first_latent.shape[2]
+        total_frames = self.prefix_frames + self.num_blocks * self.frames_per_block
+        self.window, self.window_forced = pipeline.attention_window_for(total_frames, frame_tokens,
+                                                                        request.continuous)
+        settings = pipeline.settings
+        self.caches = [KVCache(model.config.num_layers, 1, total_frames, frame_tokens, model.config.num_heads,
+                               model.head_dim, self.window, dtype, device, fp8=settings.kv_cache_fp8)
+                       for _ in self.contexts]
+        self.decoder = settings.fast_decoder.stream() if request.fast_decode else \
+            pipeline.vae.stream(settings.decode_frame_by_frame)
+        self.prompt, self.switch_ms = request.prompt, None
+        self.written: list[ContextWrite] = []  # clean frames in the cache, to rebuild it under a new prompt
+        self.carried_s = 0.0  # the previous block's cache write, timed with this block's denoising
+
+    def start_frame(self, index: int) -> int:
+        return self.prefix_frames + index * self.frames_per_block
+
+    def token_bias(self, start_frame: int, num_frames: int) -> torch.Tensor | None:
+        conditioning = self.request.conditioning
+        return None if conditioning is None else conditioning.token_bias(start_frame, num_frames)
+
+    def write(self, clean: torch.Tensor, start_frame: int, timestep: float, bias: torch.Tensor | None) -> None:
+        """Clean frames into the KV caches (and into the record of what they hold)."""
+        self.written.append(ContextWrite(clean, start_frame, timestep, bias))
+        self.pipeline.write_context(clean, start_frame, self.contexts, self.caches, timestep, bias)
+        self.written[:] = still_cached(self.written, self.window, start_frame + clean.shape[2])
+
+    def write_prefix(self) -> BlockResult:
+        first_latent = self.first_latent.to(self.pipeline.device, self.pipeline.dtype)
+        self.write(first_latent, 0, 0, self.token_bias(0, self.prefix_frames))
+        prefix = self.decoded(0, first_latent, 0.0, None)
+        prefix.latents = first_latent.float().cpu()
+        return prefix
+
+    def take_prompt_switch(self, index: int) -> None:
+        """Conditions the blocks from `index` on a new prompt when steering holds one."""
+        steering = self.request.steering
+        switch = steering.take() if steering is not None else None
+        self.switch_ms = None
+        if switch is None or switch.prompt == self.prompt.strip():
+            return
+        self.switch_ms = self.switch_prompt(switch)
+        self.prompt = switch.prompt
+        log.info("prompt switched before block %d/%d (%s, %.0f ms)", index + 1, self.num_blocks, switch.mode,
+                 self.switch_ms)
+
+    def switch_prompt(self, switch: PromptSwitch) -> float:
+        """Conditions the following blocks on switch.prompt; returns the milliseconds it took."""
+        pipeline = self.pipeline
+        start = time.perf_counter()
+        self.contexts[0] = pipeline.encode_prompt(switch.prompt)
+        if switch.mode == "recache":
+            self.caches[0] = pipeline.rebuilt_cache(self.caches[0], self.contexts[0], self.written)
+        return pipeline._seconds_since(start) * 1e3
+
+    def denoise(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(block `index`'s clean latents, its token bias) from its noise through the sampler."""
+        pipeline, fpb = self.pipeline, self.frames_per_block
+        start_frame = self.start_frame(index)
+        bias = self.token_bias(start_frame, fpb)
+        noisy = reference_noise(self.block_shape, self.rng, pipeline.device, pipeline.dtype) if self.noise is None \
+            else self.noise[:, :, index * fpb:(index + 1) * fpb]
+
+        def predict(latents: torch.Tensor, timestep: float, context_index: int) -> torch.Tensor:
+            return pipeline.generator(latents, pipeline.timesteps(timestep, latents.shape[2]),
+                                      self.contexts[context_index], start_frame=start_frame,
+                                      kv_cache=self.caches[context_index], token_bias=bias)
+
+        return pipeline.sampler.denoise(noisy, predict, self.rng), bias
+
+    def decoded_block(self, index: int, clean: torch.Tensor, denoise_s: float) -> Iterator[BlockResult]:
+        if self.decoder.frames_seen == 0 and clean.shape[2] > 1:
+            # The first latent frame decodes to one video frame: send it before the rest of the block.
+            yield self.decoded(index, clean[:, :, :1], denoise_s, None)
+            yield self.decoded(index, clean[:, :, 1:], 0.0, clean)
+        else:
+            yield self.decoded(index, clean, denoise_s, clean)
+
+    def decoded(self, index: int, latents: torch.Tensor, denoise_s: float, clean: torch.Tensor | None) -> BlockResult:
+        decode_start = time.perf_counter()
+        frames = to_uint8_frames(self.decoder.decode_block(latents))
+        now = time.perf_counter()
+        return BlockResult(index=index, num_blocks=self.num_blocks, frames=frames,
+                           latents=None if clean is None else clean.float().cpu(), denoise_s=denoise_s,
+                           decode_s=now - decode_start, elapsed_s=now - self.started, complete=clean is not None,
+                           window_frames=self.window.window_frames, window_forced=self.window_forced,
+                           prompt=self.prompt, switch_ms=self.switch_ms if clean is not None else None)

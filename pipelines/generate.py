@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     from .config import load_config
     from .core import GenerationRequest, RequestError
     from .lora import LoraChoice
-    from .video_io import H264Writer
+    from .video_io import write_video
     from .weights import WeightsError
 
     try:
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                                     negative_prompt=args.negative_prompt, image=image, height=height, width=width,
                                     loras=tuple(LoraChoice.parse(text) for text in args.lora),
                                     fast_decode=args.fast_decoder)
-        num_blocks, _, _ = pipeline.validate(request)
+        request = pipeline.validate(request)
     except (WeightsError, RequestError, ValueError) as err:
         log.error("%s", err)
         return 2
@@ -95,21 +95,22 @@ def main(argv: list[str] | None = None) -> int:
         log.error("Could not read the input: %s", err)
         return 2
     if args.extend_prompt:
-        request = dataclasses.replace(request, prompt=extended_prompt(args, pipeline, plan))
-    fps = args.fps or config.fps
-    writer = None
-    progress = tqdm(total=num_blocks, unit="block")
-    try:
+        request = pipeline.validate(dataclasses.replace(request.request, prompt=extended_prompt(args, pipeline, plan)))
+    progress = tqdm(total=request.num_blocks, unit="block")
+
+    def blocks():
         for result in pipeline.generate(request):
-            if writer is None:
-                writer = H264Writer(args.out, result.frames.shape[2], result.frames.shape[1], fps)
-            writer.write(result.frames)
             progress.update(int(result.complete))
+            yield result.frames
+
+    try:
+        frames = write_video(args.out, blocks(), args.fps or config.fps)
+    except RequestError as err:  # (a LoRA file that cannot be merged is found when the run starts)
+        log.error("%s", err)
+        return 2
     finally:
         progress.close()
-        if writer is not None:
-            writer.close()
-    log.info("wrote %d frames to %s", writer.frames_written, args.out)
+    log.info("wrote %d frames to %s", frames, args.out)
     return 0
 
 

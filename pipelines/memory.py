@@ -6,6 +6,7 @@ pipelines.weight_streaming.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ from torch import nn
 
 from .kv_cache import AttentionWindow, kv_bytes_per_frame
 from .memory_profiles import KV_CACHE_CHOICES, PROFILES, MemoryProfile
+from .settings import RuntimeSettings
 from .weight_streaming import BlockStreamer
 
 log = logging.getLogger(__name__)
@@ -240,26 +242,29 @@ def _set_streaming(model: nn.Module, blocks: nn.ModuleList, stream: bool, device
     model.weight_streamer = BlockStreamer(blocks, device, resident)
 
 
-def configure_memory(pipeline, requested: str = "auto", vram_bytes: int | None = None,
-                     kv_cache: str = "auto") -> MemoryPlan:
-    """Plans for the device's free memory (or vram_bytes), moves the weights, sets the KV cache
-    (budget, FP8) and VAE decode mode of `pipeline` (a core.StreamingVideoPipeline).
+def configure_memory(components, config, device: torch.device | str, requested: str = "auto",
+                     vram_bytes: int | None = None, kv_cache: str = "auto",
+                     settings: RuntimeSettings = RuntimeSettings(),
+                     compile_models: bool = False) -> tuple[MemoryPlan, RuntimeSettings]:
+    """Plans for the device's free memory (or vram_bytes) and moves the weights (components:
+    weights.Components of `config`, a PipelineConfig); returns the plan and `settings` with its KV cache
+    (budget, FP8) and VAE decode mode.
 
+    compile_models: the models will be compiled (its larger decode buffers are planned for).
     On a CPU device nothing is constrained: "auto" keeps everything resident.
     """
-    cfg, device = pipeline.config, pipeline.device
-    latent_h, latent_w = cfg.latent_size()
-    frame_tokens = pipeline.generator.frame_tokens(latent_h, latent_w)
-    footprint = footprint_of(pipeline.components, frame_tokens, latent_h, latent_w, pipeline.compiled)
+    device = torch.device(device)
+    latent_h, latent_w = config.latent_size()
+    frame_tokens = components.generator.frame_tokens(latent_h, latent_w)
+    footprint = footprint_of(components, frame_tokens, latent_h, latent_w, compile_models or settings.compiled)
     if vram_bytes is None:
         vram_bytes = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 1 << 50
-    plan = plan_memory(footprint, vram_bytes, cfg.num_blocks * cfg.frames_per_block + 1, cfg.frames_per_block,
-                       requested, cfg.attention_window, device.type, kv_cache, resident_generator=pipeline.fp8)
-    apply_profile(pipeline.components, plan.profile, device, plan.resident_blocks)
+    plan = plan_memory(footprint, vram_bytes, config.num_blocks * config.frames_per_block + 1,
+                       config.frames_per_block, requested, config.attention_window, device.type, kv_cache,
+                       resident_generator=settings.fp8_linears)
+    apply_profile(components, plan.profile, device, plan.resident_blocks)
     fixed = footprint.fixed_bytes(plan.profile, plan.decode_frame_by_frame)
     resident = plan.resident_blocks * footprint.generator_block_bytes
-    pipeline.kv_cache_budget = max(0, vram_bytes - PLANNING_HEADROOM - fixed - resident)
-    pipeline.kv_cache_fp8 = plan.kv_fp8
-    pipeline.decode_frame_by_frame = plan.decode_frame_by_frame
     log.info("%s", plan.summary(markdown=False))
-    return plan
+    return plan, dataclasses.replace(settings, kv_cache_budget=max(0, vram_bytes - PLANNING_HEADROOM - fixed - resident),
+                                     kv_cache_fp8=plan.kv_fp8, decode_frame_by_frame=plan.decode_frame_by_frame)

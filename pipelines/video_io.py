@@ -42,16 +42,22 @@ class H264Writer:
         self.close()
 
 
-def write_video(path: str | Path, blocks: Iterable[np.ndarray], fps: int) -> Path:
-    """Writes uint8 [T, H, W, 3] frame blocks to one H.264 file; the suffix picks the container."""
+def write_video(path: str | Path, blocks: Iterable[np.ndarray], fps: int, progressive: bool = False) -> int:
+    """Writes uint8 [T, H, W, 3] frame blocks, as they come, to one H.264 file (the suffix picks the container;
+    progressive: see H264Writer); returns the number of frames written. The one writer of whole videos: the
+    CLI, the app's re-decode and training's validation videos."""
     writer: H264Writer | None = None
-    for frames in blocks:
-        if writer is None:
-            writer = H264Writer(path, frames.shape[2], frames.shape[1], fps)
-        writer.write(frames)
+    try:
+        for frames in blocks:
+            if writer is None:
+                writer = H264Writer(path, frames.shape[2], frames.shape[1], fps, progressive=progressive)
+            writer.write(frames)
+    finally:
+        if writer is not None:
+            writer.close()
     if writer is None:
         raise ValueError("no frames to write")
-    return writer.close()
+    return writer.frames_written
 
 
 def count_frames(path: str | Path) -> int:

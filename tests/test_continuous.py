@@ -38,7 +38,7 @@ def test_runs_to_the_limit_with_a_rolling_window_and_a_bounded_cache(continuous_
 
     monkeypatch.setattr(KVCache, "__init__", recording_init)
     request = GenerationRequest("a river", seed=2, num_blocks=1, continuous=True)
-    assert continuous_pipeline.validate(request)[0] == 7  # Blocks is ignored; the time limit counts
+    assert continuous_pipeline.validate(request).num_blocks == 7  # Blocks is ignored; the time limit counts
     results = [r for r in continuous_pipeline.generate(request) if r.complete]
     assert len(results) == 7 and results[-1].window_frames == 6
     assert caches and all(c.keys.shape[2] == 6 * 24 for c in caches)  # never more than the window

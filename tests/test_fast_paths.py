@@ -15,6 +15,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 from pipelines import compile_cache
+from pipelines.settings import RuntimeSettings
 from pipelines.builder import build_pipeline
 from pipelines.core import GenerationRequest, RequestError, StreamingVideoPipeline
 from pipelines.acceleration import FP8_BLOCK_COMPILE_OPTIONS
@@ -96,7 +97,8 @@ def test_app_with_fp8_on_a_cpu_shows_the_reason_instead_of_failing():
     assert runtime.pipeline is None and "FP8 linear layers need a CUDA GPU" in runtime.banner()
     runtime = load_runtime("configs/tiny.yaml", None, "cpu")
     assert "FP8" not in runtime.banner() and "FlashAttention" not in runtime.banner()
-    runtime.pipeline.fp8, runtime.pipeline.attention = True, "sdpa+flash4"  # as on a GPU with both
+    runtime.pipeline = runtime.pipeline.with_settings(RuntimeSettings(fp8_linears=True, attention="sdpa+flash4"))
+    # (as on a GPU with both)
     assert "**FP8 linear layers (experimental):**" in runtime.banner()
     assert "FlashAttention-4 or SDPA" in runtime.banner()
 
@@ -124,7 +126,7 @@ def test_fast_path_is_named_and_loras_are_refused_on_fp8_weights(tiny_components
     assert pipeline.fast_path_note(exact) == ""
     assert pipeline.fast_path_note(GenerationRequest("a red circle", fast_decode=True)) == \
         "fast TAEHV decoder: frames differ slightly from the exact bf16 path"
-    pipeline.fp8 = True  # as build_pipeline(fp8=True) leaves it on a GPU
+    pipeline = pipeline.with_settings(RuntimeSettings(fp8_linears=True))  # as build_pipeline(fp8=True) on a GPU
     assert pipeline.fast_path_note(exact).startswith("FP8 linear layers (experimental): frames differ")
     with pytest.raises(RequestError, match="start it without --fp8"):
         pipeline.validate(GenerationRequest("a red circle", loras=(LoraChoice(str(tmp_path / "x.safetensors")),)))

@@ -20,10 +20,8 @@ from pipelines.config import load_config
 from pipelines.core import GenerationRequest
 from pipelines.lora import LoraChoice, provenance
 from training import finetune, prepare
-from training.evaluate import summarise
 from training.examples import write_concept_clips
-from training.scorecard import concept_scores, text_to_video_scores, video
-from training.synthetic import SyntheticWorld
+from training.scorecard import finetune_scores, video
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,19 +49,10 @@ def pipeline():
     return build_pipeline(load_config("configs/tiny.yaml"), None, "cpu")[0]
 
 
-def _scores(pipeline, lora: Path) -> dict:
-    choice = (LoraChoice(str(lora), 1.0),)
-    concept = concept_scores(pipeline, SyntheticWorld(0, frames=33), choice)
-    found = [score for score in concept if score.found]
-    return {"concept": summarise(concept),
-            "concept_direction_of_found": float(np.mean([s.direction_ok for s in found])) if found else 0.0,
-            "world": summarise(text_to_video_scores(pipeline, SyntheticWorld(0), loras=choice))}
-
-
 @pytest.fixture(scope="module")
 def scores(runs, pipeline):
-    return {"distilled": _scores(pipeline, runs / "heart" / "lora.safetensors"),
-            "flow": _scores(pipeline, runs / "flow" / "lora.safetensors")}
+    return {"distilled": finetune_scores(pipeline, runs / "heart" / "lora.safetensors"),
+            "flow": finetune_scores(pipeline, runs / "flow" / "lora.safetensors")}
 
 
 def test_the_lora_records_what_it_was_trained_for(runs):

@@ -266,7 +266,7 @@ def test_bad_lora_files_are_named(tmp_path, tiny_pipeline):
     with pytest.raises(LoraError, match="Could not read .*junk.safetensors"):
         read_lora(tmp_path / "junk.safetensors", tiny_pipeline.generator)
     with pytest.raises(RequestError, match="wan14b"):
-        tiny_pipeline.validate(GenerationRequest("x", loras=(LoraChoice(str(big)),)))
+        list(tiny_pipeline.generate(GenerationRequest("x", loras=(LoraChoice(str(big)),))))
     assert LoraChoice.parse("a/b.safetensors:0.5") == LoraChoice("a/b.safetensors", 0.5)
     assert LoraChoice.parse("C:/loras/x.safetensors") == LoraChoice("C:/loras/x.safetensors", 1.0)
 

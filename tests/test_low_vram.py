@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipelines.settings import RuntimeSettings
 from pipelines.core import GenerationRequest, StreamingVideoPipeline
 from pipelines.fp8 import quantize_fp8
 from pipelines.kv_cache import AttentionWindow, KVCache
@@ -68,8 +69,7 @@ def _run(pipeline: StreamingVideoPipeline, **request):
 
 def test_generation_with_the_fp8_cache_is_close_to_bf16(tiny_components, tiny_config):
     base = StreamingVideoPipeline(tiny_components, tiny_config)
-    quantised = StreamingVideoPipeline(tiny_components, tiny_config)
-    quantised.kv_cache_fp8 = True
+    quantised = StreamingVideoPipeline(tiny_components, tiny_config, settings=RuntimeSettings(kv_cache_fp8=True))
     want, got = block_latents(_run(base)), block_latents(_run(quantised))
     assert torch.equal(got[0], want[0])  # the first block attends only to itself: never quantised
     errors = [((g - w).norm() / w.norm()).item() for g, w in zip(got[1:], want[1:])]
@@ -92,26 +92,28 @@ def test_resident_blocks_stream_exactly_and_keep_lora_merges(tiny_components, ti
     assert torch.equal(fresh.generator.blocks[0].attn1.to_q.weight, expected)
 
 
-def test_configure_memory_puts_the_plan_into_the_pipeline(tiny_config):
-    """A budget just large enough for the FP8 cache with the streamed profile: the pipeline runs
-    with every low-VRAM option the plan chose, and says so."""
+def test_configure_memory_returns_the_plans_settings(tiny_config):
+    """A budget just large enough for the FP8 cache with the streamed profile: a pipeline built with the
+    settings the planner returns runs with every low-VRAM option the plan chose, and says so."""
     components = load_components(tiny_config)
-    pipeline = StreamingVideoPipeline(components, tiny_config)
     latent_h, latent_w = tiny_config.latent_size()
-    footprint = footprint_of(components, pipeline.generator.frame_tokens(latent_h, latent_w), latent_h, latent_w)
+    footprint = footprint_of(components, components.generator.frame_tokens(latent_h, latent_w), latent_h, latent_w)
     frames = tiny_config.num_blocks * tiny_config.frames_per_block + 1
     budget = footprint.fixed_bytes(PROFILES["low"], True) + footprint.kv_bytes(frames, True) + PLANNING_HEADROOM
-    plan = configure_memory(pipeline, "low", budget)  # (the 2-block tiny model fits "medium" just as well)
+    # (the 2-block tiny model fits "medium" just as well)
+    plan, settings = configure_memory(components, tiny_config, "cpu", "low", budget)
     assert (plan.profile.name, plan.kv_fp8, plan.decode_frame_by_frame, plan.window_forced) == ("low", True, True,
                                                                                                  False)
-    assert pipeline.kv_cache_fp8 and pipeline.decode_frame_by_frame
+    assert settings.kv_cache_fp8 and settings.decode_frame_by_frame
+    pipeline = StreamingVideoPipeline(components, tiny_config, settings=settings)
     results = _run(pipeline)
     assert not results[0].window_forced and len(block_latents(results)) == 3
-    smaller = configure_memory(pipeline, "low", budget - footprint.kv_bytes(6, True))
+    smaller, settings = configure_memory(components, tiny_config, "cpu", "low", budget - footprint.kv_bytes(6, True),
+                                         settings=settings)
     assert smaller.window_forced and smaller.kv_fp8
-    assert _run(pipeline)[0].window_frames == smaller.window_frames
-    configure_memory(pipeline, "auto", 1 << 50)
-    assert not pipeline.kv_cache_fp8 and not pipeline.decode_frame_by_frame
+    assert _run(pipeline.with_settings(settings))[0].window_frames == smaller.window_frames
+    _, settings = configure_memory(components, tiny_config, "cpu", "auto", 1 << 50, settings=settings)
+    assert not settings.kv_cache_fp8 and not settings.decode_frame_by_frame
 
 
 def test_fp8_with_a_rolling_window_stays_close_to_bf16(random_components, random_config):
@@ -120,8 +122,7 @@ def test_fp8_with_a_rolling_window_stays_close_to_bf16(random_components, random
     blocks later (up to 18 % relative difference by the fifth block), which says nothing about the cache."""
     rolled = dataclasses.replace(random_config, local_attn_size=6, sink_size=3)
     base = StreamingVideoPipeline(random_components, rolled)
-    quantised = StreamingVideoPipeline(random_components, rolled)
-    quantised.kv_cache_fp8 = True
+    quantised = StreamingVideoPipeline(random_components, rolled, settings=RuntimeSettings(kv_cache_fp8=True))
     request = GenerationRequest("waves", seed=2, num_blocks=5)
     want, got = block_latents(base.generate(request)), block_latents(quantised.generate(request))
     errors = [((g - w).norm() / w.norm()).item() for g, w in zip(got, want)]

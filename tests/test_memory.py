@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipelines.settings import RuntimeSettings
 from pipelines.core import GenerationRequest, StreamingVideoPipeline
 from pipelines.kv_cache import kv_bytes_per_frame
 from pipelines.memory import (FRAME_BY_FRAME_DECODE_SHARE, GIB, PLANNING_HEADROOM, PROFILES, activation_bytes, ModelFootprint, apply_profile,
@@ -133,16 +134,15 @@ def test_footprint_measures_loaded_modules(tiny_components, tiny_config):
 
 
 def test_kv_budget_narrows_attention_window(tiny_pipeline, tiny_config, tiny_components):
-    pipeline = StreamingVideoPipeline(tiny_components, tiny_config)
     per_frame = _kv_bytes_per_frame(tiny_config)
-    pipeline.kv_cache_budget = 7 * per_frame
+    pipeline = StreamingVideoPipeline(tiny_components, tiny_config, settings=RuntimeSettings(kv_cache_budget=7 * per_frame))
     results = list(pipeline.generate(GenerationRequest("x", seed=1, num_blocks=4)))
     assert results[0].window_frames == 6 and results[0].window_forced
     rolled = dataclasses.replace(tiny_config, local_attn_size=6)
     expected = block_latents(StreamingVideoPipeline(tiny_components, rolled).generate(
         GenerationRequest("x", seed=1, num_blocks=4)))
     assert all(torch.equal(a, b) for a, b in zip(block_latents(results), expected))
-    pipeline.kv_cache_budget = 100 * per_frame
+    pipeline = pipeline.with_settings(RuntimeSettings(kv_cache_budget=100 * per_frame))
     assert not next(pipeline.generate(GenerationRequest("x", num_blocks=4))).window_forced
 
 

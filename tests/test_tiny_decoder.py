@@ -1,6 +1,7 @@
 """The TAEHV-architecture fast decoder: the public taew2_1 layout, streaming, and the pipeline option."""
 from __future__ import annotations
 
+import dataclasses
 import numpy as np
 import pytest
 import torch
@@ -99,7 +100,7 @@ def test_the_pipeline_decodes_with_it_on_request(tmp_path, tiny_config):
         bare.validate(GenerationRequest("a red circle", fast_decode=True))
     torch.save(taew2_1_state(), tmp_path / "taew2_1.pth")
     pipeline, _ = build_pipeline(tiny_config, tmp_path, "cpu")
-    assert pipeline.tiny_decoder is not None
+    assert pipeline.fast_decoder is not None
     full = [r.frames for r in pipeline.generate(GenerationRequest("a red circle", seed=3, num_blocks=2))]
     fast = [r.frames for r in pipeline.generate(GenerationRequest("a red circle", seed=3, num_blocks=2,
                                                                   fast_decode=True))]
@@ -121,9 +122,11 @@ def test_warm_up_runs_the_fast_decoder_too(tmp_path, tiny_config, monkeypatch):
     warm_up(pipeline)
     assert [r.fast_decode for r in requests] == [False, False, True]
     assert requests[1].image is not None
-    pipeline.tiny_decoder = None
+    without = pipeline.with_settings(dataclasses.replace(pipeline.settings, fast_decoder=None))
+    generate = without.generate
+    monkeypatch.setattr(without, "generate", lambda request, **kw: requests.append(request) or generate(request, **kw))
     requests.clear()
-    warm_up(pipeline)
+    warm_up(without)
     assert [r.fast_decode for r in requests] == [False, False]
 
 

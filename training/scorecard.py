@@ -41,6 +41,17 @@ def concept_scores(pipeline: StreamingVideoPipeline, world: SyntheticWorld, lora
     return _scored(pipeline, [world.concept_scene(1000 + index) for index in range(count)], loras)
 
 
+def finetune_scores(pipeline: StreamingVideoPipeline, lora: str | Path, strength: float = 1.0) -> dict:
+    """The fine-tuning example's scores with `lora` merged: the concept's captions (colour found, and of those
+    found the share moving the caption's way) and the world's held-out prompts (is anything forgotten?)."""
+    choice = (LoraChoice(str(lora), strength),)
+    concept = concept_scores(pipeline, SyntheticWorld(0, frames=33), choice)
+    found = [score for score in concept if score.found]
+    return {"concept": summarise(concept),
+            "concept_direction_of_found": float(np.mean([s.direction_ok for s in found])) if found else 0.0,
+            "world": summarise(text_to_video_scores(pipeline, SyntheticWorld(0), loras=choice))}
+
+
 def _scored(pipeline: StreamingVideoPipeline, scenes: list, loras: tuple[LoraChoice, ...]) -> list[PromptScore]:
     scores = []
     for index, scene in enumerate(scenes):

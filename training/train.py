@@ -481,7 +481,7 @@ class Trainer:
     @torch.no_grad()
     def write_validation_videos(self, step: int) -> None:
         from pipelines.core import GenerationRequest, StreamingVideoPipeline
-        from pipelines.video_io import H264Writer
+        from pipelines.video_io import write_video
         from pipelines.weights import Components
 
         acc = self.accelerator
@@ -499,14 +499,9 @@ class Trainer:
         folder.mkdir(parents=True, exist_ok=True)
         val = self.cfg.validation
         for index, prompt in enumerate(val.prompts):
-            writer = None
             request = GenerationRequest(prompt, seed=val.seed, num_blocks=val.blocks)
-            for result in pipeline.generate(request):
-                if writer is None:
-                    writer = H264Writer(folder / f"prompt-{index}.mp4", result.frames.shape[2],
-                                        result.frames.shape[1], self.model_config.fps)
-                writer.write(result.frames)
-            writer.close()
+            write_video(folder / f"prompt-{index}.mp4", (result.frames for result in pipeline.generate(request)),
+                        self.model_config.fps)
         vae.model.to("cpu")
         encoder.model.to("cpu")
         module.train()

@@ -33,6 +33,10 @@ class PoseAnimator:
         self._detector = detector
         self._lock = threading.Lock()
 
+    def for_pipeline(self, pipeline: StreamingVideoPipeline) -> "PoseAnimator":
+        """The same encoders and detector over another pipeline of the same weights (new settings)."""
+        return PoseAnimator(pipeline, self.encoders, self.detector_dir, self._detector)
+
     def detector(self) -> PoseDetector:
         with self._lock:
             if self._detector is None:
@@ -63,7 +67,8 @@ class PoseAnimator:
     def request(self, reference: Image.Image, driving: list[np.ndarray], is_pose_video: bool,
                 base: GenerationRequest) -> GenerationRequest:
         """`base` (prompt, seed, length, size) plus the pose conditioning and the reference latent."""
-        num_blocks, height, width = self.pipeline.validate(base)
+        validated = self.pipeline.validate(base)
+        num_blocks, height, width = validated.num_blocks, validated.height, validated.width
         latent_frames = num_blocks * self.pipeline.config.frames_per_block
         pose_frames, reference_pose = self.pose_video(reference, driving, is_pose_video, latent_frames, height, width)
         encoders = self.encoders.get()
