@@ -67,9 +67,9 @@ def serve(demo, runtime, host: str, port: int, allowed_paths: list[str]) -> None
     from fastapi import FastAPI, Response
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    from demo.ui import CSS, PAGE_JS, queue_length
+    from demo.ui import CSS, PAGE_JS
 
-    runtime.metrics.watch_queue(lambda: queue_length(demo))
+    runtime.metrics.watch_queue(runtime.queue_length)
     app = FastAPI()
     app.add_api_route("/metrics", lambda: Response(generate_latest(runtime.metrics.registry),
                                                    media_type=CONTENT_TYPE_LATEST), methods=["GET"])

@@ -30,7 +30,7 @@ from pipelines.config import load_config  # noqa: E402
 from pipelines.core import GenerationRequest, StreamingVideoPipeline  # noqa: E402
 
 try:
-    from pipelines.video_io import H264Writer
+    from pipelines.loading.video_io import H264Writer
 except ImportError:  # a bare GPU machine without imageio-ffmpeg: generation only
     H264Writer = None
 

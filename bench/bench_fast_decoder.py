@@ -1,5 +1,5 @@
 """Streaming decode speed at 480x832 per 3-latent-frame block: the Wan VAE (the exact path) against the
-TAEHV-architecture fast decoder (pipelines/tiny_decoder.py), both bf16 with random weights (speed does
+TAEHV-architecture fast decoder (pipelines/loading/tiny_decoder.py), both bf16 with random weights (speed does
 not depend on the values; how far a real taew2_1.pth moves the frames needs the real file).
 
     python bench/bench_fast_decoder.py
@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench_vae import time_blocks  # noqa: E402
 from diffusers import AutoencoderKLWan  # noqa: E402
 
-from bench_vae import time_blocks  # noqa: E402
-from pipelines.acceleration import vae_to_channels_last  # noqa: E402
-from pipelines.tiny_decoder import TinyVideoDecoder  # noqa: E402
-from pipelines.vae import WanVAE  # noqa: E402
+from pipelines.loading.tiny_decoder import TinyVideoDecoder  # noqa: E402
+from pipelines.loading.vae import WanVAE  # noqa: E402
+from pipelines.model.acceleration import vae_to_channels_last  # noqa: E402
 
 FRAMES_PER_BLOCK = 12  # output frames of a 3-latent-frame block after the first
 

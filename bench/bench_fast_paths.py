@@ -28,15 +28,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_streaming import PROMPTS, build_components, reference_output, time_generation  # noqa: E402
 from compare_references import latent_relative_error, psnr  # noqa: E402
-from pipelines import compile_cache  # noqa: E402
-from pipelines.acceleration import FP8_BLOCK_COMPILE_OPTIONS, accelerate  # noqa: E402
-from pipelines.attention_kernels import enable_attention_kernels, load_flash4, sdpa, time_kernel  # noqa: E402
+
 from pipelines.builder import warm_up  # noqa: E402
 from pipelines.config import load_config  # noqa: E402
-from pipelines.settings import RuntimeSettings  # noqa: E402
 from pipelines.core import StreamingVideoPipeline  # noqa: E402
-from pipelines.fp8 import quantize_blocks_fp8  # noqa: E402
-from pipelines.tiny_decoder import TinyVideoDecoder  # noqa: E402
+from pipelines.loading.tiny_decoder import TinyVideoDecoder  # noqa: E402
+from pipelines.model import compile_cache  # noqa: E402
+from pipelines.model.acceleration import FP8_BLOCK_COMPILE_OPTIONS, accelerate  # noqa: E402
+from pipelines.model.attention_kernels import enable_attention_kernels, load_flash4, sdpa, time_kernel  # noqa: E402
+from pipelines.model.fp8 import quantize_blocks_fp8  # noqa: E402
+from pipelines.settings import RuntimeSettings  # noqa: E402
 
 log = logging.getLogger("bench_fast_paths")
 BLOCK_KEYS = (4680, 14040, 23400, 32760)  # 1, 3, 5, 7 blocks of 3 latent frames at 832x480

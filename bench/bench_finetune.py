@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from accelerate import Accelerator  # noqa: E402
 
 from pipelines.config import load_config  # noqa: E402
-from pipelines.model import CausalWanModel  # noqa: E402
+from pipelines.model.transformer import CausalWanModel  # noqa: E402
 from training.adapters import add_lora  # noqa: E402
 from training.config import load_finetune_config, load_training_config  # noqa: E402
 from training.distill import euler_grid, ode_regression_loss, teacher_trajectories  # noqa: E402

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.attention_kernels import load_flash4, sdpa  # noqa: E402
-from pipelines.fp8 import FP8, FP8_MAX  # noqa: E402
+from pipelines.model.attention_kernels import load_flash4, sdpa  # noqa: E402
+from pipelines.model.fp8 import FP8, FP8_MAX  # noqa: E402
 
 KEYS = (4680, 14040, 23400, 32760)
 

@@ -33,8 +33,8 @@ from bench_streaming import PROMPTS, build_components, time_generation  # noqa: 
 
 from pipelines.config import load_config  # noqa: E402
 from pipelines.core import GenerationRequest, StreamingVideoPipeline  # noqa: E402
-from pipelines.memory import GIB, configure_memory  # noqa: E402
-from pipelines.vae import frames_psnr  # noqa: E402
+from pipelines.loading.vae import frames_psnr  # noqa: E402
+from pipelines.memory.planner import GIB, configure_memory  # noqa: E402
 
 
 def measure(pipeline: StreamingVideoPipeline, runs: int) -> dict:

@@ -28,19 +28,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from diffusers import AutoencoderKLWan  # noqa: E402
 from transformers import UMT5EncoderModel  # noqa: E402
 
-from pipelines import compile_cache  # noqa: E402
-from pipelines.acceleration import BLOCK_COMPILE_OPTIONS, accelerate  # noqa: E402
-from pipelines.attention_kernels import enable_attention_kernels  # noqa: E402
+from pipelines.builder import warm_up  # noqa: E402
 from pipelines.config import load_config  # noqa: E402
 from pipelines.core import GenerationRequest, StreamingVideoPipeline  # noqa: E402
+from pipelines.loading.text_encoder import PromptEncoder, umt5_config  # noqa: E402
+from pipelines.loading.vae import WanVAE  # noqa: E402
+from pipelines.loading.weights import Components, byte_tokenizer  # noqa: E402
+from pipelines.memory.profiles import ATTENTION_CHOICES  # noqa: E402
+from pipelines.model import compile_cache  # noqa: E402
+from pipelines.model.acceleration import BLOCK_COMPILE_OPTIONS, accelerate  # noqa: E402
+from pipelines.model.attention_kernels import enable_attention_kernels  # noqa: E402
+from pipelines.model.fp8 import quantize_blocks_fp8  # noqa: E402
+from pipelines.model.transformer import CausalWanModel  # noqa: E402
 from pipelines.settings import RuntimeSettings  # noqa: E402
-from pipelines.model import CausalWanModel  # noqa: E402
-from pipelines.builder import warm_up  # noqa: E402
-from pipelines.fp8 import quantize_blocks_fp8  # noqa: E402
-from pipelines.memory_profiles import ATTENTION_CHOICES  # noqa: E402
-from pipelines.text_encoder import PromptEncoder, umt5_config  # noqa: E402
-from pipelines.vae import WanVAE  # noqa: E402
-from pipelines.weights import Components, byte_tokenizer  # noqa: E402
 
 UMT5_XXL = dict(vocab=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64)
 PROMPTS = ["A corgi runs along a beach at sunset, waves rolling in, cinematic lighting",
@@ -129,7 +129,7 @@ def reference_output(pipeline: StreamingVideoPipeline, fast_decode: bool = False
 
 def capped_runs(pipeline: StreamingVideoPipeline, card_gib: float, runs: int, compiled: bool) -> dict:
     """The same runs on an emulated card: the planner's choice for it, then the process capped."""
-    from pipelines.memory import GIB, configure_memory
+    from pipelines.memory.planner import GIB, configure_memory
 
     plan, settings = configure_memory(pipeline.components, pipeline.config, pipeline.device, "auto",
                                       int(card_gib * GIB), settings=pipeline.settings, compile_models=compiled)
@@ -151,7 +151,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="torch.compile the static-shape block parts")
     parser.add_argument("--fast-kernels", action="store_true",
-                        help="pipelines.acceleration: cuDNN autotuning + channels-last VAE (+ --compile)")
+                        help="pipelines.model.acceleration: cuDNN autotuning + channels-last VAE (+ --compile)")
     parser.add_argument("--sdpa", choices=["auto", "cudnn", "flash", "efficient"], default="auto",
                         help="force one scaled_dot_product_attention backend")
     parser.add_argument("--cap-gib", type=float,
@@ -189,7 +189,7 @@ def main() -> None:
         components.generator.compile_blocks(options=BLOCK_COMPILE_OPTIONS, dynamic=False)
     fast_decoder = None
     if args.fast_decoder:
-        from pipelines.tiny_decoder import TinyVideoDecoder
+        from pipelines.loading.tiny_decoder import TinyVideoDecoder
 
         fast_decoder = TinyVideoDecoder().to(device, config.torch_dtype).eval()
     settings = RuntimeSettings(fp8_linears=args.fp8, compiled=args.compile, fast_decoder=fast_decoder,

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from accelerate import Accelerator  # noqa: E402
 
 from pipelines.config import load_config  # noqa: E402
-from pipelines.model import CausalWanModel  # noqa: E402
+from pipelines.model.transformer import CausalWanModel  # noqa: E402
 from training.adapters import add_lora  # noqa: E402
 from training.objective import FlowObjective  # noqa: E402
 from training.train import FlowStep, flow_matching_loss  # noqa: E402

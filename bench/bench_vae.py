@@ -13,8 +13,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from diffusers import AutoencoderKLWan  # noqa: E402
 
-from pipelines.acceleration import vae_to_channels_last  # noqa: E402
-from pipelines.vae import WanVAE  # noqa: E402
+from pipelines.loading.vae import WanVAE  # noqa: E402
+from pipelines.model.acceleration import vae_to_channels_last  # noqa: E402
 
 
 def time_blocks(vae, latents: torch.Tensor, repeats: int = 3) -> float:

@@ -6,25 +6,27 @@ import hmac
 import logging
 import os
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
+from pipelines.builder import build_pipeline, default_device, vram_bytes
 from pipelines.config import PipelineConfig, load_config
 from pipelines.core import BlockResult, StreamingVideoPipeline, ValidatedRequest
-from pipelines.memory import MemoryPlan, configure_memory
+from pipelines.loading.lora import LoraChoice
+from pipelines.loading.prompt_extender import PromptExtender, extender_device, find_extender_folder
+from pipelines.loading.weights import WeightsError
+from pipelines.memory.planner import MemoryPlan, configure_memory
 from pipelines.pose.animation import PoseAnimator, make_pose_animator
-from pipelines.builder import build_pipeline, default_device, vram_bytes
-from pipelines.inspect import Report, inspect_folder
-from pipelines.lora import LoraChoice
-from pipelines.models import REGISTRY, KnownModel, load_registry, present_models
-from pipelines.prompt_extender import PromptExtender, extender_device, find_extender_folder
-from pipelines.weights import WeightsError
+from pipelines.registry import REGISTRY, KnownModel, load_registry, present_models
+from pipelines.weights_inspector import Report, inspect_folder
 
 from .metrics import RunMetrics
 from .outputs import OutputStore
+from .session import SessionControl
 from .zerogpu import gpu_generator, on_zero_gpu
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,17 @@ class Runtime:
     metrics: RunMetrics = field(default_factory=RunMetrics)
     gpu_lock: threading.Lock = field(default_factory=threading.Lock)
     _gpu_generate: Callable | None = field(default=None, repr=False)
+    _sessions: weakref.WeakSet = field(default_factory=weakref.WeakSet, repr=False)  # live visitors' sessions
+
+    def new_session(self) -> SessionControl:
+        """A visitor's own SessionControl (gr.State's factory); the runtime only counts who waits."""
+        session = SessionControl(self.outputs)
+        self._sessions.add(session)
+        return session
+
+    def queue_length(self) -> int:
+        """Generation requests sent and not started yet (waiting for the GPU)."""
+        return sum(session.is_waiting for session in list(self._sessions))
 
     @property
     def extender_note(self) -> str:
@@ -88,7 +101,7 @@ class Runtime:
 
     def lora_menu(self) -> list[tuple[str, str]]:
         """(label, name) per LoRA: the label adds what the file says it was trained for."""
-        from pipelines.lora import provenance
+        from pipelines.loading.lora import provenance
 
         return [(f"{name} ({trained})" if (trained := provenance(self.lora_dir / name)) else name, name)
                 for name in self.lora_names()]

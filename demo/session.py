@@ -1,4 +1,8 @@
-"""Per-browser-session state: a stop flag, a private output folder, the prompt last extended."""
+"""Per-browser-session state: a stop flag, a private output folder, the prompt last extended.
+
+A generation request is *waiting* from the moment the page sends it (or the handler starts, for API
+clients) until it runs: a Stop or a new prompt sent while it waits applies to it.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -26,9 +30,15 @@ class FastRun:
 class SessionControl:
     """Created fresh for every browser session by gr.State; never shared between sessions."""
 
+    # How long a new prompt waits for a run that was just submitted (an API client's steer right after
+    # submit() can arrive before its queued request has started).
+    STEER_GRACE_S = 1.0
+
     def __init__(self, store: OutputStore | None = None) -> None:
         self.stop_requested = threading.Event()
         self._running = threading.Event()
+        self._waiting = threading.Event()  # a request was sent and has not started yet
+        self._active = threading.Event()  # waiting or running
         self.output_dir = store.new_session_dir() if store else Path(tempfile.mkdtemp(prefix="sf-session-"))
         self.store = store
         self.run_count = 0
@@ -46,21 +56,52 @@ class SessionControl:
     def is_running(self) -> bool:
         return self._running.is_set()
 
+    @property
+    def is_waiting(self) -> bool:
+        return self._waiting.is_set()
+
+    def request_sent(self) -> None:
+        """A generation request of this session is on its way: a fresh stop flag and prompt switches, which a
+        Stop or a new prompt sent while it waits in the queue will use."""
+        self.stop_requested.clear()
+        self.steering = PromptSteering()
+        self._waiting.set()
+        self._active.set()
+
+    def dropped_before_start(self) -> bool:
+        """At the start of a handler: True when Stop was pressed while its request waited (it must not run).
+        A request that was not announced (an API call) is announced here."""
+        if self.is_waiting and self.stop_requested.is_set():
+            self.request_done()
+            return True
+        if not self.is_waiting:
+            self.request_sent()
+        return False
+
+    def request_done(self) -> None:
+        """The request ended before it ran (refused, or dropped by Stop)."""
+        self._waiting.clear()
+        if not self.is_running:
+            self._active.clear()
+
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
         """Marks a generation of this session as in progress (what Stop acts on)."""
         self._running.set()
+        self._waiting.clear()
         try:
             yield
         finally:
             self._running.clear()
+            self._active.clear()
 
-    def request_stop(self) -> bool:
-        """Asks the running generation to stop after its current block; False when none runs."""
-        if not self.is_running:
-            return False
-        self.stop_requested.set()
-        return True
+    def request_stop(self) -> str | None:
+        """Asks the running generation to stop after its current block, or drops a request still waiting;
+        which one it was ("running", "waiting"), None when there is neither."""
+        state = "running" if self.is_running else "waiting" if self.is_waiting else None
+        if state is not None:
+            self.stop_requested.set()
+        return state
 
     def new_run_dir(self) -> Path:
         if self.store is not None:
@@ -68,19 +109,19 @@ class SessionControl:
         self.run_count += 1
         run_dir = self.output_dir / f"run{self.run_count:03d}"
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.stop_requested.clear()
         self.browser_first_frame_s = None
-        self.steering = PromptSteering()
         self.fast_run = None
         return run_dir
 
     def steer(self, prompt: str, mode: str = "recache") -> bool:
-        """Posts a new prompt for the running generation (ValueError for a bad one); False when none runs."""
+        """Posts a new prompt for the running or waiting generation (ValueError for a bad one); False when
+        there is none (after STEER_GRACE_S for one to start)."""
         PromptSteering.check(prompt, mode)
-        if not self.is_running:
+        if not self._active.wait(self.STEER_GRACE_S):
             return False
         self.steering.post(prompt, mode)
         return True
 
     def cleanup(self) -> None:
+        self.request_done()
         shutil.rmtree(self.output_dir, ignore_errors=True)

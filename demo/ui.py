@@ -1,21 +1,16 @@
 """The Gradio Blocks app: Text to Video, Image to Video and Pose Animation tabs on one core."""
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import gradio as gr
 from PIL import Image
 
 from pipelines.config import DemoConfig
-from pipelines.core import GenerationRequest, RequestError
-from pipelines.memory_profiles import PROFILE_CHOICES
+from pipelines.memory.profiles import PROFILE_CHOICES
 from pipelines.steering import SWITCH_MODES
-from pipelines.weights import WeightsError
 
-from .generation import (UserError, extend_request, parse_resolution, pick_seed, redecode_with_vae, stream_video,
-                         whole_number)
-from .media import MediaError, load_image, read_video
+from .handlers import MAX_FPS, MIN_FPS, Handlers, models_markdown
 from .runtime import NO_LORA, Runtime
 from .session import SessionControl
 
@@ -26,41 +21,23 @@ EXAMPLE_PROMPTS = [
     "A red fox trots through fresh snow in a pine forest, soft morning light",
     "Close-up of coffee being poured into a glass cup, swirling cream, shallow depth of field",
 ]
-# Time from the click to the first frame on screen, measured by the page: each Generate stores the
-# click time and the preview's current image; the first different, loaded image ends the measurement.
-CLICK_JS = """(...args) => { const img = document.querySelector('#preview-TAB img');
-  window.sfRun = {tab: 'TAB', t0: performance.now(), src: img ? img.src : null, reported: false}; return args; }"""
-BROWSER_TIMING_JS = """() => { setInterval(() => {
-  const run = window.sfRun; if (!run || run.reported) return;
-  const img = document.querySelector(`#preview-${run.tab} img`);
-  if (!img || !img.src || img.src === run.src || !img.complete || !img.naturalWidth) return;
-  run.reported = true;
-  const box = document.querySelector(`#browser-report-${run.tab} textarea`);
-  if (!box) return;
-  box.value = ((performance.now() - run.t0) / 1000).toFixed(3);
-  box.dispatchEvent(new Event('input', {bubbles: true})); }, 10); }"""
-# The live player (Gradio's HLS stream) keeps everything it has buffered, which grows without end
-# in continuous mode. Every media buffer the page creates drops what lies more than PLAYED_KEEP_S
-# behind the playhead of its video; the finished clip stays downloadable as one mp4.
-PLAYED_KEEP_S = 10
-PLAYER_TRIM_JS = """() => { const keep = KEEP;
-  window.sfSourceBuffers = [];
-  const createUrl = URL.createObjectURL;
-  URL.createObjectURL = function (object) {
-    const url = createUrl.call(URL, object); if (object instanceof MediaSource) object.sfUrl = url; return url; };
-  const addBuffer = MediaSource.prototype.addSourceBuffer;
-  MediaSource.prototype.addSourceBuffer = function (type) {
-    const buffer = addBuffer.call(this, type), source = this;
-    window.sfSourceBuffers.push(buffer);
-    buffer.addEventListener('updateend', () => {
-      const video = [...document.querySelectorAll('video')].find((v) => v.src && v.src === source.sfUrl);
-      if (!video || buffer.updating || !buffer.buffered.length) return;
-      const start = buffer.buffered.start(0), until = video.currentTime - keep;
-      if (until > start + 1) buffer.remove(start, until); });
-    return buffer; }; }""".replace("KEEP", str(PLAYED_KEEP_S))
-PAGE_JS = f"() => {{ ({BROWSER_TIMING_JS})(); ({PLAYER_TRIM_JS})(); }}"
+STATIC = Path(__file__).resolve().parent / "static"
+PLAYED_KEEP_S = 10  # seconds of played video the live player keeps buffered (static/player_trim.js)
+
+
+def page_script(name: str, **values: object) -> str:
+    """A script from demo/static/ as the JavaScript function source Gradio runs (comment lines dropped,
+    UPPERCASE placeholders filled in)."""
+    lines = [line for line in (STATIC / name).read_text().splitlines() if not line.lstrip().startswith("//")]
+    text = "\n".join(lines).strip()
+    for key, value in values.items():
+        text = text.replace(key, str(value))
+    return text
+
+
+PAGE_JS = (f"() => {{ ({page_script('browser_timing.js')})(); "
+           f"({page_script('player_trim.js', KEEP=PLAYED_KEEP_S)})(); }}")
 CSS = ".sf-hidden { display: none !important; }"
-MIN_FPS, MAX_FPS = 8, 30
 POSE_HELP = ("Upload the character (reference image) and a driving video. DWPose (local ONNX files) extracts "
              "body, hand and face keypoints, aligns them to the character and renders the skeleton; or tick "
              "*already a pose video* to use a rendered skeleton video directly. The generator must have been "
@@ -161,14 +138,6 @@ class Outputs:
         return [self.stream, self.preview, self.status, self.video, self.seed, controls.extended, self.timeline]
 
 
-def _request(prompt, negative, seed, randomize, blocks, resolution, continuous=False, fast_decode=False,
-             **extra) -> GenerationRequest:
-    height, width = parse_resolution(resolution)
-    return GenerationRequest(prompt=prompt or "", negative_prompt=negative, seed=pick_seed(seed, randomize),
-                             num_blocks=whole_number(blocks, "Blocks"), height=height, width=width,
-                             continuous=bool(continuous), fast_decode=bool(fast_decode), **extra)
-
-
 def demo_examples(demo: DemoConfig) -> tuple[list[list], list[list]]:
     """([image, prompt] image-to-video examples, [reference, pose video, True, prompt] pose examples)
     from the config's examples folder; a file's stem, underscores as spaces, is its prompt."""
@@ -197,99 +166,19 @@ def _pose_note(runtime: Runtime) -> str:
 
 
 def build_demo(runtime: Runtime) -> gr.Blocks:
-    def run(tab: str, session: SessionControl, request: GenerationRequest, fps, extend, extended, lora, strength,
-            browser: gr.Request):
-        if runtime.outputs is not None and browser is not None and browser.session_hash:
-            runtime.outputs.track(browser.session_hash, session.output_dir)
-        fps = whole_number(fps, "Output FPS", MIN_FPS, MAX_FPS)
-        try:
-            request = dataclasses.replace(request, loras=runtime.lora_choice(lora, strength))
-        except (ValueError, TypeError) as err:
-            raise UserError(str(err)) from err
-        request, box, note = extend_request(runtime, session, tab, request, bool(extend), extended)
-        yield from stream_video(runtime, session, request, fps, tab, box, note)
+    handlers = Handlers(runtime)
 
-    def text_to_video(prompt, negative, seed, randomize, blocks, fps, resolution, extend, extended, lora,
-                      lora_strength, continuous, fast_decode, session, browser: gr.Request):
-        request = _request(prompt, negative, seed, randomize, blocks, resolution, continuous, fast_decode)
-        yield from run("t2v", session, request, fps, extend, extended, lora, lora_strength, browser)
-
-    def image_to_video(image, prompt, negative, seed, randomize, blocks, fps, resolution, extend, extended, lora,
-                       lora_strength, continuous, fast_decode, session, browser: gr.Request):
-        if not image:
-            raise UserError("Please upload an image.")
-        try:
-            picture = load_image(image)
-        except MediaError as err:
-            raise UserError(str(err)) from err
-        request = _request(prompt, negative, seed, randomize, blocks, resolution, continuous, fast_decode,
-                           image=picture)
-        yield from run("i2v", session, request, fps, extend, extended, lora, lora_strength, browser)
-
-    def pose_animation(reference, driving_video, is_pose_video, prompt, negative, seed, randomize, blocks, fps,
-                       resolution, extend, extended, lora, lora_strength, continuous, fast_decode, session,
-                       browser: gr.Request):
-        poser = runtime.poser
-        if poser is None:
-            raise UserError(runtime.load_error or "The model is not loaded.")
-        if not poser.encoders.available:
-            raise UserError(poser.encoders.missing_message())
-        if not reference or not driving_video:
-            raise UserError("Please upload a reference image and a driving video.")
-        if continuous:
-            raise UserError("Continuous mode is for text and image to video: a pose animation lasts as long as "
-                            "its driving video.")
-        base = _request(prompt, negative, seed, randomize, blocks, resolution, fast_decode=fast_decode)
-        try:
-            picture, frames = load_image(reference), read_video(driving_video)
-            with runtime.gpu_lock:
-                request = poser.request(picture, frames, bool(is_pose_video), base)
-        except (MediaError, WeightsError, RequestError) as err:
-            raise UserError(str(err)) from err
-        yield from run("pose", session, request, fps, extend, extended, lora, lora_strength, browser)
-
-    def redecode(session: SessionControl) -> tuple[str, str]:
-        return redecode_with_vae(runtime, session)
-
-    def report_browser_timing(seconds: str, session: SessionControl) -> str:
-        try:
-            value = float(seconds)
-        except ValueError:
-            return gr.skip()
-        session.browser_first_frame_s = value
-        runtime.metrics.record_browser_first_frame(value)
-        return f"First frame on screen **{value:.2f} s** after the click (measured in this browser)"
-
-    def steer(prompt: str, mode: str, session: SessionControl) -> str:
-        try:
-            if session.steer(prompt, mode):
-                return f"New prompt ({mode}) from the next block …"
-        except ValueError as err:
-            raise UserError(str(err)) from err
-        return "Nothing is running: press Generate."
-
-    def steer_if_running(prompt: str, mode: str, session: SessionControl) -> str:
-        return steer(prompt, mode, session) if session.is_running else gr.skip()
-
-    def unless_running(session: SessionControl) -> None:
-        """Ends the Enter chain quietly when Enter steered the running video instead."""
-        if session.is_running:
-            raise gr.Error("applied to the running video", visible=False, print_exception=False)
-
-    def request_stop(session: SessionControl) -> str:
-        if session.request_stop():
-            return "Stopping after the current block …"
-        return "Nothing is running."
-
+    def new_session() -> SessionControl:  # (gr.State deep-copies its value: a plain function, not a method)
+        return runtime.new_session()
     with gr.Blocks(title="Self-Forcing streaming video", delete_cache=(600, 3600)) as demo:
-        session = gr.State(lambda: SessionControl(runtime.outputs), delete_callback=lambda s: s.cleanup())
+        session = gr.State(new_session, delete_callback=SessionControl.cleanup)
         gr.Markdown("# Streaming causal video diffusion (Self-Forcing · Wan2.1-T2V-1.3B)")
         banner = gr.Markdown(runtime.banner(), elem_id="banner")
         if runtime.weights_report is not None:
-            with gr.Accordion("Weights folder (python -m pipelines.inspect)", open=runtime.pipeline is None):
+            with gr.Accordion("Weights folder (python -m pipelines.weights_inspector)", open=runtime.pipeline is None):
                 gr.Markdown(runtime.weights_report.markdown(), elem_id="weights-report")
-        _memory_panel(runtime)
-        _model_panel(runtime, banner)
+        _memory_panel(runtime, handlers)
+        _model_panel(runtime, handlers, banner)
         images, pose_examples = demo_examples(runtime.config.demo)
         with gr.Tabs():
             with gr.Tab("Text to Video", id="t2v"):
@@ -325,36 +214,36 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
 
         _stats_panel(runtime)
         for tab, controls, outputs, handler, extra, name in (
-                ("t2v", t2v, t2v_out, text_to_video, [], "text_to_video"),
-                ("i2v", i2v, i2v_out, image_to_video, [image], "image_to_video"),
-                ("pose", pose, pose_out, pose_animation, [reference, driving, is_pose_video], "pose_animation")):
+                ("t2v", t2v, t2v_out, handlers.text_to_video, [], "text_to_video"),
+                ("i2v", i2v, i2v_out, handlers.image_to_video, [image], "image_to_video"),
+                ("pose", pose, pose_out, handlers.pose_animation, [reference, driving, is_pose_video],
+                 "pose_animation")):
             generate = dict(inputs=extra + controls.inputs + [session], outputs=outputs.all(controls),
-                            concurrency_id="gpu", concurrency_limit=1, js=CLICK_JS.replace("TAB", tab))
-            controls.generate.click(handler, api_name=name, **generate)
+                            concurrency_id="gpu", concurrency_limit=1)
+            # The page announces a request before it joins the queue, so Stop and new prompts reach it there.
+            controls.generate.click(handlers.request_sent, inputs=[session], queue=False, api_name=False,
+                                    show_progress="hidden", js=page_script("click.js", TAB=tab)
+                                    ).then(handler, api_name=name, **generate)
             # Enter applies the new prompt to this session's running video, and generates otherwise.
-            controls.prompt.submit(steer_if_running, inputs=[controls.prompt, controls.switch_mode, session],
+            controls.prompt.submit(handlers.steer_if_running, inputs=[controls.prompt, controls.switch_mode, session],
                                    outputs=[outputs.status], queue=False, api_name=False)
-            controls.prompt.submit(unless_running, inputs=[session], queue=False, api_name=False,
+            controls.prompt.submit(handlers.send_unless_running, inputs=[session], queue=False, api_name=False,
                                    show_progress="hidden").success(handler, api_name=False, **generate)
-            controls.stop.click(request_stop, inputs=[session], outputs=[outputs.status], queue=False,
+            controls.stop.click(handlers.request_stop, inputs=[session], outputs=[outputs.status], queue=False,
                                 api_name=f"stop_{name}")
             if runtime.fast_decoder_available:
-                controls.redecode.click(redecode, inputs=[session], outputs=[outputs.video, outputs.status],
+                controls.redecode.click(handlers.redecode, inputs=[session], outputs=[outputs.video, outputs.status],
                                         concurrency_id="gpu", concurrency_limit=1, api_name=f"redecode_{name}")
-            controls.apply.click(steer, inputs=[controls.prompt, controls.switch_mode, session],
+            controls.apply.click(handlers.steer, inputs=[controls.prompt, controls.switch_mode, session],
                                  outputs=[outputs.status], queue=False, api_name=f"steer_{name}")
-            outputs.report.change(report_browser_timing, inputs=[outputs.report, session], outputs=[outputs.timing],
-                                 queue=False, api_name=False)
-        if runtime.outputs is not None:
-            def end_session(browser: gr.Request) -> None:
-                runtime.outputs.end_session(browser.session_hash)
-
-            demo.unload(end_session)
-    _hide_internal_endpoints(demo)
+            outputs.report.change(handlers.report_browser_timing, inputs=[outputs.report, session],
+                                  outputs=[outputs.timing], queue=False, api_name=False)
+        demo.unload(handlers.end_session)
+    _hide_internal_endpoints(demo, new_session)
     return demo
 
 
-def _memory_panel(runtime: Runtime) -> None:
+def _memory_panel(runtime: Runtime, handlers: Handlers) -> None:
     """The memory plan for everyone; changing it (server-wide) only with the operator's admin token."""
     with gr.Accordion("Memory (low-VRAM GPUs)", open=False):
         plan = gr.Markdown(runtime.memory_plan.summary() if runtime.memory_plan else "", elem_id="memory-plan")
@@ -367,29 +256,11 @@ def _memory_panel(runtime: Runtime) -> None:
                                   info="applies to every user of this server")
             token = gr.Textbox(label="Admin token", type="password")
             apply = gr.Button("Apply")
-        def set_profile(requested: str, given_token: str) -> str:
-            try:
-                return runtime.set_memory_profile(requested, given_token)
-            except (PermissionError, ValueError) as err:
-                raise UserError(str(err)) from err
-
-        apply.click(set_profile, inputs=[profile, token], outputs=[plan], concurrency_id="gpu",
+        apply.click(handlers.set_memory_profile, inputs=[profile, token], outputs=[plan], concurrency_id="gpu",
                     concurrency_limit=1, api_name="set_memory_profile")
 
 
-def models_markdown(runtime: Runtime) -> str:
-    """The registered causal generators: which is loaded, which are present, what the others miss."""
-    current = Path(runtime.config.source).resolve()
-    rows = ["| model | sampling | in the weights folder |", "| --- | --- | --- |"]
-    for model in runtime.registry.values():
-        missing = model.missing(runtime.weights_dir) if runtime.weights_dir else ["--weights DIR"]
-        state = "**loaded**" if model.config_path.resolve() == current else "present" if not missing else \
-            f"missing {', '.join(missing)} (`{model.config.download}`)"
-        rows.append(f"| {model.label} | {model.settings()} | {state} |")
-    return "\n".join(rows)
-
-
-def _model_panel(runtime: Runtime, banner: gr.Markdown) -> None:
+def _model_panel(runtime: Runtime, handlers: Handlers, banner: gr.Markdown) -> None:
     """Pick among the registered models present in the weights folder (one resident at a time)."""
     with gr.Accordion("Model", open=False):
         table = gr.Markdown(models_markdown(runtime), elem_id="models")
@@ -403,14 +274,7 @@ def _model_panel(runtime: Runtime, banner: gr.Markdown) -> None:
                                  info="replaces the loaded model for every user of this server")
             token = gr.Textbox(label="Admin token", type="password")
             switch = gr.Button("Switch")
-
-        def switch_model(key: str, given_token: str) -> tuple[str, str]:
-            try:
-                return runtime.switch_model(key, given_token), models_markdown(runtime)
-            except (PermissionError, ValueError, WeightsError) as err:
-                raise UserError(str(err)) from err
-
-        switch.click(switch_model, inputs=[choice, token], outputs=[banner, table], concurrency_id="gpu",
+        switch.click(handlers.switch_model, inputs=[choice, token], outputs=[banner, table], concurrency_id="gpu",
                      concurrency_limit=1, api_name="switch_model")
 
 
@@ -423,14 +287,9 @@ def _stats_panel(runtime: Runtime) -> None:
         event(runtime.metrics.summary_markdown, outputs=[table], queue=False, api_name=False)
 
 
-def queue_length(demo: gr.Blocks) -> int:
-    """Requests waiting for the GPU in Gradio's queue (0 before the queue has started)."""
-    queues = getattr(getattr(demo, "_queue", None), "event_queue_per_concurrency_id", {})
-    return sum(len(q.queue) for q in queues.values())
-
-
-def _hide_internal_endpoints(demo: gr.Blocks) -> None:
-    """The per-session state's initialiser is a load event, not something for API users."""
+def _hide_internal_endpoints(demo: gr.Blocks, session_factory) -> None:
+    """The per-session state's initialiser is a load event, not something for API users (Gradio gives a
+    callable State's load event no api_visibility argument)."""
     for fn in demo.fns.values():
-        if fn.name == "<lambda>":
+        if fn.fn is session_factory:
             fn.api_visibility = "private"

@@ -11,18 +11,18 @@ from typing import TYPE_CHECKING
 import torch
 from PIL import Image
 
-from . import compile_cache as compile_cache_store
-from .acceleration import accelerate
-from .attention_kernels import AttentionKernelError, enable_attention_kernels
 from .config import PipelineConfig
 from .core import GenerationRequest, StreamingVideoPipeline
-from .fp8 import FP8Error, quantize_blocks_fp8
-from .memory import GIB, MemoryPlan, configure_memory
+from .loading.weights import WeightsError, load_components
+from .memory.planner import GIB, MemoryPlan, configure_memory
+from .model import compile_cache as compile_cache_store
+from .model.acceleration import accelerate
+from .model.attention_kernels import AttentionKernelError, enable_attention_kernels
+from .model.fp8 import FP8Error, quantize_blocks_fp8
 from .settings import RuntimeSettings
-from .weights import WeightsError, load_components
 
 if TYPE_CHECKING:
-    from .tiny_decoder import TinyVideoDecoder
+    from .loading.tiny_decoder import TinyVideoDecoder
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def build_pipeline(config: PipelineConfig, weights_dir: str | Path | None, devic
 
     warm: when the models were compiled or FlashAttention-4 is in use, run warm_up() so no user waits
     for a compiler.
-    compile_cache: a folder that keeps compilation results between starts (pipelines/compile_cache.py).
+    compile_cache: a folder that keeps compilation results between starts (pipelines/model/compile_cache.py).
     attention: inference attention kernels (memory_profiles.ATTENTION_CHOICES, attention_kernels.py).
     fp8: the experimental FP8 block linears (fp8.py; needs the generator resident on the GPU).
     """
@@ -89,7 +89,7 @@ def enable_fast_kernels(generator, device: torch.device, attention: str, fp8: bo
 def load_tiny_decoder(weights_dir: Path | None, device: torch.device, dtype: torch.dtype) -> "TinyVideoDecoder | None":
     """The TAEHV decoder when taew2_1 is in the weights folder (a bad file is logged, not fatal:
     the full VAE still decodes)."""
-    from .tiny_decoder import TinyVideoDecoder, find_tiny_decoder
+    from .loading.tiny_decoder import TinyVideoDecoder, find_tiny_decoder
 
     path = find_tiny_decoder(weights_dir)
     if path is None:

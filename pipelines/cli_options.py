@@ -1,4 +1,4 @@
-"""Command-line options shared by app.py and `python -m pipelines.generate`.
+"""Command-line options shared by app.py and `python -m pipelines.cli`.
 
 Each option can also be given as an environment variable (named in its help), which is how a
 Hugging Face Space is configured. This module imports nothing heavy, so `--help` is instant.
@@ -9,7 +9,8 @@ import argparse
 import os
 
 from .config import DEFAULT_CONFIG
-from .memory_profiles import ATTENTION_CHOICES, KV_CACHE_CHOICES, PROFILE_CHOICES
+from .memory.profiles import ATTENTION_CHOICES, KV_CACHE_CHOICES, PROFILE_CHOICES
+
 _TRUE = {"1", "true", "yes", "on"}
 
 
@@ -37,7 +38,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model (environment variables in brackets)")
     group.add_argument("--config", default=env("SF_CONFIG", str(DEFAULT_CONFIG)),
                        help="YAML in configs/, or a registered model: self_forcing_dmd, self_forcing_sid, causvid, "
-                            "longlive (python -m pipelines.models lists them); the default is the embedded tiny "
+                            "longlive (python -m pipelines.registry lists them); the default is the embedded tiny "
                             "model [SF_CONFIG]")
     group.add_argument("--weights", default=env("SF_WEIGHTS_DIR"),
                        help="folder with the downloaded weights, or hf://owner/repo on a Space [SF_WEIGHTS_DIR]")

@@ -10,12 +10,12 @@ from omegaconf import OmegaConf
 if TYPE_CHECKING:  # torch stays out of the import path of command-line parsing
     import torch
 
-    from .kv_cache import AttentionWindow
+    from .model.kv_cache import AttentionWindow
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = PROJECT_ROOT / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "tiny.yaml"
-REGISTRY = CONFIG_DIR / "models.yaml"  # the known causal generators (pipelines.models reads it)
+REGISTRY = CONFIG_DIR / "models.yaml"  # the known causal generators (pipelines.registry reads it)
 
 
 @dataclass
@@ -89,7 +89,7 @@ class PipelineConfig:
 
     @property
     def attention_window(self) -> "AttentionWindow":
-        from .kv_cache import AttentionWindow
+        from .model.kv_cache import AttentionWindow
         return AttentionWindow.from_config(self.local_attn_size, self.sink_size)
 
     @property

@@ -18,13 +18,13 @@ import torch
 from PIL import Image
 
 from .config import PipelineConfig
-from .kv_cache import AttentionWindow, KVCache, kv_bytes_per_frame
-from .lora import LoraChoice, LoraError, LoraMerger
+from .loading.lora import LoraChoice, LoraError, LoraMerger
+from .loading.vae import to_uint8_frames
+from .loading.weights import Components
+from .model.kv_cache import AttentionWindow, KVCache, kv_bytes_per_frame
 from .scheduler import make_sampler, reference_noise
 from .settings import RuntimeSettings
 from .steering import PromptSteering, PromptSwitch
-from .vae import to_uint8_frames
-from .weights import Components
 
 log = logging.getLogger(__name__)
 

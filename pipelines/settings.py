@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .tiny_decoder import TinyVideoDecoder
+    from .loading.tiny_decoder import TinyVideoDecoder
 
 
 @dataclass(frozen=True)

@@ -13,13 +13,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pipelines.config import load_config  # noqa: E402
 from pipelines.core import StreamingVideoPipeline  # noqa: E402
-from pipelines.weights import load_components  # noqa: E402
+from pipelines.loading.weights import load_components  # noqa: E402
 
 logging.getLogger("diffusers").setLevel(logging.ERROR)
-
-
-def pytest_configure(config) -> None:
-    config.addinivalue_line("markers", "slow: minutes of CPU training (deselect with -m 'not slow')")
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from pipelines.video_io import count_frames, write_video
+from pipelines.loading.video_io import count_frames, write_video
 
 ROOT_EXAMPLE = "assets/examples/clouds_drifting_over_mountains.png"
 T2V_ARGS = ("", 7, False, 2, 16, "96x64")  # negative, seed, randomize, blocks, fps, resolution

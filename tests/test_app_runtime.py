@@ -6,12 +6,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from demo.generation import parse_resolution, pick_seed, stream_video
 from demo.runtime import Runtime, load_runtime, resolve_weights_source
 from demo.session import SessionControl
+from demo.streaming import parse_resolution, pick_seed, stream_video
 from demo.ui import build_demo
 from pipelines.core import GenerationRequest, StreamingVideoPipeline
-from pipelines.weights import WeightsError
+from pipelines.loading.weights import WeightsError
+
 from tiny_checkpoints import write_original_layout
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipelines.attention_kernels import AttentionKernelError, ShapeTunedAttention, enable_attention_kernels, sdpa
 from pipelines.core import GenerationRequest, StreamingVideoPipeline
-from pipelines.weights import load_components
+from pipelines.loading.weights import load_components
+from pipelines.model.attention_kernels import AttentionKernelError, ShapeTunedAttention, enable_attention_kernels, sdpa
 
 
 def attention_blhd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 # Set SF_SCREENSHOT_PATH=assets/screenshot.png to refresh the README screenshot.
 SCREENSHOT = Path(os.environ.get("SF_SCREENSHOT_PATH", "/tmp/sf-app-mid-stream.png"))
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}")
+pytestmark = [pytest.mark.browser,
+              pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}")]
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from pipelines.core import GenerationRequest, StreamingVideoPipeline
-from pipelines.kv_cache import AttentionWindow, KVCache, block_causal_mask
+from pipelines.model.kv_cache import AttentionWindow, KVCache, block_causal_mask
+
 from streams import block_latents
 
 

@@ -1,10 +1,10 @@
-"""python -m pipelines.generate: writes an H.264 mp4; bad setups exit 2 with one message."""
+"""python -m pipelines.cli: writes an H.264 mp4; bad setups exit 2 with one message."""
 from __future__ import annotations
 
 import logging
 
-from pipelines.generate import main
-from pipelines.video_io import count_frames
+from pipelines.cli import main
+from pipelines.loading.video_io import count_frames
 
 
 def test_cli_writes_mp4_with_all_frames(tmp_path):

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PROBE = """
 import json, sys, torch
 from pathlib import Path
-from pipelines import compile_cache
+from pipelines.model import compile_cache
 folder = Path(sys.argv[1])
 loaded = compile_cache.activate(folder)
 torch.manual_seed(0)
@@ -33,9 +33,9 @@ print(json.dumps({"loaded": loaded, "hits": counters["inductor"]["fxgraph_cache_
 RESTART_PROBE = """
 import json, sys, torch
 from pathlib import Path
-from pipelines import compile_cache
-from pipelines.acceleration import BLOCK_COMPILE_OPTIONS
-from pipelines.model import CausalWanModel
+from pipelines.model import compile_cache
+from pipelines.model.acceleration import BLOCK_COMPILE_OPTIONS
+from pipelines.model.transformer import CausalWanModel
 from torch._dynamo.utils import counters
 folder = Path(sys.argv[1])
 loaded = compile_cache.activate(folder)

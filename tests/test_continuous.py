@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from pipelines.core import ContextWrite, GenerationRequest, StreamingVideoPipeline, still_cached
-from pipelines.kv_cache import AttentionWindow, KVCache
-from pipelines.video_io import count_frames
+from pipelines.loading.video_io import count_frames
+from pipelines.model.kv_cache import AttentionWindow, KVCache
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,7 +76,7 @@ def test_progressive_mp4_survives_a_killed_writer(tmp_path, progressive):
     script = textwrap.dedent(f"""
         import sys, time, numpy as np
         sys.path.insert(0, {str(ROOT)!r})
-        from pipelines.video_io import H264Writer
+        from pipelines.loading.video_io import H264Writer
         writer = H264Writer({str(path)!r}, 96, 64, 16, progressive={progressive})
         writer.write(np.random.default_rng(0).integers(0, 255, (48, 64, 96, 3), dtype=np.uint8))
         ffmpeg = writer._writer.gi_frame.f_locals["p"]  # imageio-ffmpeg's encoder process

@@ -6,8 +6,14 @@ import torch
 from torch import nn
 
 from training.data import collate
-from training.distill import (euler_grid, ode_regression_loss, on_policy_paths, prefix_for, student_trajectories,
-                               teacher_trajectories)
+from training.distill import (
+    euler_grid,
+    ode_regression_loss,
+    on_policy_paths,
+    prefix_for,
+    student_trajectories,
+    teacher_trajectories,
+)
 
 SIGMAS = (1.0, 0.75, 0.5, 0.25)
 

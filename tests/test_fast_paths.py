@@ -11,22 +11,28 @@ import os
 
 import pytest
 import torch
+from test_memory import REAL
 from torch import nn
 from torch._dynamo.utils import counters
 
-from pipelines import compile_cache
-from pipelines.settings import RuntimeSettings
 from pipelines.builder import build_pipeline
 from pipelines.core import GenerationRequest, RequestError, StreamingVideoPipeline
-from pipelines.acceleration import FP8_BLOCK_COMPILE_OPTIONS
-from pipelines.fp8 import (FP8Error, Float8Linear, convert_block_linears, is_block_linear, quantize_blocks_fp8,
-                          quantize_fp8)
-from pipelines.kv_cache import AttentionWindow, KVCache
-from pipelines.model import CausalWanModel
-from pipelines.lora import LoraChoice
-from pipelines.memory import GIB, plan_memory
-from pipelines.weights import WeightsError
-from test_memory import REAL
+from pipelines.loading.lora import LoraChoice
+from pipelines.loading.weights import WeightsError
+from pipelines.memory.planner import GIB, plan_memory
+from pipelines.model import compile_cache
+from pipelines.model.acceleration import FP8_BLOCK_COMPILE_OPTIONS
+from pipelines.model.fp8 import (
+    Float8Linear,
+    FP8Error,
+    convert_block_linears,
+    is_block_linear,
+    quantize_blocks_fp8,
+    quantize_fp8,
+)
+from pipelines.model.kv_cache import AttentionWindow, KVCache
+from pipelines.model.transformer import CausalWanModel
+from pipelines.settings import RuntimeSettings
 
 
 def test_fp8_on_a_cpu_is_refused_with_what_it_needs(tiny_config, tiny_components):
@@ -134,7 +140,7 @@ def test_fast_path_is_named_and_loras_are_refused_on_fp8_weights(tiny_components
 
 def test_fp8_and_attention_options_in_both_command_lines(monkeypatch):
     from app import build_parser as app_parser
-    from pipelines.generate import build_parser as cli_parser
+    from pipelines.cli import build_parser as cli_parser
 
     app_args, cli_args = app_parser().parse_args([]), cli_parser().parse_args(["--prompt", "x"])
     assert (app_args.attention, app_args.fp8, cli_args.attention, cli_args.fp8) == ("auto", False, "auto", False)
@@ -148,7 +154,7 @@ def test_fp8_and_attention_options_in_both_command_lines(monkeypatch):
 
 
 def test_cli_with_flash4_on_a_cpu_exits_with_the_reason(tmp_path, caplog):
-    from pipelines.generate import main
+    from pipelines.cli import main
 
     assert main(["--prompt", "a red circle", "--device", "cpu", "--attention", "flash4",
                  "--out", str(tmp_path / "x.mp4")]) == 2

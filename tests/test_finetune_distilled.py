@@ -18,7 +18,7 @@ from safetensors import safe_open
 from pipelines.builder import build_pipeline
 from pipelines.config import load_config
 from pipelines.core import GenerationRequest
-from pipelines.lora import LoraChoice, provenance
+from pipelines.loading.lora import LoraChoice, provenance
 from training import finetune, prepare
 from training.examples import write_concept_clips
 from training.scorecard import finetune_scores, video
@@ -118,7 +118,7 @@ def test_the_inspector_and_the_app_menu_show_what_a_lora_was_trained_for(runs, t
     import shutil
 
     from demo.runtime import Runtime
-    from pipelines.inspect import inspect_folder
+    from pipelines.weights_inspector import inspect_folder
 
     loras = tmp_path / "loras"
     loras.mkdir()

@@ -17,20 +17,21 @@ from gradio_client.exceptions import AppError
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
-from app_server import AppServer
 from pipelines.builder import build_pipeline
 from pipelines.config import load_config
 from pipelines.core import GenerationRequest, RequestError, StreamingVideoPipeline
-from pipelines.lora import LoraChoice, LoraError, read_lora
-from pipelines.memory import apply_profile
-from pipelines.memory_profiles import PROFILES
-from pipelines.video_io import count_frames, write_video
-from pipelines.weights import load_components
+from pipelines.loading.lora import LoraChoice, LoraError, read_lora
+from pipelines.loading.video_io import count_frames, write_video
+from pipelines.loading.weights import load_components
+from pipelines.memory.planner import apply_profile
+from pipelines.memory.profiles import PROFILES
+from training.config import load_training_config
 from training.data import CachedClips, read_manifest
 from training.objective import FlowObjective, noisy_latents, velocity_target
 from training.prepare import prepare
-from training.config import load_training_config
 from training.train import Trainer, TrainRun, build_parser
+
+from app_server import AppServer
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_TRAIN = {"model_config": "configs/tiny.yaml", "max_steps": 30, "learning_rate": 3e-3, "warmup_steps": 1,
@@ -274,7 +275,7 @@ def test_bad_lora_files_are_named(tmp_path, tiny_pipeline):
 def test_cli_lora(trained, tmp_path):
     _, _, adapter = trained
     out = tmp_path / "lora.mp4"
-    result = subprocess.run([sys.executable, "-m", "pipelines.generate", "--prompt", "a red square", "--blocks", "1",
+    result = subprocess.run([sys.executable, "-m", "pipelines.cli", "--prompt", "a red square", "--blocks", "1",
                              "--device", "cpu", "--lora", f"{adapter}:0.8", "--out", str(out)],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr

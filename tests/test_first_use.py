@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
+from test_memory import REAL
+
+from demo.outputs import OutputStore
+from pipelines.loading.video_io import count_frames
+from pipelines.memory.planner import plan_memory
 
 from app_server import AppServer
-from demo.outputs import OutputStore
-from pipelines.memory import plan_memory
-from pipelines.video_io import count_frames
-from test_memory import REAL
 
 ROOT = Path(__file__).resolve().parent.parent
 T2V_ARGS = ("", 7, False, 1, 16, "96x64")
@@ -164,18 +165,18 @@ def test_cpu_plan_does_not_claim_gpu_residency():
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines.generate", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
 
 
 def test_cli_help_is_light_and_complete():
-    probe = ("import runpy, sys\nsys.argv = ['x', '--help']\ntry:\n    runpy.run_module('pipelines.generate', "
+    probe = ("import runpy, sys\nsys.argv = ['x', '--help']\ntry:\n    runpy.run_module('pipelines.cli', "
              "run_name='__main__')\nexcept SystemExit:\n    pass\nprint('HEAVY' if {'torch', 'diffusers', "
              "'transformers'} & set(sys.modules) else 'LIGHT')")
     result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.stdout.strip().endswith("LIGHT"), result.stdout + result.stderr
     help_text = result.stdout
-    assert help_text.startswith("usage: python -m pipelines.generate")
+    assert help_text.startswith("usage: python -m pipelines.cli")
     for option in ("--resolution", "--memory-profile", "--no-ema", "--extend-prompt", "[SF_CONFIG]",
                    "(default: auto)", "(default: output.mp4)"):
         assert option in help_text, option

@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipelines.model import FeedForward
+from pipelines.model.transformer import FeedForward
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 def test_fused_gelu_epilogue_matches_tanh_gelu():
@@ -23,7 +23,7 @@ def test_fused_gelu_epilogue_matches_tanh_gelu():
 
 def test_flash_attention_4_matches_sdpa_at_streaming_shapes():
     pytest.importorskip("flash_attn.cute", reason="flash-attn-4 not installed")
-    from pipelines.attention_kernels import agree, load_flash4, sdpa
+    from pipelines.model.attention_kernels import agree, load_flash4, sdpa
 
     flash4 = load_flash4()
     torch.manual_seed(0)
@@ -35,9 +35,9 @@ def test_flash_attention_4_matches_sdpa_at_streaming_shapes():
 
 
 def test_fp8_blocks_stay_close_to_bf16_eager_and_compiled():
-    from pipelines.acceleration import FP8_BLOCK_COMPILE_OPTIONS
-    from pipelines.fp8 import FP8Error, quantize_blocks_fp8
-    from pipelines.model import CausalWanModel
+    from pipelines.model.acceleration import FP8_BLOCK_COMPILE_OPTIONS
+    from pipelines.model.fp8 import FP8Error, quantize_blocks_fp8
+    from pipelines.model.transformer import CausalWanModel
 
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 tensor cores need compute capability 8.9+")

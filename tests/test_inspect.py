@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from demo.runtime import load_runtime
-from pipelines.inspect import TransformerShape, inspect_folder, main, vram_by_profile
+from pipelines.weights_inspector import TransformerShape, inspect_folder, main, vram_by_profile
+
 from tiny_checkpoints import write_diffusers_layout, write_original_layout, write_tiny_causal_lm
 
 

@@ -9,10 +9,15 @@ import torch
 from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers, convert_wan_vae_to_diffusers
 
 from pipelines.core import GenerationRequest, StreamingVideoPipeline
-from pipelines.weights import WeightsError, load_components
-from tiny_checkpoints import (dit_key_to_original, vae_key_to_original, write_diffusers_layout,
-                              write_original_layout, write_self_forcing_checkpoint)
+from pipelines.loading.weights import WeightsError, load_components
 
+from tiny_checkpoints import (
+    dit_key_to_original,
+    vae_key_to_original,
+    write_diffusers_layout,
+    write_original_layout,
+    write_self_forcing_checkpoint,
+)
 
 SF_CKPT = "checkpoints/self_forcing_dmd.pt"
 

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.settings import RuntimeSettings
 from pipelines.core import GenerationRequest, StreamingVideoPipeline
-from pipelines.fp8 import quantize_fp8
-from pipelines.kv_cache import AttentionWindow, KVCache
-from pipelines.memory import PLANNING_HEADROOM, PROFILES, apply_profile, configure_memory, footprint_of
-from pipelines.weights import load_components
+from pipelines.loading.weights import load_components
+from pipelines.memory.planner import PLANNING_HEADROOM, PROFILES, apply_profile, configure_memory, footprint_of
+from pipelines.model.fp8 import quantize_fp8
+from pipelines.model.kv_cache import AttentionWindow, KVCache
+from pipelines.settings import RuntimeSettings
+
 from streams import block_latents
 
 

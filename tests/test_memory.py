@@ -7,12 +7,23 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.settings import RuntimeSettings
 from pipelines.core import GenerationRequest, StreamingVideoPipeline
-from pipelines.kv_cache import kv_bytes_per_frame
-from pipelines.memory import (FRAME_BY_FRAME_DECODE_SHARE, GIB, PLANNING_HEADROOM, PROFILES, activation_bytes, ModelFootprint, apply_profile,
-                              decode_working_set_bytes, footprint_of, plan_memory)
-from pipelines.weights import load_components
+from pipelines.loading.weights import load_components
+from pipelines.memory.planner import (
+    FRAME_BY_FRAME_DECODE_SHARE,
+    GIB,
+    PLANNING_HEADROOM,
+    PROFILES,
+    ModelFootprint,
+    activation_bytes,
+    apply_profile,
+    decode_working_set_bytes,
+    footprint_of,
+    plan_memory,
+)
+from pipelines.model.kv_cache import kv_bytes_per_frame
+from pipelines.settings import RuntimeSettings
+
 from streams import block_latents
 
 

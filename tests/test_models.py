@@ -13,8 +13,10 @@ import yaml
 
 from pipelines.config import CONFIG_DIR, load_config
 from pipelines.core import GenerationRequest, StreamingVideoPipeline
-from pipelines.models import load_registry, main as models_main
-from pipelines.weights import WeightsError, load_components
+from pipelines.loading.weights import WeightsError, load_components
+from pipelines.registry import load_registry
+from pipelines.registry import main as models_main
+
 from tiny_checkpoints import dit_key_to_original, write_original_layout
 
 TINY = yaml.safe_load((CONFIG_DIR / "tiny.yaml").read_text())

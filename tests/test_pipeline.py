@@ -10,8 +10,9 @@ from diffusers import WanTransformer3DModel
 from PIL import Image
 
 from pipelines.core import GenerationRequest, RequestError, StreamingVideoPipeline, prepare_image
-from pipelines.model import CausalWanModel
+from pipelines.model.transformer import CausalWanModel
 from pipelines.scheduler import FewStepSchedule
+
 from streams import block_frames
 
 

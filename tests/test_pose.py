@@ -12,15 +12,14 @@ from PIL import Image
 
 from demo.media import MediaError, read_video
 from pipelines.core import GenerationRequest
-from pipelines.kv_cache import AttentionWindow, KVCache, block_causal_mask
+from pipelines.loading.vae import frames_for_latents
+from pipelines.loading.weights import WeightsError
+from pipelines.model.kv_cache import AttentionWindow, KVCache, block_causal_mask
 from pipelines.pose.align import align_sequence, alignment_transform, resample_indices
 from pipelines.pose.animation import PoseAnimator
 from pipelines.pose.condition import LazyPoseEncoders, PoseConditioning
 from pipelines.pose.draw import BODY_COLORS, PoseFrame, draw_pose
-from pipelines.pose.extract import (DETECTOR_FILE, POSE_FILE, decode_simcc, decode_yolox, load_dwpose,
-                                    wholebody_to_pose)
-from pipelines.vae import frames_for_latents
-from pipelines.weights import WeightsError
+from pipelines.pose.extract import DETECTOR_FILE, POSE_FILE, decode_simcc, decode_yolox, load_dwpose, wholebody_to_pose
 
 
 def body(points: dict[int, tuple[float, float]]) -> np.ndarray:

@@ -7,14 +7,15 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from demo.generation import extend_request, stream_video
 from demo.runtime import Runtime, load_runtime
 from demo.session import SessionControl
+from demo.streaming import extend_request, stream_video
+from pipelines.cli import main as cli_main
 from pipelines.config import load_config
 from pipelines.core import GenerationRequest
-from pipelines.generate import main as cli_main
-from pipelines.prompt_extender import ExtenderError, PromptExtender, find_extender_folder
-from pipelines.video_io import count_frames
+from pipelines.loading.prompt_extender import ExtenderError, PromptExtender, find_extender_folder
+from pipelines.loading.video_io import count_frames
+
 from tiny_checkpoints import write_original_layout, write_self_forcing_checkpoint, write_tiny_causal_lm
 
 

@@ -6,6 +6,7 @@ import torch
 
 from pipelines.core import GenerationRequest, StreamingVideoPipeline, prepare_image
 from pipelines.steering import PromptSteering
+
 from streams import block_latents
 
 

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from pipelines.core import GenerationRequest, RequestError
-from pipelines.tiny_decoder import TinyVideoDecoder
+from pipelines.loading.tiny_decoder import TinyVideoDecoder
 
 
 def taew2_1_shapes(time_grow_0: int = 256) -> dict[str, tuple[int, ...]]:
@@ -53,7 +54,7 @@ def test_loads_the_public_layout_and_refuses_other_files(tmp_path):
     loaded = TinyVideoDecoder.from_file(tmp_path / "taew2_1.pth")
     assert torch.equal(loaded.decoder[7].conv.weight, state["decoder.7.conv.weight"][256:])
 
-    from pipelines.weights import WeightsError
+    from pipelines.loading.weights import WeightsError
 
     del state["decoder.9.conv.2.weight"]
     torch.save(state, tmp_path / "broken.pth")
@@ -93,7 +94,7 @@ def test_decoding_is_causal_and_streams_do_not_share_state(decoder):
 
 def test_the_pipeline_decodes_with_it_on_request(tmp_path, tiny_config):
     from pipelines.builder import build_pipeline
-    from pipelines.inspect import inspect_folder
+    from pipelines.weights_inspector import inspect_folder
 
     bare, _ = build_pipeline(tiny_config, None, "cpu")
     with pytest.raises(RequestError, match="taew2_1.pth"):

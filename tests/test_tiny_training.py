@@ -10,8 +10,7 @@ from PIL import Image
 
 from training.evaluate import keypoint_error, score_video, summarise
 from training.objective import FlowObjective, flow_loss, position_weights
-from training.synthetic import (DIRECTIONS, MOTION_PHRASES, SIZES, SyntheticWorld, figure_keypoints, pose_frames,
-                                render)
+from training.synthetic import DIRECTIONS, MOTION_PHRASES, SIZES, SyntheticWorld, figure_keypoints, pose_frames, render
 
 
 def test_world_is_seeded_and_captions_describe_the_scene():
@@ -145,10 +144,10 @@ def trained_from_scratch(tmp_path_factory):
 def test_training_from_scratch_writes_a_model_the_app_loads(trained_from_scratch):
     import json
 
-    from pipelines.pose.animation import make_pose_animator
     from pipelines.builder import build_pipeline
     from pipelines.config import load_config
     from pipelines.core import GenerationRequest
+    from pipelines.pose.animation import make_pose_animator
 
     model = trained_from_scratch / "model"
     for name in ("transformer/diffusion_pytorch_model.safetensors", "vae/config.json", "text_encoder/config.json",
@@ -199,7 +198,7 @@ def test_a_second_run_continues_instead_of_starting_over(trained_from_scratch, c
 
 def test_the_trained_model_folder_is_required_with_a_clear_message(tmp_path):
     from pipelines.config import load_config
-    from pipelines.weights import WeightsError, load_components
+    from pipelines.loading.weights import WeightsError, load_components
 
     config = load_config("configs/tiny.yaml", **{"weights.bundled_dir": str(tmp_path / "absent")})
     with pytest.raises(WeightsError, match="python -m training.tiny"):

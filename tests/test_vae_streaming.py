@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.vae import frames_for_latents, to_uint8_frames
+from pipelines.loading.vae import frames_for_latents, to_uint8_frames
 
 
 def _split_decode(vae, latents, splits):
@@ -55,8 +55,8 @@ def test_uint8_conversion_range():
 @pytest.fixture()
 def sped_up_vae(tiny_config):
     """A private copy of the tiny VAE with the GPU speed rewrites applied (kernel padding, traceable upsampler)."""
-    from pipelines.acceleration import make_upsamplers_traceable, pad_vae_convs_in_kernel
-    from pipelines.weights import load_components
+    from pipelines.loading.weights import load_components
+    from pipelines.model.acceleration import make_upsamplers_traceable, pad_vae_convs_in_kernel
 
     vae = load_components(tiny_config).vae
     pad_vae_convs_in_kernel(vae.model)

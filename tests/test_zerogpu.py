@@ -8,9 +8,9 @@ import types
 import numpy as np
 import pytest
 
-from demo.generation import stream_video
 from demo.runtime import Runtime
 from demo.session import SessionControl
+from demo.streaming import stream_video
 from demo.zerogpu import adapt_arguments, duration_for
 from pipelines.core import GenerationRequest
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from pipelines.weights import Components
+from pipelines.loading.weights import Components
 
 _DIT_TO_ORIGINAL = (
     ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
@@ -157,7 +157,7 @@ def write_tiny_causal_lm(folder: Path, seed: int = 0) -> Path:
     config.json, generation_config.json, model.safetensors, tokenizer files with a chat template."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from pipelines.weights import byte_tokenizer
+    from pipelines.loading.weights import byte_tokenizer
 
     torch.manual_seed(seed)
     tokenizer = byte_tokenizer()

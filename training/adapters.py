@@ -9,7 +9,7 @@ from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from safetensors.torch import save_file
 from torch import nn
 
-from pipelines.lora import FORMAT_TAG
+from pipelines.loading.lora import FORMAT_TAG
 
 from .config import DEFAULT_TARGETS
 
@@ -38,7 +38,7 @@ def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_lora(model: nn.Module, path: Path, rank: int, alpha: float, base: str,
               provenance: dict[str, str] | None = None) -> Path:
     """The project's adapter file: 'transformer.'-prefixed peft names + rank/alpha in the metadata, and what it
-    was trained for (base config, stages, steps, clips, captions: pipelines.lora.provenance reads them)."""
+    was trained for (base config, stages, steps, clips, captions: pipelines.loading.lora.provenance reads them)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {f"transformer.{k}": v for k, v in lora_state(model).items()}
     metadata = {**(provenance or {}), "format": FORMAT_TAG, "rank": str(rank), "alpha": str(alpha), "base": base}

@@ -16,14 +16,22 @@ import random
 import time
 
 import torch
-from torch import nn
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from torch import nn
 from transformers import PreTrainedTokenizerFast, UMT5EncoderModel
 
-from pipelines.text_encoder import PromptEncoder, clean_prompt
+from pipelines.loading.text_encoder import PromptEncoder, clean_prompt
 
-from .synthetic import (BACKGROUND_COLOURS, FIGURE_ACTIONS, MOTION_PHRASES, MOTIONS, SHAPE_COLOURS, SHAPES, Scene,
-                        SyntheticWorld)
+from .synthetic import (
+    BACKGROUND_COLOURS,
+    FIGURE_ACTIONS,
+    MOTION_PHRASES,
+    MOTIONS,
+    SHAPE_COLOURS,
+    SHAPES,
+    Scene,
+    SyntheticWorld,
+)
 from .train import learning_rate_factor
 
 log = logging.getLogger(__name__)

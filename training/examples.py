@@ -17,7 +17,7 @@ from pathlib import Path
 from PIL import Image
 
 from pipelines.cli_options import HelpFormatter
-from pipelines.video_io import H264Writer
+from pipelines.loading.video_io import H264Writer
 
 from .synthetic import FPS, Scene, SyntheticWorld, pose_frames, render
 

@@ -179,7 +179,7 @@ class Finetune:
         with their paths at the student's sigmas."""
         import shutil
 
-        from pipelines.lora import merge_permanently
+        from pipelines.loading.lora import merge_permanently
 
         from .distill import on_policy_paths, record_paths, student_trajectories, teacher_trajectories
         from .objective import few_step_sigmas
@@ -225,7 +225,7 @@ class Finetune:
     def flow_step(self, model_config: str, device: torch.device):
         """(a FlowStep over the model's generator on `device`, the model config, its components)."""
         from pipelines.config import load_config
-        from pipelines.weights import load_components
+        from pipelines.loading.weights import load_components
 
         from .train import FlowStep
 
@@ -271,7 +271,7 @@ class Finetune:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipelines.weights import WeightsError
+    from pipelines.loading.weights import WeightsError
 
     from .train import TrainingError
 

@@ -21,8 +21,18 @@ import torch
 
 from pipelines.cli_options import HelpFormatter
 
-from .data import (ClipRecord, ShardWriter, VideoError, cut_clips, decode_at_16fps, expected_clips, find_videos,
-                   probe, read_captions, read_manifest)
+from .data import (
+    ClipRecord,
+    ShardWriter,
+    VideoError,
+    cut_clips,
+    decode_at_16fps,
+    expected_clips,
+    find_videos,
+    probe,
+    read_captions,
+    read_manifest,
+)
 
 log = logging.getLogger("training.prepare")
 
@@ -47,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def default_frames(config, poses: bool) -> int:
     """The video length the trainer's blocks need (a reference frame in front for pose training)."""
-    from pipelines.vae import frames_for_latents
+    from pipelines.loading.vae import frames_for_latents
 
     return frames_for_latents(config.num_blocks * config.frames_per_block + (1 if poses else 0))
 
@@ -137,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("diffusers").setLevel(logging.ERROR)
     from pipelines.builder import build_pipeline
     from pipelines.config import load_config
+    from pipelines.loading.weights import WeightsError
     from pipelines.pose.extract import load_dwpose
-    from pipelines.weights import WeightsError
 
     try:
         config = load_config(args.config)

@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 from pipelines.core import GenerationRequest, StreamingVideoPipeline
-from pipelines.lora import LoraChoice
-from pipelines.vae import frames_psnr
+from pipelines.loading.lora import LoraChoice
+from pipelines.loading.vae import frames_psnr
 
 from .evaluate import PromptScore, keypoint_error, score_video, summarise, track_blob
 from .synthetic import SyntheticWorld, figure_keypoints, pose_frames, render
@@ -102,9 +102,9 @@ def evaluate_model(model_dir: Path | None, device: torch.device | str = "cpu", s
     configs/tiny_multistep.yaml scores the shipped teacher."""
     from omegaconf import OmegaConf
 
-    from pipelines.pose.animation import make_pose_animator
     from pipelines.builder import build_pipeline
     from pipelines.config import load_config
+    from pipelines.pose.animation import make_pose_animator
 
     config = load_config(config_path)
     if sampler is not None:

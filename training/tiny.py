@@ -96,7 +96,7 @@ def model_config():
 
 def initial_components(seed: int):
     """Tokenizer, UMT5, VAE and generator of the tiny architecture with seeded random weights."""
-    from pipelines.weights import load_components
+    from pipelines.loading.weights import load_components
 
     config = model_config()
     config.weights.layout, config.weights.random_seed = "random", seed
@@ -148,7 +148,7 @@ def train_captions(args: argparse.Namespace, model_dir: Path, device: torch.devi
     which scales the attention for T5's unscaled dot products), trained to read the captions."""
     from transformers import UMT5EncoderModel
 
-    from pipelines.text_encoder import PromptEncoder, umt5_config
+    from pipelines.loading.text_encoder import PromptEncoder, umt5_config
 
     from .caption_encoder import train_caption_encoder, world_tokenizer
 
@@ -173,7 +173,7 @@ def train_vae(components, args: argparse.Namespace, out: Path, model_dir: Path, 
     is kept in OUT/vae_short."""
     from diffusers import AutoencoderKLWan
 
-    from pipelines.vae import to_uint8_frames
+    from pipelines.loading.vae import to_uint8_frames
 
     from .autoencoder import clip_psnr, reconstruct, set_latent_statistics, train_autoencoder
     from .evaluate import track_blob
@@ -224,7 +224,7 @@ def train_vae(components, args: argparse.Namespace, out: Path, model_dir: Path, 
 @torch.no_grad()
 def prepare_data(args: argparse.Namespace, model_dir: Path, data_dir: Path, device: torch.device) -> None:
     """Renders the training clips and caches them as training.prepare does (latents, prompts, poses)."""
-    from pipelines.weights import load_components
+    from pipelines.loading.weights import load_components
 
     from .data import MANIFEST, ClipRecord, ShardWriter, read_manifest
     from .prepare import caption_embedding, pose_tensors
@@ -300,8 +300,8 @@ def install_generator(run_dir: Path, model_dir: Path) -> None:
 def record_teacher_paths(args: argparse.Namespace, teacher_dir: Path, data_dir: Path, paths_dir: Path,
                          device: torch.device) -> dict:
     """The teacher's videos for every training clip, with their ODE paths (training/distill.py)."""
+    from pipelines.loading.weights import load_components, read_state
     from pipelines.pose.condition import PoseEncoders
-    from pipelines.weights import load_components, read_state
 
     from .distill import distill_dataset
     from .objective import few_step_sigmas

@@ -92,7 +92,7 @@ class FlowStep(nn.Module):
         """poses / reference_poses: per clip, its pose frames and reference pose, or None for a clip
         without poses (it gets no pose input, as image-to-video does at inference). pose_condition:
         what self.pose_condition returned for these clips, when calling again on the same clips."""
-        from pipelines.kv_cache import BlockCausalLayout
+        from pipelines.model.kv_cache import BlockCausalLayout
 
         generator = self.generator
         context = generator.encode_context(prompts)
@@ -286,8 +286,8 @@ class Trainer:
 
     def _build_model(self) -> None:
         from pipelines.config import load_config
+        from pipelines.loading.weights import load_components, read_state
         from pipelines.pose.condition import PoseEncoders, pose_width
-        from pipelines.weights import load_components, read_state
 
         from .adapters import add_lora
 
@@ -481,8 +481,8 @@ class Trainer:
     @torch.no_grad()
     def write_validation_videos(self, step: int) -> None:
         from pipelines.core import GenerationRequest, StreamingVideoPipeline
-        from pipelines.video_io import write_video
-        from pipelines.weights import Components
+        from pipelines.loading.video_io import write_video
+        from pipelines.loading.weights import Components
 
         acc = self.accelerator
         if not acc.is_main_process:
@@ -509,7 +509,7 @@ class Trainer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipelines.weights import WeightsError
+    from pipelines.loading.weights import WeightsError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")

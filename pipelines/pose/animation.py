@@ -15,11 +15,11 @@ import torch
 from PIL import Image
 
 from ..core import GenerationRequest, StreamingVideoPipeline, prepare_image
+from ..loading.vae import frames_for_latents
 from .align import align_sequence, resample_indices
 from .condition import LazyPoseEncoders, PoseConditioning
 from .draw import draw_pose
 from .extract import PoseDetector, load_dwpose, missing_dwpose_message
-from ..vae import frames_for_latents
 
 
 class PoseAnimator:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..weights import WeightsError, read_state
+from ..loading.weights import WeightsError, read_state
 
 log = logging.getLogger(__name__)
 HIDDEN = 16

@@ -14,8 +14,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from ..loading.weights import WeightsError
 from .draw import PoseFrame
-from ..weights import WeightsError
 
 log = logging.getLogger(__name__)
 

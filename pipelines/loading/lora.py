@@ -94,8 +94,10 @@ def provenance(path: str | Path) -> str:
 
 def normalize_keys(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], bool]:
     """-> (diffusers-named state without prefixes, whether alpha is already baked into the weights)."""
-    from diffusers.loaders.lora_conversion_utils import (_convert_musubi_wan_lora_to_diffusers,
-                                                         _convert_non_diffusers_wan_lora_to_diffusers)
+    from diffusers.loaders.lora_conversion_utils import (
+        _convert_musubi_wan_lora_to_diffusers,
+        _convert_non_diffusers_wan_lora_to_diffusers,
+    )
 
     baked = False
     state = {k.removeprefix("base_model.model."): v for k, v in state.items()}  # peft-wrapped models

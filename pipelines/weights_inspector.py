@@ -1,6 +1,6 @@
 """Weights inspector: what a folder holds and whether this app can run it.
 
-    python -m pipelines.inspect DIR [--json]
+    python -m pipelines.weights_inspector DIR [--json]
 
 Models are recognised from their files, configs and tensor shapes (safetensors headers, memory-
 mapped torch files), never by loading them. For each find: supported or not and why, what is
@@ -15,9 +15,9 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .memory import GIB
+from .loading.weights import SELF_FORCING_REPO, T5_FILE, WAN_REPO
+from .memory.planner import GIB
 from .pose.extract import DETECTOR_FILE, DWPOSE_REPO, POSE_FILE
-from .weights import SELF_FORCING_REPO, T5_FILE, WAN_REPO
 
 log = logging.getLogger(__name__)
 
@@ -206,9 +206,9 @@ def vram_by_profile(shape: TransformerShape, config: dict, text_encoder_params: 
     """Estimated peak GPU memory of each profile for the config's default video (bf16)."""
     import torch
 
-    from .kv_cache import AttentionWindow, kv_bytes_per_frame
-    from .memory import ModelFootprint, activation_bytes, plan_memory
-    from .memory_profiles import PROFILES
+    from .memory.planner import ModelFootprint, activation_bytes, plan_memory
+    from .memory.profiles import PROFILES
+    from .model.kv_cache import AttentionWindow, kv_bytes_per_frame
 
     height, width = config.get("height", 480), config.get("width", 832)
     fpb, blocks = config.get("frames_per_block", 3), config.get("num_blocks", 7)
@@ -393,7 +393,7 @@ class Inspector:
                                      config_name))
 
     def lora(self, file: Path, shapes: dict) -> None:
-        from .lora import provenance
+        from .loading.lora import provenance
 
         down = {n: s for n, s in shapes.items() if "lora_A" in n or "lora_down" in n}
         style = ("original Wan / ComfyUI / musubi-tuner names" if any(n.startswith(("diffusion_model.", "lora_unet"))
@@ -412,7 +412,7 @@ class Inspector:
             + (f"; trained {trained}" if trained else "")))
 
     def tiny_autoencoder(self, file: Path, shapes: dict) -> None:
-        from .tiny_decoder import layout_problem, not_a_decoder
+        from .loading.tiny_decoder import layout_problem, not_a_decoder
 
         problem = layout_problem(shapes)
         if problem:
@@ -420,7 +420,7 @@ class Inspector:
                                          not_a_decoder(file, problem)))
             return
         self.findings.append(Finding(self.rel(file), "TAEHV decoder for Wan 2.1 latents (taew2_1)", True,
-                                     "fast preview decoding: python -m pipelines.generate --fast-decoder"))
+                                     "fast preview decoding: python -m pipelines.cli --fast-decoder"))
 
     def pose_encoders(self, file: Path, shapes: dict) -> None:
         out = [s[0] for n, s in shapes.items() if n.startswith("dwpose_embedding.") and n.endswith("weight")]
@@ -451,7 +451,7 @@ def inspect_folder(folder: str | Path) -> Report:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.inspect",
+    parser = argparse.ArgumentParser(prog="python -m pipelines.weights_inspector",
                                      description="What a weights folder holds and whether this app can run it.")
     parser.add_argument("folder")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")

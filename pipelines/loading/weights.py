@@ -17,15 +17,14 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKLWan
-from diffusers.loaders.single_file_utils import (convert_wan_transformer_to_diffusers,
-                                                 convert_wan_vae_to_diffusers)
+from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers, convert_wan_vae_to_diffusers
 from safetensors.torch import load_file
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, UMT5EncoderModel
 
-from .config import PipelineConfig
+from ..config import PipelineConfig
+from ..model.transformer import CausalWanModel
 from .lora import LoraError, merge_permanently
-from .model import CausalWanModel
 from .text_encoder import PromptEncoder, umt5_config, umt5_config_from_wan_state, wan_t5_to_transformers
 from .vae import WanVAE
 
@@ -137,7 +136,7 @@ def model_files_dir(config: PipelineConfig, weights_dir: Path | None) -> Path | 
     """Where the model's own files are read from: the weights folder, or the config's bundled folder
     when the weights folder (if any) does not hold the model."""
     if config.weights.bundled_dir and not detected_layout(config, weights_dir):
-        from .config import PROJECT_ROOT
+        from ..config import PROJECT_ROOT
 
         bundled = PROJECT_ROOT / config.weights.bundled_dir
         if not detected_layout(config, bundled):

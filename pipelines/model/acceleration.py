@@ -7,7 +7,7 @@ import types
 import torch
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanResample
 
-from .weights import Components
+from ..loading.weights import Components
 
 log = logging.getLogger(__name__)
 # max-autotune-no-cudagraphs without its coordinate-descent tuning: inductor autotunes the bf16 GEMMs

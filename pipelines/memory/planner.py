@@ -1,8 +1,8 @@
 """Memory planning for small GPUs: which weights stay resident, and how large the KV cache may be.
 
-The planner picks the most resident profile (pipelines.memory_profiles) whose weights, KV cache
+The planner picks the most resident profile (pipelines.memory.profiles) whose weights, KV cache
 and activations fit the free memory; the mechanism that moves streamed weights lives in
-pipelines.weight_streaming.
+pipelines.memory.weight_streaming.
 """
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .kv_cache import AttentionWindow, kv_bytes_per_frame
-from .memory_profiles import KV_CACHE_CHOICES, PROFILES, MemoryProfile
-from .settings import RuntimeSettings
+from ..model.kv_cache import AttentionWindow, kv_bytes_per_frame
+from ..settings import RuntimeSettings
+from .profiles import KV_CACHE_CHOICES, PROFILES, MemoryProfile
 from .weight_streaming import BlockStreamer
 
 log = logging.getLogger(__name__)

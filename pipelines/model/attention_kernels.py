@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .memory_profiles import ATTENTION_CHOICES
+from ..memory.profiles import ATTENTION_CHOICES
 
 log = logging.getLogger(__name__)
 

@@ -14,11 +14,11 @@ import torch
 
 from pipelines import config
 from pipelines.core import MAX_SEED, GenerationRequest, RequestError
-from pipelines.prompt_extender import ExtenderError
-from pipelines.video_io import write_video
+from pipelines.loading.prompt_extender import ExtenderError
+from pipelines.loading.video_io import write_video
 
-from .media import StreamRecorder
 from .metrics import RunRecord
+from .recording import StreamRecorder
 from .runtime import Runtime
 from .session import FastRun, SessionControl
 

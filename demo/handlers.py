@@ -1,0 +1,188 @@
+"""The app's event handlers, one object per server configured with its runtime (demo/ui.py wires them)."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import gradio as gr
+
+from pipelines.core import GenerationRequest, RequestError
+from pipelines.loading.weights import WeightsError
+
+from .media import MediaError, load_image, read_video
+from .runtime import Runtime
+from .session import SessionControl
+from .streaming import (
+    UserError,
+    extend_request,
+    parse_resolution,
+    pick_seed,
+    redecode_with_vae,
+    stream_video,
+    whole_number,
+)
+
+MIN_FPS, MAX_FPS = 8, 30
+
+
+def make_request(prompt, negative, seed, randomize, blocks, resolution, continuous=False, fast_decode=False,
+                 **extra) -> GenerationRequest:
+    """The request the shared controls describe (a UserError for values no control can give)."""
+    height, width = parse_resolution(resolution)
+    return GenerationRequest(prompt=prompt or "", negative_prompt=negative, seed=pick_seed(seed, randomize),
+                             num_blocks=whole_number(blocks, "Blocks"), height=height, width=width,
+                             continuous=bool(continuous), fast_decode=bool(fast_decode), **extra)
+
+
+class Handlers:
+    """What each button, box and API endpoint does; per-visitor state comes in as the SessionControl argument."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    # -- generation (one pipeline core for every tab)
+
+    def text_to_video(self, prompt, negative, seed, randomize, blocks, fps, resolution, extend, extended, lora,
+                      lora_strength, continuous, fast_decode, session: SessionControl, browser: gr.Request):
+        yield from self._run("t2v", session, browser, fps, extend, extended, lora, lora_strength, lambda: make_request(
+            prompt, negative, seed, randomize, blocks, resolution, continuous, fast_decode))
+
+    def image_to_video(self, image, prompt, negative, seed, randomize, blocks, fps, resolution, extend, extended,
+                       lora, lora_strength, continuous, fast_decode, session: SessionControl, browser: gr.Request):
+        def request() -> GenerationRequest:
+            if not image:
+                raise UserError("Please upload an image.")
+            try:
+                picture = load_image(image)
+            except MediaError as err:
+                raise UserError(str(err)) from err
+            return make_request(prompt, negative, seed, randomize, blocks, resolution, continuous, fast_decode,
+                                image=picture)
+
+        yield from self._run("i2v", session, browser, fps, extend, extended, lora, lora_strength, request)
+
+    def pose_animation(self, reference, driving_video, is_pose_video, prompt, negative, seed, randomize, blocks, fps,
+                       resolution, extend, extended, lora, lora_strength, continuous, fast_decode,
+                       session: SessionControl, browser: gr.Request):
+        runtime = self.runtime
+
+        def request() -> GenerationRequest:
+            poser = runtime.poser
+            if poser is None:
+                raise UserError(runtime.load_error or "The model is not loaded.")
+            if not poser.encoders.available:
+                raise UserError(poser.encoders.missing_message())
+            if not reference or not driving_video:
+                raise UserError("Please upload a reference image and a driving video.")
+            if continuous:
+                raise UserError("Continuous mode is for text and image to video: a pose animation lasts as long as "
+                                "its driving video.")
+            base = make_request(prompt, negative, seed, randomize, blocks, resolution, fast_decode=fast_decode)
+            try:
+                picture, frames = load_image(reference), read_video(driving_video)
+                with runtime.gpu_lock:
+                    return poser.request(picture, frames, bool(is_pose_video), base)
+            except (MediaError, WeightsError, RequestError) as err:
+                raise UserError(str(err)) from err
+
+        yield from self._run("pose", session, browser, fps, extend, extended, lora, lora_strength, request)
+
+    def _run(self, tab: str, session: SessionControl, browser: gr.Request | None, fps, extend, extended, lora,
+             strength, request):
+        """The tab's request (built by `request()`) through the shared streaming handler, unless Stop dropped it
+        while it waited."""
+        runtime = self.runtime
+        if session.dropped_before_start():
+            yield gr.skip(), gr.skip(), "Stopped before it started.", gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return
+        try:
+            if runtime.outputs is not None and browser is not None and browser.session_hash:
+                runtime.outputs.track(browser.session_hash, session.output_dir)
+            fps = whole_number(fps, "Output FPS", MIN_FPS, MAX_FPS)
+            try:
+                loras = runtime.lora_choice(lora, strength)
+            except (ValueError, TypeError) as err:
+                raise UserError(str(err)) from err
+            built = dataclasses.replace(request(), loras=loras)
+            built, box, note = extend_request(runtime, session, tab, built, bool(extend), extended)
+            yield from stream_video(runtime, session, built, fps, tab, box, note)
+        finally:
+            session.request_done()
+
+    def redecode(self, session: SessionControl) -> tuple[str, str]:
+        return redecode_with_vae(self.runtime, session)
+
+    # -- while a request waits or runs
+
+    @staticmethod
+    def request_sent(session: SessionControl) -> None:
+        """Runs (unqueued) as the page sends a generation request, so Stop and new prompts reach it at once."""
+        session.request_sent()
+
+    @staticmethod
+    def send_unless_running(session: SessionControl) -> None:
+        """Enter: ends the Enter chain quietly when it steered the running video instead, else announces the
+        request it is about to send."""
+        if session.is_running:
+            raise gr.Error("applied to the running video", visible=False, print_exception=False)
+        session.request_sent()
+
+    @staticmethod
+    def steer(prompt: str, mode: str, session: SessionControl) -> str:
+        try:
+            if session.steer(prompt, mode):
+                return f"New prompt ({mode}) from the next block …"
+        except ValueError as err:
+            raise UserError(str(err)) from err
+        return "Nothing is running: press Generate."
+
+    def steer_if_running(self, prompt: str, mode: str, session: SessionControl) -> str:
+        return self.steer(prompt, mode, session) if session.is_running else gr.skip()
+
+    @staticmethod
+    def request_stop(session: SessionControl) -> str:
+        state = session.request_stop()
+        if state == "running":
+            return "Stopping after the current block …"
+        if state == "waiting":
+            return "Stopped: the waiting request will not run."
+        return "Nothing is running."
+
+    def report_browser_timing(self, seconds: str, session: SessionControl) -> str:
+        try:
+            value = float(seconds)
+        except ValueError:
+            return gr.skip()
+        session.browser_first_frame_s = value
+        self.runtime.metrics.record_browser_first_frame(value)
+        return f"First frame on screen **{value:.2f} s** after the click (measured in this browser)"
+
+    # -- operator panels (server-wide, with the admin token)
+
+    def set_memory_profile(self, requested: str, given_token: str) -> str:
+        try:
+            return self.runtime.set_memory_profile(requested, given_token)
+        except (PermissionError, ValueError) as err:
+            raise UserError(str(err)) from err
+
+    def switch_model(self, key: str, given_token: str) -> tuple[str, str]:
+        try:
+            return self.runtime.switch_model(key, given_token), models_markdown(self.runtime)
+        except (PermissionError, ValueError, WeightsError) as err:
+            raise UserError(str(err)) from err
+
+    def end_session(self, browser: gr.Request) -> None:
+        if self.runtime.outputs is not None:
+            self.runtime.outputs.end_session(browser.session_hash)
+
+
+def models_markdown(runtime: Runtime) -> str:
+    """The registered causal generators: which is loaded, which are present, what the others miss."""
+    current = Path(runtime.config.source).resolve()
+    rows = ["| model | sampling | in the weights folder |", "| --- | --- | --- |"]
+    for model in runtime.registry.values():
+        missing = model.missing(runtime.weights_dir) if runtime.weights_dir else ["--weights DIR"]
+        state = "**loaded**" if model.config_path.resolve() == current else "present" if not missing else \
+            f"missing {', '.join(missing)} (`{model.config.download}`)"
+        rows.append(f"| {model.label} | {model.settings()} | {state} |")
+    return "\n".join(rows)

@@ -1,0 +1,1 @@
+"""Memory: the profiles, the planner that picks one for the free memory, and the weight streaming it uses."""
