@@ -94,6 +94,13 @@ class Runtime:
         return ("No prompt extender: put an instruction-tuned causal LM (e.g. Qwen/Qwen2.5-1.5B-Instruct) in "
                 "<weights>/prompt_extender/ or pass --prompt-extender DIR.")
 
+    @property
+    def lora_note(self) -> str:
+        """Where the LoRA menu's files come from (and how to give some when there are none)."""
+        if self.lora_dir is None:
+            return "start the app with --weights DIR and put LoRA files in DIR/loras/ to choose one here"
+        return "from <weights>/loras/" if self.lora_names() else "none found in <weights>/loras/"
+
     def lora_names(self) -> list[str]:
         if self.lora_dir is None or not self.lora_dir.is_dir():
             return []

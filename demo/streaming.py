@@ -135,6 +135,8 @@ def stream_video(runtime: Runtime, session: SessionControl, request: GenerationR
     if runtime.pipeline is None:
         raise UserError(runtime.load_error or "The model is not loaded.")
     pipeline = runtime.pipeline
+    if not session.is_waiting:  # (a caller that did not announce the request: fresh stop flag and switches)
+        session.request_sent()
     try:
         validated = pipeline.validate(dataclasses.replace(request, steering=session.steering))
     except RequestError as err:
@@ -148,9 +150,16 @@ def stream_video(runtime: Runtime, session: SessionControl, request: GenerationR
     fast_run = FastRun(recorder.run_dir, int(fps)) if request.fast_decode and not request.continuous else None
     run = RunRecord(tab=tab, model=runtime.config.name, device=str(pipeline.device), resolution=f"{width}x{height}",
                     blocks=num_blocks, profile=runtime.memory_plan.profile.name if runtime.memory_plan else None)
-    yield StreamUpdate(gr.skip(), gr.skip(), f"Starting: {num_blocks} blocks …{note}", None, request.seed,
+    yield StreamUpdate(gr.skip(), gr.skip(), f"Starting: {'continuous, up to ' + format(runtime.config.continuous_minutes, 'g') + ' min of video' if request.continuous else str(num_blocks) + ' blocks'} …{note}", None, request.seed,
                        extended_prompt, timeline="").as_tuple()
     status, block_s, total_block_s = "", 0.0, 0.0
+    cap_minutes = runtime.config.continuous_minutes
+
+    def progress(block: int) -> str:
+        """'Block 3/7', or for a continuous run the video made so far and its cap."""
+        if not request.continuous:
+            return f"Block {block}/{num_blocks}"
+        return f"{recorder.frames / fps:.0f} s of video (stops at {cap_minutes:g} min)"
     timeline = PromptTimeline()
     cuda = pipeline.device.type == "cuda"
     with runtime.gpu_lock, session.running():
@@ -171,12 +180,12 @@ def stream_video(runtime: Runtime, session: SessionControl, request: GenerationR
                     timeline_update = timeline.markdown() if len(timeline.spans) > 1 else gr.skip()
                     total_block_s += block_s
                     run.ms_per_block = total_block_s * 1e3 / run.blocks_done
-                    status = (f"Block {run.blocks_done}/{num_blocks} · {block_s * 1e3:.0f} ms/block · "
+                    status = (f"{progress(run.blocks_done)} · {block_s * 1e3:.0f} ms/block · "
                               f"{run.fps:.1f} FPS · {recorder.frames} frames · "
                               f"first frame after {run.server_first_frame_s:.2f} s (server)")
                     block_s = 0.0
                 else:
-                    status = (f"Block {result.index + 1}/{num_blocks} · "
+                    status = (f"{progress(result.index + 1)} · "
                               f"first frame after {run.server_first_frame_s:.2f} s (server)")
                 if result.window_forced:
                     status += f" · rolling window of {result.window_frames} latent frames (memory budget)"
@@ -207,9 +216,12 @@ def stream_video(runtime: Runtime, session: SessionControl, request: GenerationR
             gc.collect()
             if cuda:
                 torch.cuda.empty_cache()
-    done = f"Stopped after block {run.blocks_done}/{num_blocks}." if run.cancelled else "Done."
+    done = "Done."
+    if run.cancelled:
+        done = "Stopped." if request.continuous else f"Stopped after block {run.blocks_done}/{num_blocks}."
+    # (the last update carries the timeline too: a predict() caller sees only this one)
     yield StreamUpdate(gr.skip(), gr.skip(), f"{done} {status}", str(final) if final else None,
-                       request.seed).as_tuple()
+                       request.seed, timeline=timeline.markdown() if len(timeline.spans) > 1 else "").as_tuple()
 
 
 def redecode_with_vae(runtime: Runtime, session: SessionControl) -> tuple[str, str]:

@@ -85,8 +85,7 @@ class Controls:
             loras = runtime.lora_menu()
             # Custom values reach the handler, which refuses anything not in <weights>/loras with its own message.
             self.lora = gr.Dropdown([NO_LORA, *loras], value=NO_LORA, label="LoRA", interactive=bool(loras),
-                                    allow_custom_value=True,
-                                    info="from <weights>/loras/" if loras else "none found in <weights>/loras/")
+                                    allow_custom_value=True, info=runtime.lora_note)
             self.lora_strength = CheckedSlider(0, 2, value=1.0, step=0.05, label="LoRA strength")
         self.negative = gr.Textbox(label="Negative prompt", value=cfg.negative_prompt, visible=cfg.uses_cfg)
         with gr.Row():
@@ -161,7 +160,7 @@ def _pose_note(runtime: Runtime) -> str:
         note += f" {runtime.config.demo.pose_note}"
     missing = poser.detector_missing() if poser is not None else None
     if missing:
-        note += f"\n\n**Pose extraction unavailable:** {missing}"
+        note += f"\n\n*For driving videos of real people:* {missing}"
     return note
 
 

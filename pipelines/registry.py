@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,16 @@ class KnownModel:
             weights = self.config.weights
             absent.append(f"{weights.original_dir}/ (or {weights.diffusers_dir}/)")
         return absent
+
+    def download_commands(self, missing: list[str]) -> list[str]:
+        """The commands that fetch what `missing` (from missing()) names: the generator's own, the Wan2.1 base."""
+        from .loading.sources import WAN_BASE_DOWNLOAD
+
+        own = [name for name in missing if name in self.files()]
+        commands = [self.config.download] if own else []
+        if len(own) < len(missing):  # the rest is the shared Wan2.1 base
+            commands.append(WAN_BASE_DOWNLOAD)
+        return commands
 
     def settings(self) -> str:
         """Sampler and attention settings in one line."""
@@ -98,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", type=Path, help="weights folder to check (default: list the models only)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.weights is not None and not args.weights.is_dir():
+        print(f"{args.weights} is not a folder", file=sys.stderr)
+        return 2
     for model in load_registry().values():
         needs = ", ".join(f"{name} {gib:g} GiB" for name, gib in vram_needs(model).items())
         print(f"{model.key}: {model.label}\n  code: {model.code}\n  config: configs/{model.config_path.name}"
@@ -105,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.weights is not None:
             missing = model.missing(args.weights)
             print("  present in the weights folder" if not missing else
-                  f"  missing: {', '.join(missing)}\n  get it: {model.config.download}")
+                  "\n".join([f"  missing: {', '.join(missing)}", *(f"  get it: {command}"
+                                                                   for command in model.download_commands(missing))]))
     return 0
 
 

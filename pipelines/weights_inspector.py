@@ -15,8 +15,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .loading.weights import SELF_FORCING_REPO, T5_FILE, WAN_REPO
-from .memory.planner import GIB
+from .loading.sources import SELF_FORCING_REPO, T5_FILE, WAN_REPO
+from .memory.profiles import GIB
 from .pose.extract import DETECTOR_FILE, DWPOSE_REPO, POSE_FILE
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,8 @@ class Report:
     def verdict(self) -> str:
         if self.runnable:
             best = self.runnable[0]
+            if best.kind.startswith("causal generator bundled"):
+                return f"Runs with: python app.py --config {best.config} (its own folder: no --weights needed)"
             return f"Runs with: python app.py --config {best.config} --weights {self.folder}"
         needs = sorted({m for f in self.findings for m in f.missing}) or [
             f"a Wan2.1 base ({WAN_REPO}) and a causal generator (self_forcing_dmd.pt from {SELF_FORCING_REPO})"]
@@ -242,6 +244,7 @@ class Inspector:
         return str(path.relative_to(self.folder)) or "."
 
     def run(self) -> Report:
+        self.bundled_models()
         for index in sorted(self.folder.rglob("model_index.json")):
             self.diffusers_pipeline(index.parent)
         for config in sorted(self.folder.rglob("config.json")):
@@ -253,6 +256,27 @@ class Inspector:
                 self.checkpoint_file(file)
         self.dwpose()
         return Report(str(self.folder), self.findings)
+
+    def bundled_models(self) -> None:
+        """A model folder that a project config names as its own (`weights.bundled_dir`, e.g. the embedded
+        tiny model in assets/tiny_shapes): runnable with that config as it is."""
+        from omegaconf import OmegaConf
+
+        from .config import PROJECT_ROOT
+
+        for config in sorted((PROJECT_ROOT / "configs").glob("*.yaml")):
+            bundled = OmegaConf.load(config).get("weights", {}).get("bundled_dir")
+            root = (PROJECT_ROOT / bundled).resolve() if bundled else None
+            if root is None or not root.is_dir() or not (root == self.folder.resolve()
+                                                          or self.folder.resolve() in root.parents):
+                continue
+            self.claimed.add(self.folder / root.relative_to(self.folder.resolve()))
+            name = OmegaConf.load(config).get("name", config.stem)
+            self.findings.append(Finding(self.rel(self.folder / root.relative_to(self.folder.resolve())),
+                                         f"causal generator bundled with this project: {name}", True,
+                                         f"the model folder of configs/{config.name}",
+                                         config=f"configs/{config.name}"))
+            return
 
     # -- diffusers pipelines and original Wan folders
 

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,9 @@ from pipelines.core import StreamingVideoPipeline  # noqa: E402
 from pipelines.loading.weights import load_components  # noqa: E402
 
 logging.getLogger("diffusers").setLevel(logging.ERROR)
+# Apps the tests start (in this process or as `python app.py`) keep their outputs and run log in a temporary
+# folder, never in the user's outputs/.
+os.environ["SF_OUTPUTS_DIR"] = tempfile.mkdtemp(prefix="sf-test-outputs-")
 
 
 @pytest.fixture(scope="session")

@@ -114,3 +114,45 @@ def test_memory_profile_can_be_changed_at_runtime(tiny_config):
     assert final[2].startswith("Done.")
     runtime.set_memory_profile("high", "secret")
     assert runtime.pipeline.generator.weight_streamer is None
+
+
+def test_stop_drops_a_waiting_request_and_a_new_prompt_reaches_it(tiny_pipeline, tiny_config):
+    """Stop pressed while the request still waits for the GPU: it never runs. A new prompt sent while it waits is
+    the one its blocks follow. The queue gauge counts waiting requests."""
+    from demo.handlers import Handlers
+
+    runtime = Runtime(config=tiny_config, device="cpu", pipeline=tiny_pipeline)
+    handlers, session, other = Handlers(runtime), runtime.new_session(), runtime.new_session()
+    args = ("a red circle moves to the right on a dark blue background", "", 3, False, 2, 16, "96x64", False, "",
+            None, 1.0, False, False, session, None)
+    handlers.request_sent(session)
+    assert runtime.queue_length() == 1 and not other.is_waiting
+    assert handlers.request_stop(session) == "Stopped: the waiting request will not run."
+    [update] = list(handlers.text_to_video(*args))
+    assert update[2] == "Stopped before it started." and runtime.queue_length() == 0
+    assert handlers.request_stop(session) == "Nothing is running."
+
+    handlers.request_sent(session)
+    assert handlers.steer("a green square moves up on a black background", "recache", session).startswith("New prompt")
+    pending = session.steering
+    assert list(handlers.text_to_video(*args))[-1][2].startswith("Done.")
+    assert pending.take() is None  # the run took the switch (before its first block)
+    session.STEER_GRACE_S = 0.01
+    assert handlers.steer("a blue star", "plain", session) == "Nothing is running: press Generate."
+
+
+def test_continuous_runs_show_the_video_made_and_the_cap(tiny_pipeline, tiny_config):
+    runtime = Runtime(config=tiny_config, device="cpu", pipeline=tiny_pipeline)
+    session = SessionControl()
+    updates = stream_video(runtime, session, GenerationRequest("x", continuous=True), 16)
+    assert next(updates)[2].startswith(f"Starting: continuous, up to {tiny_config.continuous_minutes:g} min of video")
+    statuses = [next(updates)[2] for _ in range(3)]
+    assert all(f"of video (stops at {tiny_config.continuous_minutes:g} min)" in s for s in statuses), statuses
+    assert not any("Block" in s for s in statuses)
+    session.stop_requested.set()
+    assert list(updates)[-1][2].startswith("Stopped.")
+
+
+def test_the_lora_menu_says_how_to_give_loras(tiny_config, tmp_path):
+    assert "--weights DIR" in Runtime(config=tiny_config, device="cpu").lora_note
+    assert Runtime(config=tiny_config, device="cpu", lora_dir=tmp_path).lora_note == "none found in <weights>/loras/"

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,8 @@ from demo.runtime import load_runtime
 from pipelines.weights_inspector import TransformerShape, inspect_folder, main, vram_by_profile
 
 from tiny_checkpoints import write_diffusers_layout, write_original_layout, write_tiny_causal_lm
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _finding(report, path: str):
@@ -163,3 +167,20 @@ def test_empty_or_foreign_folder(tmp_path, empty):
     report = inspect_folder(tmp_path)
     assert report.findings == [] and report.verdict().startswith("Cannot run")
     assert "Wan-AI/Wan2.1-T2V-1.3B" in report.verdict() and "gdhe17/Self-Forcing" in report.verdict()
+
+
+def test_the_embedded_models_folder_is_reported_runnable():
+    """The folder the app runs by default: the verdict agrees with its one finding."""
+    report = inspect_folder(ROOT / "assets" / "tiny_shapes")
+    assert [f.config for f in report.runnable] == ["configs/tiny.yaml"]
+    assert report.verdict().startswith("Runs with: python app.py --config configs/tiny.yaml")
+
+
+def test_the_inspector_answers_before_heavy_imports():
+    """A wrong folder is said at once: the inspector's module imports neither torch nor diffusers."""
+    code = "import sys, pipelines.weights_inspector; print(sorted({'torch', 'diffusers'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    missing = subprocess.run([sys.executable, "-m", "pipelines.weights_inspector", "/no/such/folder"], cwd=ROOT,
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "is not a folder" in missing.stderr

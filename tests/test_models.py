@@ -39,7 +39,7 @@ def test_registry_holds_the_published_settings():
                cfg.weights.use_ema, cfg.weights.generator_lora)
         assert got == published[key], key
         assert cfg.model["dim"] == 1536 and cfg.model["num_layers"] == 30  # all Wan2.1-T2V-1.3B
-        assert model.code.startswith("https://github.com/") and "huggingface-cli download" in cfg.download
+        assert model.code.startswith("https://github.com/") and "hf download" in cfg.download
     assert load_config("causvid").name == models["causvid"].label  # --config takes a registered name
     with pytest.raises(ValueError, match="self_forcing_dmd"):
         load_config("no_such_model")
@@ -140,7 +140,8 @@ def test_models_command_says_what_is_present_and_what_to_download(tiny_weights, 
     assert models_main(["--weights", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "longlive: LongLive-1.3B" in out and "rolling window of 12 latent frames (3 sink)" in out
-    assert "missing: wan_models/Wan2.1-T2V-1.3B/" in out and "huggingface-cli download tianweiy/CausVid" in out
+    assert "missing: wan_models/Wan2.1-T2V-1.3B/" in out and "hf download tianweiy/CausVid" in out
+    assert "get it: hf download Wan-AI/Wan2.1-T2V-1.3B --local-dir <weights>/wan_models/Wan2.1-T2V-1.3B" in out
     assert "GPU memory: high 24.2 GiB" in out
     assert models_main(["--weights", str(weights)]) == 0
     assert capsys.readouterr().out.count("present in the weights folder") == 4

@@ -25,20 +25,20 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast, UMT5EncoderMode
 from ..config import PipelineConfig
 from ..model.transformer import CausalWanModel
 from .lora import LoraError, merge_permanently
+from .sources import (
+    SELF_FORCING_REPO,
+    T5_FILE,
+    VAE_FILE,
+    WAN_BASE_DOWNLOAD,
+    WAN_DIFFUSERS_REPO,
+    WAN_REPO,
+    WeightsError,
+    hf_download,
+)
 from .text_encoder import PromptEncoder, umt5_config, umt5_config_from_wan_state, wan_t5_to_transformers
 from .vae import WanVAE
 
 log = logging.getLogger(__name__)
-
-WAN_REPO = "Wan-AI/Wan2.1-T2V-1.3B"
-WAN_DIFFUSERS_REPO = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
-SELF_FORCING_REPO = "gdhe17/Self-Forcing"
-T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
-VAE_FILE = "Wan2.1_VAE.pth"
-
-
-class WeightsError(RuntimeError):
-    """A weight file is missing or does not fit the model; the message says what to do."""
 
 
 @dataclass
@@ -59,11 +59,10 @@ def _require(path: Path, what: str, hint: str = "") -> Path:
 def _download_hint(path: Path) -> str:
     name = str(path)
     if "self_forcing" in name or "checkpoints" in name:
-        return (f"Download self_forcing_dmd.pt from the Hugging Face repo {SELF_FORCING_REPO} "
-                f"into <weights>/checkpoints/.")
+        return f"Download it: {hf_download(SELF_FORCING_REPO, 'checkpoints/self_forcing_dmd.pt')}"
     if "Diffusers" in name:
-        return f"Download the Hugging Face repo {WAN_DIFFUSERS_REPO} into that folder."
-    return f"Download the Hugging Face repo {WAN_REPO} into <weights>/wan_models/Wan2.1-T2V-1.3B/."
+        return f"Download it: {hf_download(WAN_DIFFUSERS_REPO, into='<weights>/Wan2.1-T2V-1.3B-Diffusers')}"
+    return f"Download it: {WAN_BASE_DOWNLOAD}"
 
 
 def read_state(path: Path) -> dict:

@@ -15,12 +15,11 @@ from torch import nn
 
 from ..model.kv_cache import AttentionWindow, kv_bytes_per_frame
 from ..settings import RuntimeSettings
-from .profiles import KV_CACHE_CHOICES, PROFILES, MemoryProfile
+from .profiles import GIB, KV_CACHE_CHOICES, PROFILES, MemoryProfile
 from .weight_streaming import BlockStreamer
 
 log = logging.getLogger(__name__)
 
-GIB = 2**30
 
 
 def module_bytes(module: nn.Module) -> int:

@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from ..loading.weights import WeightsError
+from ..loading.sources import WeightsError
 from .draw import PoseFrame
 
 log = logging.getLogger(__name__)
