@@ -6,6 +6,7 @@ import atexit
 import logging
 import os
 import signal
+import socket
 import sys
 
 from pipelines.cli_options import HelpFormatter, add_model_options, env
@@ -38,10 +39,25 @@ def remove_outputs_on_exit(store) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 
 
-def main(argv: list[str] | None = None) -> None:
+def port_in_use(host: str, port: int) -> bool:
+    """Whether another program already listens on host:port (checked before minutes of model loading)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as the server binds: TIME_WAIT is free)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("diffusers").setLevel(logging.ERROR)
+    if port_in_use(args.host, args.port):
+        log.error("Port %d on %s is already in use (another app running?): start with --port %d, or stop the "
+                  "other server.", args.port, args.host, args.port + 1)
+        return 2
     from demo.zerogpu import adapt_arguments
 
     args = adapt_arguments(args)
@@ -57,7 +73,9 @@ def main(argv: list[str] | None = None) -> None:
                            fp8=args.fp8)
     demo = build_demo(runtime)
     demo.queue(max_size=32, default_concurrency_limit=1)
-    serve(demo, runtime, args.host, args.port, [str(store.root)])
+    # Only the session videos may be served: not the run log beside them, nor anything else on the server.
+    serve(demo, runtime, args.host, args.port, [str(store.sessions)])
+    return 0
 
 
 def serve(demo, runtime, host: str, port: int, allowed_paths: list[str]) -> None:
@@ -88,4 +106,4 @@ def serve(demo, runtime, host: str, port: int, allowed_paths: list[str]) -> None
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -5,6 +5,8 @@ import json
 import re
 import subprocess
 import sys
+import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -133,6 +135,11 @@ def test_outputs_and_admin_token_on_a_server_of_its_own(tmp_path):
         video = api.predict("x", *T2V_ARGS, api_name="/text_to_video")[3]
         assert count_frames(video) == 9
         assert list((outputs / "sessions").glob("server-*/sf-session-*/run001/video.mp4"))
+        log = outputs / "metrics.jsonl"
+        for path in (log, log.resolve()):  # the run log is not among the files the server hands out
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(f"{server.url}gradio_api/file={path}", timeout=10)
+            assert refused.value.code in (403, 404)
     finally:
         server.stop()
     assert not list((outputs / "sessions").glob("server-*")), "session videos must go when the server stops"
@@ -259,3 +266,11 @@ def test_continuous_run_through_the_api_until_stop(app_server):
     total = int(final[2].split("/")[1].split(".")[0])
     assert 4 <= blocks < total and total == 10 * 60 * 16 // 12  # the 10-minute limit, in 12-frame blocks
     assert count_frames(final[3]) == 1 + 4 * (3 * blocks - 1)
+
+
+def test_a_busy_port_is_said_before_loading(app_server):
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "app.py", "--port", str(app_server.port)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and f"Port {app_server.port}" in result.stderr and "--port" in result.stderr
+    assert time.monotonic() - started < 30  # (no model was loaded)
