@@ -106,6 +106,11 @@ class Handlers:
             built = dataclasses.replace(request(), loras=loras)
             built, box, note = extend_request(runtime, session, tab, built, bool(extend), extended)
             yield from stream_video(runtime, session, built, fps, tab, box, note)
+        except UserError as err:  # (said without the server's paths)
+            public = runtime.public(err.message)
+            if public == err.message:
+                raise
+            raise UserError(public) from err
         finally:
             session.request_done()
 

@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 import torch
 
 from pipelines.builder import build_pipeline, default_device, vram_bytes
-from pipelines.config import PipelineConfig, load_config
+from pipelines.config import PROJECT_ROOT, PipelineConfig, display_path, load_config
 from pipelines.core import BlockResult, StreamingVideoPipeline, ValidatedRequest
 from pipelines.loading.lora import LoraChoice
 from pipelines.loading.prompt_extender import PromptExtender, extender_device, find_extender_folder
@@ -104,7 +104,9 @@ class Runtime:
     def lora_names(self) -> list[str]:
         if self.lora_dir is None or not self.lora_dir.is_dir():
             return []
-        return sorted(p.name for p in self.lora_dir.glob("*.safetensors"))
+        unreadable = {Path(f.path).name for f in self.weights_report.findings if not f.supported} \
+            if self.weights_report is not None else set()  # (the start-up inspection found these unusable)
+        return sorted(p.name for p in self.lora_dir.glob("*.safetensors") if p.name not in unreadable)
 
     def lora_menu(self) -> list[tuple[str, str]]:
         """(label, name) per LoRA: the label adds what the file says it was trained for."""
@@ -115,6 +117,8 @@ class Runtime:
 
     def lora_choice(self, name: str | None, strength: float) -> tuple[LoraChoice, ...]:
         """The request's LoRA from a name in <weights>/loras (nothing else on the server can be named)."""
+        if not 0 <= float(strength) <= 2:
+            raise ValueError(f"LoRA strength must be between 0 and 2, got {strength}.")
         if not name or name == NO_LORA:
             return ()
         if name not in self.lora_names():
@@ -196,8 +200,29 @@ class Runtime:
     def fast_decoder_available(self) -> bool:
         return self.pipeline is not None and self.pipeline.fast_decoder is not None
 
+    def weights_verdict(self) -> str:
+        """What the weights folder holds, for the banner: the inspector's verdict, except that a folder of LoRAs
+        (or anything else no model runs from) beside a model that runs is not reported as a failure."""
+        report = self.weights_report
+        if report is None:
+            return ""
+        shown = display_path(report.folder)
+        if self.pipeline is not None and not report.runnable:
+            loras = self.lora_names()
+            held = f"{len(loras)} LoRA file{'s' if len(loras) != 1 else ''} for the loaded model" if loras else \
+                "no other video model"
+            return f" · weights folder `{shown}`: {held}"
+        return f" · **Weights folder:** {report.verdict().replace(report.folder, shown)}"
+
+    def public(self, message: str) -> str:
+        """A message for the page: the server's weights folder shown as <weights>, the project as '.'."""
+        if self.weights_dir is not None:
+            message = message.replace(str(Path(self.weights_dir).expanduser().resolve()), "<weights>")
+            message = message.replace(str(self.weights_dir), "<weights>")
+        return message.replace(str(PROJECT_ROOT) + "/", "")
+
     def banner(self) -> str:
-        verdict = f" · **Weights folder:** {self.weights_report.verdict()}" if self.weights_report else ""
+        verdict = self.weights_verdict()
         if self.pipeline is None:
             return f"**Model not loaded:** {self.load_error}{verdict}"
         text = f"**Model:** {self.pipeline.components.description} · **device:** {self.device}"

@@ -18,6 +18,15 @@ DEFAULT_CONFIG = CONFIG_DIR / "tiny.yaml"
 REGISTRY = CONFIG_DIR / "models.yaml"  # the known causal generators (pipelines.registry reads it)
 
 
+def display_path(path: str | Path) -> str:
+    """A folder or file as a page may show it: relative to the project, else its last two parts (a hosted demo
+    must not show the server's layout)."""
+    path = Path(path).expanduser().resolve()
+    if path == PROJECT_ROOT or PROJECT_ROOT in path.parents:
+        return str(path.relative_to(PROJECT_ROOT)) or "."
+    return str(Path("…", *path.parts[-2:])) if len(path.parts) > 2 else str(path)
+
+
 @dataclass
 class SamplerConfig:
     kind: str = "few_step"  # "few_step" (distilled, Self-Forcing) or "multi_step" (CFG + solver)

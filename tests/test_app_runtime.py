@@ -1,6 +1,8 @@
 """The UI's handler and runtime without a browser: missing weights, OOM, weights sources, sessions."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import gradio as gr
 import pytest
 import torch
@@ -14,6 +16,8 @@ from pipelines.core import GenerationRequest, StreamingVideoPipeline
 from pipelines.loading.weights import WeightsError
 
 from tiny_checkpoints import write_original_layout
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_missing_weights_keep_app_alive_with_clear_message(tmp_path):
@@ -156,3 +160,44 @@ def test_continuous_runs_show_the_video_made_and_the_cap(tiny_pipeline, tiny_con
 def test_the_lora_menu_says_how_to_give_loras(tiny_config, tmp_path):
     assert "--weights DIR" in Runtime(config=tiny_config, device="cpu").lora_note
     assert Runtime(config=tiny_config, device="cpu", lora_dir=tmp_path).lora_note == "none found in <weights>/loras/"
+
+
+def test_pages_show_no_server_paths_and_no_false_alarms(tiny_config, tmp_path):
+    """A weights folder of LoRAs beside the embedded model: the banner names the folder shortly and does not say
+    that no model can run; an unreadable LoRA is not offered; messages show <weights> for the folder."""
+    from pipelines.weights_inspector import inspect_folder
+
+    (tmp_path / "loras").mkdir()
+    (tmp_path / "loras" / "junk.safetensors").write_bytes(b"junk")
+    runtime = load_runtime("configs/tiny.yaml", str(tmp_path), "cpu")
+    assert runtime.weights_report == inspect_folder(tmp_path) or runtime.weights_report is not None
+    banner = runtime.banner()
+    assert str(tmp_path) not in banner and "Cannot run" not in banner, banner
+    assert str(ROOT) not in banner
+    assert runtime.lora_names() == []  # (the inspection found junk.safetensors unreadable)
+    assert runtime.public(f"Could not read {tmp_path}/loras/x.safetensors") == "Could not read <weights>/loras/x.safetensors"
+    with pytest.raises(ValueError, match="LoRA strength must be between 0 and 2"):
+        runtime.lora_choice(None, 100)
+
+
+def test_loading_says_nothing_about_an_empty_float32_list(tiny_config):
+    """diffusers warns about an empty list of float32 modules on every cast; a real list still gets through."""
+    import logging
+
+    from pipelines.loading.weights import load_components
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("diffusers.models.modeling_utils")  # (diffusers' loggers do not propagate)
+    logger.addHandler(handler)
+    library, level = logging.getLogger("diffusers"), logging.getLogger("diffusers").level
+    library.setLevel(logging.WARNING)  # (conftest quiets diffusers)
+    try:
+        load_components(tiny_config).generator.to(torch.float64)
+        assert not [r for r in records if "kept in float32" in r.getMessage()]
+        logger.warning("There are modules in X that should be kept in float32: ['norm'].")
+        assert [r.getMessage() for r in records] == ["There are modules in X that should be kept in float32: ['norm']."]
+    finally:
+        logger.removeHandler(handler)
+        library.setLevel(level)

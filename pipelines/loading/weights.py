@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, UMT5EncoderModel
 
-from ..config import PipelineConfig
+from ..config import PipelineConfig, display_path
 from ..model.transformer import CausalWanModel
 from .lora import LoraError, merge_permanently
 from .sources import (
@@ -39,6 +39,17 @@ from .text_encoder import PromptEncoder, umt5_config, umt5_config_from_wan_state
 from .vae import WanVAE
 
 log = logging.getLogger(__name__)
+
+
+class _EmptyFloat32ListFilter(logging.Filter):
+    """diffusers warns on every `.to(dtype)` that modules "should be kept in float32" even when the list is empty
+    (ModelMixin.to tests the list for None after replacing None with []): that warning says nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+
+logging.getLogger("diffusers.models.modeling_utils").addFilter(_EmptyFloat32ListFilter())
 
 
 @dataclass
@@ -226,7 +237,7 @@ def _original_components(config: PipelineConfig, weights_dir: Path, generator: C
     _load_into(t5, wan_t5_to_transformers(t5_state), t5_path)
     tokenizer = _load_tokenizer(_require(base / "google" / "umt5-xxl", "UMT5 tokenizer folder"))
     return Components(generator, WanVAE(vae_model), PromptEncoder(tokenizer, t5, text_len),
-                      f"{config.name} from {base}")
+                      f"{config.name} from {display_path(base)}")
 
 
 def _diffusers_components(config: PipelineConfig, weights_dir: Path, generator: CausalWanModel,
@@ -244,7 +255,7 @@ def _diffusers_components(config: PipelineConfig, weights_dir: Path, generator: 
         raise WeightsError(f"Could not load {vae_dir} / {text_dir}: {exc}. {_download_hint(root)}") from exc
     tokenizer = _load_tokenizer(_require(root / "tokenizer", "diffusers tokenizer folder"))
     return Components(generator, WanVAE(vae_model), PromptEncoder(tokenizer, t5, text_len),
-                      f"{config.name} from {root}")
+                      f"{config.name} from {display_path(root)}")
 
 
 def _load_tokenizer(folder: Path):
