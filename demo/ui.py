@@ -92,7 +92,7 @@ class Controls:
             self.seed = gr.Number(label="Seed", value=0, step=1, info="a whole number from 0 to 2**53 - 1")
             self.randomize = gr.Checkbox(label="Randomize seed", value=True)
         with gr.Row():
-            self.blocks = CheckedSlider(1, cfg.max_blocks, value=cfg.num_blocks, step=1,
+            self.blocks = CheckedSlider(1, cfg.max_blocks, value=cfg.demo.blocks or cfg.num_blocks, step=1,
                                     label=f"Blocks ({cfg.frames_per_block} latent frames = "
                                           f"{4 * cfg.frames_per_block} video frames each)")
             self.fps = CheckedSlider(MIN_FPS, MAX_FPS, value=cfg.fps, step=1, label="Output FPS")
@@ -113,7 +113,8 @@ class Controls:
             self.apply = gr.Button("Apply new prompt", size="sm")
             self.switch_mode = gr.Radio(list(SWITCH_MODES), value="recache", label="Prompt switch",
                                         info="while a video streams, Apply conditions it on the prompt above from "
-                                             "its next block; recache also re-encodes the frames in its memory")
+                                             "its next block; recache also re-encodes the frames in its memory"
+                                             + (f" ({cfg.demo.switch_note})" if cfg.demo.switch_note else ""))
 
     @property
     def inputs(self) -> list:

@@ -61,6 +61,8 @@ class DemoConfig:
     prompts: list[str] = field(default_factory=list)  # text-to-video examples (empty: the UI's own)
     examples_dir: str = "assets/examples"  # STEM.png: image-to-video examples, the stem their prompt;
     # pose/STEM.png + pose/STEM.mp4: a reference image and its rendered pose video
+    blocks: int | None = None  # the Blocks slider's start value (default: the config's num_blocks)
+    switch_note: str = ""  # appended to the prompt switch's help: how a switch shows with this model
 
 
 @dataclass

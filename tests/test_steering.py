@@ -106,3 +106,29 @@ def test_steering_refuses_bad_switches():
     steering.post("second", "plain")
     taken = steering.take()
     assert (taken.prompt, taken.mode) == ("second", "plain") and steering.take() is None
+
+
+def test_a_switch_on_the_embedded_model_draws_the_new_prompt(tiny_pipeline, tiny_config):
+    """Scored by the synthetic world's evaluator: after a recache switch following block 2 of 6, the blocks from the
+    second one after the switch show the new prompt's shape moving its way; the run without a switch does not
+    (control). The page starts with 6 blocks (configs/tiny.yaml `demo.blocks`) so a switch has room to show."""
+    import numpy as np
+
+    from training.evaluate import score_video
+
+    first = "a red circle moves to the right on a dark blue background"
+    second = "a yellow star moves down on a black background"
+    assert tiny_config.demo.blocks == 6
+
+    def later_blocks(seed: int, switch: bool) -> np.ndarray:
+        steering = PromptSteering()
+        frames = []
+        for result in tiny_pipeline.generate(GenerationRequest(first, seed=seed, num_blocks=6, steering=steering)):
+            frames.append((result.index, result.frames))
+            if switch and result.index == 1 and result.complete:
+                steering.post(second, "recache")
+        return np.concatenate([f for index, f in frames if index >= 3])
+
+    switched = [score_video(later_blocks(seed, True), second, "yellow", "down") for seed in range(3)]
+    assert sum(s.found and s.direction_ok for s in switched) >= 2, switched
+    assert not any(score_video(later_blocks(seed, False), second, "yellow", "down").found for seed in range(3))
