@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
+from typing import Callable
 
 import gradio as gr
 
@@ -113,6 +115,21 @@ class Handlers:
             raise UserError(public) from err
         finally:
             session.request_done()
+
+    @staticmethod
+    def calm(handler: Callable) -> Callable:
+        """`handler` for the page: a refused request says why in the status line (the third output) and leaves the
+        other outputs as they are, where an error would mark every output and pop up a toast. API callers keep
+        the plain handler and its error."""
+        @functools.wraps(handler)
+        def on_page(*args):
+            try:
+                yield from handler(*args)
+            except UserError as err:
+                yield gr.skip(), gr.skip(), f"**Not started:** {err.message}", gr.skip(), gr.skip(), gr.skip(), \
+                    gr.skip()
+
+        return on_page
 
     def redecode(self, session: SessionControl) -> tuple[str, str]:
         return redecode_with_vae(self.runtime, session)

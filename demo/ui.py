@@ -220,15 +220,19 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
                  "pose_animation")):
             generate = dict(inputs=extra + controls.inputs + [session], outputs=outputs.all(controls),
                             concurrency_id="gpu", concurrency_limit=1)
-            # The page announces a request before it joins the queue, so Stop and new prompts reach it there.
+            # The API endpoint: a refused request is an error for API callers.
+            gr.Button(visible=False).click(handler, api_name=name, **generate)
+            # The page announces a request before it joins the queue, so Stop and new prompts reach it there, and
+            # shows a refusal in the status line.
+            on_page = handlers.calm(handler)
             controls.generate.click(handlers.request_sent, inputs=[session], queue=False, api_name=False,
                                     show_progress="hidden", js=page_script("click.js", TAB=tab)
-                                    ).then(handler, api_name=name, **generate)
+                                    ).then(on_page, api_name=False, **generate)
             # Enter applies the new prompt to this session's running video, and generates otherwise.
             controls.prompt.submit(handlers.steer_if_running, inputs=[controls.prompt, controls.switch_mode, session],
                                    outputs=[outputs.status], queue=False, api_name=False)
             controls.prompt.submit(handlers.send_unless_running, inputs=[session], queue=False, api_name=False,
-                                   show_progress="hidden").success(handler, api_name=False, **generate)
+                                   show_progress="hidden").success(on_page, api_name=False, **generate)
             controls.stop.click(handlers.request_stop, inputs=[session], outputs=[outputs.status], queue=False,
                                 api_name=f"stop_{name}")
             if runtime.fast_decoder_available:

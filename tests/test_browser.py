@@ -173,6 +173,21 @@ def test_stop_while_idle_says_nothing_runs(page):
         time.sleep(0.1)
 
 
+def test_a_refused_request_is_said_in_the_status_line_and_the_outputs_stay_calm(page):
+    deadline = time.monotonic() + 60
+    while _status(page).startswith(("Starting", "Block")):  # (an earlier test's run)
+        assert time.monotonic() < deadline, _status(page)
+        time.sleep(0.1)
+    page.get_by_label("Prompt").first.fill("   ")
+    page.get_by_role("button", name="Generate").first.click()
+    deadline = time.monotonic() + 20
+    while "Please enter a prompt." not in _status(page):
+        assert time.monotonic() < deadline, _status(page)
+        time.sleep(0.1)
+    assert _status(page).startswith("Not started:")
+    assert page.get_by_text("Error", exact=True).count() == 0  # no output marked, no error toast
+
+
 def test_pose_tab_says_what_dwpose_needs_as_information(page):
     """The example (a rendered pose video) works without DWPose: its files are named, not warned about."""
     page.get_by_role("tab", name="Pose Animation").click()
