@@ -27,6 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "run-metrics log [SF_OUTPUTS_DIR]")
     server.add_argument("--output-cap-mb", type=float, default=float(env("SF_OUTPUT_CAP_MB", "2000")),
                         help="the oldest session videos are deleted beyond this total size [SF_OUTPUT_CAP_MB]")
+    server.add_argument("--max-pixel-blocks", type=int, default=env("SF_MAX_PIXEL_BLOCKS"),
+                        help="refuse fixed-length requests whose width x height x blocks exceeds this (a hosted "
+                             "demo's cost per request; continuous runs stop at the config's continuous_minutes) "
+                             "[SF_MAX_PIXEL_BLOCKS]")
     server.add_argument("--admin-token", default=env("SF_ADMIN_TOKEN"),
                         help="lets whoever enters it change server-wide settings (memory profile) in the UI and "
                              "API; without it they are fixed at start [SF_ADMIN_TOKEN]")
@@ -70,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     runtime = load_runtime(args.config, args.weights, args.device, args.compile, args.use_ema,
                            args.memory_profile, args.vram_gb, args.prompt_extender, store, args.admin_token,
                            args.kv_cache, compile_cache=args.compile_cache, attention=args.attention,
-                           fp8=args.fp8)
+                           fp8=args.fp8, max_pixel_blocks=args.max_pixel_blocks)
     demo = build_demo(runtime)
     demo.queue(max_size=32, default_concurrency_limit=1)
     # Only the session videos may be served: not the run log beside them, nor anything else on the server.

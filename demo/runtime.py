@@ -68,6 +68,7 @@ class Runtime:
     lora_dir: Path | None = None  # <weights>/loras: the LoRAs users can choose
     outputs: OutputStore | None = None  # None: each session writes to its own temporary folder
     admin_token: str | None = None  # lets the holder change server-wide settings from the UI/API
+    max_pixel_blocks: int | None = None  # operator's cap on width x height x blocks of a fixed-length request
     weights_dir: Path | None = None
     build_options: dict = field(default_factory=dict)  # build_pipeline's options (profile, vram, compile, KV, ...)
     registry: dict[str, KnownModel] = field(default_factory=dict)  # known causal generators
@@ -214,6 +215,17 @@ class Runtime:
             return f" · weights folder `{shown}`: {held}"
         return f" · **Weights folder:** {report.verdict().replace(report.folder, shown)}"
 
+    def check_cost(self, num_blocks: int, height: int, width: int, continuous: bool) -> None:
+        """Refuses (ValueError) a fixed-length request past the operator's cap on width x height x blocks
+        (continuous runs are bounded by the config's continuous_minutes instead)."""
+        cap = self.max_pixel_blocks
+        if cap is None or continuous or width * height * num_blocks <= cap:
+            return
+        fitting = max(0, cap // (width * height))
+        raise ValueError(f"This server generates at most {cap:,} pixels x blocks per video: {width}x{height} allows "
+                         f"{fitting} block{'s' if fitting != 1 else ''}" + (" (choose a smaller size)" if not fitting
+                                                                          else "") + ".")
+
     def public(self, message: str) -> str:
         """A message for the page: the server's weights folder shown as <weights>, the project as '.'."""
         if self.weights_dir is not None:
@@ -242,14 +254,14 @@ def load_runtime(config_path: str | Path | None, weights: str | None, device: st
                  vram_gb: float | None = None, prompt_extender: str | None = None,
                  outputs: OutputStore | None = None, admin_token: str | None = None,
                  kv_cache: str = "auto", registry: Path = REGISTRY, compile_cache: str | None = None,
-                 attention: str = "auto", fp8: bool = False) -> Runtime:
+                 attention: str = "auto", fp8: bool = False, max_pixel_blocks: int | None = None) -> Runtime:
     """Loads once at start-up; a weights problem is kept as a message for the UI, not raised.
 
     Weights are read into CPU memory first; the memory plan then decides what goes to the GPU.
     """
     config = load_config(config_path, **{"weights.use_ema": use_ema})  # None: the config decides
     runtime = Runtime(config=config, device=device or default_device(),
-                      outputs=outputs, admin_token=admin_token or None,
+                      outputs=outputs, admin_token=admin_token or None, max_pixel_blocks=max_pixel_blocks,
                       metrics=RunMetrics(outputs.metrics_path if outputs else None),
                       registry=load_registry(registry),
                       build_options=dict(memory_profile=memory_profile, vram=vram_bytes(vram_gb),

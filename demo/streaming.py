@@ -142,6 +142,10 @@ def stream_video(runtime: Runtime, session: SessionControl, request: GenerationR
     except RequestError as err:
         raise UserError(str(err)) from err
     request, num_blocks, height, width = validated.request, validated.num_blocks, validated.height, validated.width
+    try:
+        runtime.check_cost(num_blocks, height, width, request.continuous)
+    except ValueError as err:
+        raise UserError(str(err)) from err
     extended_prompt = gr.skip() if extended_prompt is None else extended_prompt
     note += truncation_note(runtime, request.prompt)
     fast_path = pipeline.fast_path_note(request)

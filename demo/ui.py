@@ -94,7 +94,7 @@ class Controls:
         with gr.Row():
             self.blocks = CheckedSlider(1, cfg.max_blocks, value=cfg.demo.blocks or cfg.num_blocks, step=1,
                                     label=f"Blocks ({cfg.frames_per_block} latent frames = "
-                                          f"{4 * cfg.frames_per_block} video frames each)")
+                                          f"{cfg.video_frames_per_block} video frames each)")
             self.fps = CheckedSlider(MIN_FPS, MAX_FPS, value=cfg.fps, step=1, label="Output FPS")
         self.continuous = gr.Checkbox(label="Continuous", value=False,
                                       info=f"keep generating block after block (rolling attention window) until Stop "

@@ -80,6 +80,7 @@ class PipelineConfig:
     width: int = 832
     num_blocks: int = 7
     max_blocks: int = 20
+    max_side: int = 1280  # the largest height or width a request may ask for
     continuous_minutes: float = 10.0  # continuous mode stops after this much video
     continuous_window: list[int] = field(default_factory=lambda: [21, 3])  # [window, sink] latent frames when
     # the config itself attends to every frame (a continuous run needs a rolling window)
@@ -106,7 +107,7 @@ class PipelineConfig:
     @property
     def continuous_blocks(self) -> int:
         """Blocks in continuous_minutes of video (4 video frames per latent frame)."""
-        return max(1, int(self.continuous_minutes * 60 * self.fps) // (4 * self.frames_per_block))
+        return max(1, int(self.continuous_minutes * 60 * self.fps) // self.video_frames_per_block)
 
     @property
     def torch_dtype(self) -> "torch.dtype":
@@ -123,11 +124,27 @@ class PipelineConfig:
         return self.sampler.kind == "few_step"
 
     @property
-    def vae_stride(self) -> int:
-        return 8
+    def vae_scale_factor_spatial(self) -> int:
+        """Pixels per latent pixel, from the VAE config (diffusers' AutoencoderKLWan `scale_factor_spatial`)."""
+        return int(self.vae.get("scale_factor_spatial", 8))
+
+    @property
+    def vae_scale_factor_temporal(self) -> int:
+        """Video frames per latent frame after the first (AutoencoderKLWan `scale_factor_temporal`)."""
+        return int(self.vae.get("scale_factor_temporal", 4))
+
+    @property
+    def size_multiple(self) -> int:
+        """Heights and widths are multiples of this: a latent pixel per VAE stride, a token per patch."""
+        return self.vae_scale_factor_spatial * int(self.model.get("patch_size", (1, 2, 2))[1])
+
+    @property
+    def video_frames_per_block(self) -> int:
+        return self.vae_scale_factor_temporal * self.frames_per_block
 
     def latent_size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
-        return (height or self.height) // self.vae_stride, (width or self.width) // self.vae_stride
+        stride = self.vae_scale_factor_spatial
+        return (height or self.height) // stride, (width or self.width) // stride
 
 
 def parse_resolution(text: str) -> tuple[int, int]:

@@ -178,8 +178,9 @@ class StreamingVideoPipeline:
             raise RequestError("The fast decoder needs taew2_1.pth from github.com/madebyollin/taehv in the weights "
                                "folder; without it the full Wan VAE decodes.")
         height, width = request.height or self.config.height, request.width or self.config.width
-        if height % 16 or width % 16 or not (16 <= height <= 1280 and 16 <= width <= 1280):
-            raise RequestError("Height and width must be multiples of 16 between 16 and 1280.")
+        step, largest = self.config.size_multiple, self.config.max_side
+        if height % step or width % step or not (step <= height <= largest and step <= width <= largest):
+            raise RequestError(f"Height and width must be multiples of {step} between {step} and {largest}.")
         if request.loras and self.settings.fp8_linears:
             raise RequestError("LoRAs cannot be merged into FP8 weights: the server was started with --fp8; "
                                "start it without --fp8 to use LoRAs.")

@@ -201,3 +201,14 @@ def test_loading_says_nothing_about_an_empty_float32_list(tiny_config):
     finally:
         logger.removeHandler(handler)
         library.setLevel(level)
+
+
+def test_the_operators_cap_on_pixels_times_blocks(tiny_pipeline, tiny_config):
+    runtime = Runtime(config=tiny_config, device="cpu", pipeline=tiny_pipeline, max_pixel_blocks=96 * 64 * 2)
+    runtime.check_cost(2, 64, 96, continuous=False)
+    runtime.check_cost(500, 64, 96, continuous=True)  # (continuous runs stop at continuous_minutes)
+    with pytest.raises(ValueError, match="at most 12,288 pixels x blocks per video: 96x64 allows 2 blocks"):
+        runtime.check_cost(3, 64, 96, continuous=False)
+    session = SessionControl()
+    with pytest.raises(gr.Error, match="allows 2 blocks"):
+        list(stream_video(runtime, session, GenerationRequest("x", num_blocks=3, height=64, width=96), 16))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -118,7 +119,8 @@ def test_metrics_endpoint_and_log(client, app_server):
     for series in ("sf_time_to_first_frame_seconds_bucket", "sf_frames_per_second_bucket", "sf_queue_length",
                    "sf_browser_time_to_first_frame_seconds_count", "sf_generation_failures_total"):
         assert series in text or series.replace("_total", "_created") in text, series
-    runs = [json.loads(line) for line in (ROOT / "outputs" / "metrics.jsonl").read_text().splitlines()]
+    log = Path(os.environ["SF_OUTPUTS_DIR"]) / "metrics.jsonl"  # (conftest: the tests' own outputs folder)
+    runs = [json.loads(line) for line in log.read_text().splitlines()]
     last = runs[-1]
     assert last["tab"] == "t2v" and last["resolution"] == "96x64" and last["blocks_done"] == 1
     assert last["server_first_frame_s"] > 0 and last["fps"] > 0 and not last["cancelled"] and not last["failed"]
@@ -257,15 +259,17 @@ def test_continuous_run_through_the_api_until_stop(app_server):
     job = client.submit("a long river", "", 1, False, 1, 16, "96x64", False, "", "none", 1.0, True,
                         api_name="/text_to_video")
     deadline = time.monotonic() + 90
-    while not any("Block 4/" in str(update[2]) for update in job.outputs()):
+    while not any(" 45 frames" in str(update[2]) for update in job.outputs()):  # 4 blocks (1 + 4 * 11 frames)
         assert time.monotonic() < deadline and not job.done(), [u[2] for u in job.outputs()]
         time.sleep(0.05)
+    assert all("(stops at 10 min)" in str(u[2]) for u in job.outputs()[1:] if "frames" in str(u[2]))
     assert client.predict(api_name="/stop_text_to_video").startswith("Stopping")
     final = job.result()
-    blocks = int(final[2].split("Stopped after block ")[1].split("/")[0])
-    total = int(final[2].split("/")[1].split(".")[0])
-    assert 4 <= blocks < total and total == 10 * 60 * 16 // 12  # the 10-minute limit, in 12-frame blocks
-    assert count_frames(final[3]) == 1 + 4 * (3 * blocks - 1)
+    assert final[2].startswith("Stopped.") and "s of video (stops at 10 min)" in final[2], final[2]
+    frames = int(re.search(r"(\d+) frames", final[2]).group(1))
+    blocks = ((frames - 1) // 4 + 1) // 3
+    assert 4 <= blocks < 10 * 60 * 16 // 12 and frames == 1 + 4 * (3 * blocks - 1)  # (the 10-minute limit)
+    assert count_frames(final[3]) == frames
 
 
 def test_a_busy_port_is_said_before_loading(app_server):

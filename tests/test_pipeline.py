@@ -98,6 +98,7 @@ def test_cancel_stops_between_blocks(tiny_pipeline):
     ({"prompt": "ok", "num_blocks": 0}, "blocks"),
     ({"prompt": "ok", "num_blocks": 999}, "blocks"),
     ({"prompt": "ok", "height": 70}, "multiples of 16"),
+    ({"prompt": "ok", "height": 480, "width": 832}, "between 16 and 256"),  # (the tiny config's max_side)
 ])
 def test_bad_requests_raise_user_facing_errors(tiny_pipeline, request_kwargs, message):
     with pytest.raises(RequestError, match=message):
@@ -172,3 +173,12 @@ def test_warm_up_runs_every_compiled_shape_at_the_default_size(tiny_pipeline, mo
         assert results[-1].frames.shape[1:3] == (config.height, config.width)
     text_results = finished[0][1]
     assert [r.complete for r in text_results] == [False] + [True] * config.num_blocks  # first frame alone, then blocks
+
+
+def test_geometry_comes_from_the_configs(tiny_config):
+    """VAE strides as diffusers' AutoencoderKLWan names them, the patch size, and what follows from them."""
+    assert (tiny_config.vae_scale_factor_spatial, tiny_config.vae_scale_factor_temporal) == (8, 4)
+    assert tiny_config.size_multiple == 16 and tiny_config.video_frames_per_block == 12
+    assert tiny_config.latent_size(64, 96) == (8, 12)
+    wide = dataclasses.replace(tiny_config, vae={**tiny_config.vae, "scale_factor_spatial": 16})
+    assert wide.latent_size(64, 96) == (4, 6) and wide.size_multiple == 32

@@ -76,7 +76,7 @@ class PoseAnimator:
         vae = self.pipeline.vae
         reference_latent = vae.encode(prepare_image(reference, height, width))
         reference_latent = reference_latent + encoders.reference_features(reference_pose).to(reference_latent)
-        frame_tokens = self.pipeline.generator.frame_tokens(height // 8, width // 8)
+        frame_tokens = self.pipeline.generator.frame_tokens(*self.pipeline.config.latent_size(height, width))
         return dataclasses.replace(base, num_blocks=num_blocks, height=height, width=width,
                                    conditioning=PoseConditioning(tokens, frame_tokens, prefix_frames=1),
                                    reference_latent=reference_latent)
