@@ -97,11 +97,7 @@ def vram_needs(model: KnownModel) -> dict[str, float]:
             if model.config.vae else WAN21_VAE_PARAMS
     shapes = {name: tuple(p.shape) for name, p in generator.state_dict().items()}
     shape = TransformerShape.from_shapes(shapes)
-    cfg = model.config
-    settings = {"height": cfg.height, "width": cfg.width, "frames_per_block": cfg.frames_per_block,
-                "num_blocks": cfg.num_blocks, "local_attn_size": cfg.local_attn_size, "sink_size": cfg.sink_size}
-    assert shape is not None
-    return vram_by_profile(shape, settings, UMT5_XXL_PARAMS, vae_params)
+    return vram_by_profile(shape, model.config, UMT5_XXL_PARAMS, vae_params)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .config import PROJECT_ROOT, PipelineConfig, load_config
 from .loading.sources import SELF_FORCING_REPO, T5_FILE, WAN_REPO
 from .memory.profiles import GIB
 from .pose.extract import DETECTOR_FILE, DWPOSE_REPO, POSE_FILE
@@ -204,24 +205,26 @@ def unsupported_reason(shape: TransformerShape) -> str:
     return "no config in configs/ has this architecture"
 
 
-def vram_by_profile(shape: TransformerShape, config: dict, text_encoder_params: int, vae_params: int) -> dict[str, float]:
-    """Estimated peak GPU memory of each profile for the config's default video (bf16)."""
+def vram_by_profile(shape: TransformerShape, config: PipelineConfig, text_encoder_params: int,
+                    vae_params: int) -> dict[str, float]:
+    """Estimated peak GPU memory of each profile for the config's default video (bf16): the memory planner's
+    own estimate (ModelFootprint, plan_memory) from shapes instead of loaded modules."""
     import torch
 
     from .memory.planner import ModelFootprint, activation_bytes, plan_memory
     from .memory.profiles import PROFILES
-    from .model.kv_cache import AttentionWindow, kv_bytes_per_frame
+    from .model.kv_cache import kv_bytes_per_frame
 
-    height, width = config.get("height", 480), config.get("width", 832)
-    fpb, blocks = config.get("frames_per_block", 3), config.get("num_blocks", 7)
-    latent_h, latent_w = height // 8, width // 8
-    frame_tokens = latent_h * latent_w // 4
+    fpb, blocks = config.frames_per_block, config.num_blocks
+    latent_h, latent_w = config.latent_size()
+    patch = config.model.get("patch_size", (1, 2, 2))
+    frame_tokens = (latent_h // patch[1]) * (latent_w // patch[2])
     footprint = ModelFootprint(
         generator_bytes=2 * shape.params, generator_block_bytes=2 * shape.block_params, generator_blocks=shape.layers,
         text_encoder_bytes=2 * text_encoder_params, vae_bytes=2 * vae_params,
         kv_bytes_per_frame=kv_bytes_per_frame(shape.layers, shape.dim, frame_tokens, torch.bfloat16),
-        activation_bytes=activation_bytes(frame_tokens, shape.ffn_dim, latent_h, latent_w, 2))
-    window = AttentionWindow.from_config(config.get("local_attn_size", -1), config.get("sink_size", 0))
+        activation_bytes=activation_bytes(frame_tokens, shape.ffn_dim, config.height * config.width, 2))
+    window = config.attention_window
     peaks = {}
     for name in PROFILES:  # (the streamed profile's smallest form: no generator block kept resident)
         plan = plan_memory(footprint, 1 << 60, blocks * fpb + 1, fpb, name, window)
@@ -408,7 +411,7 @@ class Inspector:
             missing.append(f"the Wan2.1 base (VAE, UMT5, tokenizer): download {WAN_REPO} into wan_models/Wan2.1-T2V-1.3B/")
         else:
             _, text_params, vae_params = self.bases[0]
-            vram = vram_by_profile(shape, config, text_params, vae_params)
+            vram = vram_by_profile(shape, load_config(PROJECT_ROOT / config_name), text_params, vae_params)
         expected = (config.get("weights") or {}).get("generator_ckpt")
         detail = f"{sets} weights ({shape.params / 1e6:,.1f} M parameters); loads with {config_name}"
         if expected and self.rel(file) != expected:

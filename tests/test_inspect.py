@@ -135,12 +135,12 @@ def test_loras_pose_encoders_dwpose_and_tiny_decoders(tmp_path):
 def test_vram_estimate_of_the_real_model_matches_the_measured_peak():
     """Shapes of Wan2.1-T2V-1.3B, UMT5-XXL (5.68 B) and the Wan VAE (127 M): the H100 measured 23.4 GiB (high),
     13.6 GiB (medium) (bench/results/h100_memory.json); low keeps the full 21-frame KV cache (5.6 GiB) here."""
-    from omegaconf import OmegaConf
+    from pipelines.config import load_config
 
     shape = TransformerShape(dim=1536, layers=30, in_dim=16, ffn_dim=8960, params=1_418_996_800,
                              block_params=45_606_016)
-    config = OmegaConf.to_container(OmegaConf.load("configs/self_forcing_dmd.yaml"))
-    vram = vram_by_profile(shape, config, text_encoder_params=5_680_910_336, vae_params=126_892_531)
+    vram = vram_by_profile(shape, load_config("configs/self_forcing_dmd.yaml"), text_encoder_params=5_680_910_336,
+                           vae_params=126_892_531)
     assert vram["high"] > vram["medium"] > vram["low"]
     assert 21 < vram["high"] < 26 and 12 < vram["medium"] < 16 and 9 < vram["low"] < 12
     assert TransformerShape(5120, 40, 16, 0, 0, 0).name == "Wan2.1 T2V 14B"

@@ -98,7 +98,8 @@ def test_configure_memory_returns_the_plans_settings(tiny_config):
     settings the planner returns runs with every low-VRAM option the plan chose, and says so."""
     components = load_components(tiny_config)
     latent_h, latent_w = tiny_config.latent_size()
-    footprint = footprint_of(components, components.generator.frame_tokens(latent_h, latent_w), latent_h, latent_w)
+    footprint = footprint_of(components, components.generator.frame_tokens(latent_h, latent_w),
+                             tiny_config.height * tiny_config.width)
     frames = tiny_config.num_blocks * tiny_config.frames_per_block + 1
     budget = footprint.fixed_bytes(PROFILES["low"], True) + footprint.kv_bytes(frames, True) + PLANNING_HEADROOM
     # (the 2-block tiny model fits "medium" just as well)

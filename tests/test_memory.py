@@ -74,7 +74,7 @@ _PIXELS = 832 * 480
 REAL = ModelFootprint(generator_bytes=int(2.64 * GIB), generator_block_bytes=int(0.085 * GIB), generator_blocks=30,
                       text_encoder_bytes=int(10.6 * GIB), vae_bytes=int(0.24 * GIB),
                       kv_bytes_per_frame=kv_bytes_per_frame(30, 1536, 1560, torch.bfloat16),
-                      activation_bytes=activation_bytes(1560, 8960, 60, 104, 2),
+                      activation_bytes=activation_bytes(1560, 8960, 480 * 832, 2),
                       kv_fp8_bytes_per_frame=kv_bytes_per_frame(30, 1536, 1560, torch.bfloat16, fp8_heads=12),
                       decode_frame_by_frame_saving=int(decode_working_set_bytes(_PIXELS, 2, False)
                                                        * (1 - FRAME_BY_FRAME_DECODE_SHARE)))
@@ -137,7 +137,7 @@ def _kv_bytes_per_frame(config) -> int:
 
 
 def test_footprint_measures_loaded_modules(tiny_components, tiny_config):
-    fp = footprint_of(tiny_components, frame_tokens=24, latent_height=8, latent_width=12)
+    fp = footprint_of(tiny_components, frame_tokens=24, pixels=64 * 96)
     layers = tiny_config.model["num_layers"]
     assert fp.generator_blocks == layers and fp.text_encoder_bytes > 0
     assert fp.generator_block_bytes * layers < fp.generator_bytes
@@ -169,8 +169,8 @@ def test_compiled_decoder_memory_is_planned_for():
 
 
 def test_footprint_grows_when_compiled(tiny_components):
-    eager = footprint_of(tiny_components, frame_tokens=24, latent_height=8, latent_width=12)
-    compiled = footprint_of(tiny_components, frame_tokens=24, latent_height=8, latent_width=12, compiled=True)
+    eager = footprint_of(tiny_components, frame_tokens=24, pixels=64 * 96)
+    compiled = footprint_of(tiny_components, frame_tokens=24, pixels=64 * 96, compiled=True)
     assert compiled.activation_bytes > eager.activation_bytes
     assert compiled.decode_frame_by_frame_saving > eager.decode_frame_by_frame_saving  # (it runs eagerly)
     assert dataclasses.replace(compiled, activation_bytes=eager.activation_bytes,

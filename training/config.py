@@ -163,6 +163,9 @@ def load_training_config(path: str | Path | None = None, data: dict | None = Non
                          **overrides: Any) -> TrainingConfig:
     """A training YAML (and/or a dict) over the defaults; dotted keyword overrides, None ignored. A fine-tuning
     YAML (configs/tiny_lora.yaml) gives its single-stage settings: its training keys and its `student:` ones."""
+    from pipelines.config import resolve_config_path
+
+    path = resolve_config_path(path) if path is not None else None  # (configs/... from any working directory)
     if path is not None and any(key in OmegaConf.load(path) for key in FINETUNE_ONLY):
         finetune = load_finetune_config(path)
         data = {**finetune.training, **finetune.student, "model_config": finetune.model_config, **(data or {})}

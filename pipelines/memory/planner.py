@@ -131,27 +131,24 @@ def decode_working_set_bytes(pixels: int, dtype_bytes: int, compiled: bool) -> i
     return int(eager * (1 + COMPILED_DECODE_EXTRA)) if compiled else eager
 
 
-def activation_bytes(frame_tokens: int, ffn_dim: int, latent_height: int, latent_width: int, dtype_bytes: int,
-                     compiled: bool = False) -> int:
-    """Working set of one DiT pass over a 3-frame block plus the streaming VAE decode of one latent frame."""
-    pixels = latent_height * 8 * latent_width * 8
+def activation_bytes(frame_tokens: int, ffn_dim: int, pixels: int, dtype_bytes: int, compiled: bool = False) -> int:
+    """Working set of one DiT pass over a 3-frame block plus the streaming VAE decode of one latent frame
+    (pixels: height x width of the video)."""
     return decode_working_set_bytes(pixels, dtype_bytes, compiled) + 3 * frame_tokens * 3 * ffn_dim * dtype_bytes
 
 
-def footprint_of(components, frame_tokens: int, latent_height: int, latent_width: int,
-                 compiled: bool = False) -> ModelFootprint:
-    """Measures the loaded modules (components: weights.Components) for one block's working set."""
+def footprint_of(components, frame_tokens: int, pixels: int, compiled: bool = False) -> ModelFootprint:
+    """Measures the loaded modules (components: weights.Components) for one block's working set at a video of
+    `pixels` (height x width)."""
     generator, t5 = components.generator, components.prompt_encoder.model
     cfg = generator.config
     dtype_bytes = generator.patch_embedding.weight.element_size()
-    pixels = latent_height * 8 * latent_width * 8
     return ModelFootprint(
         generator_bytes=module_bytes(generator), generator_block_bytes=module_bytes(generator.blocks[0]),
         generator_blocks=len(generator.blocks), text_encoder_bytes=module_bytes(t5),
         vae_bytes=module_bytes(components.vae.model),
         kv_bytes_per_frame=kv_bytes_per_frame(cfg.num_layers, cfg.dim, frame_tokens, generator.dtype),
-        activation_bytes=activation_bytes(frame_tokens, cfg.ffn_dim, latent_height, latent_width, dtype_bytes,
-                                          compiled),
+        activation_bytes=activation_bytes(frame_tokens, cfg.ffn_dim, pixels, dtype_bytes, compiled),
         kv_fp8_bytes_per_frame=kv_bytes_per_frame(cfg.num_layers, cfg.dim, frame_tokens, generator.dtype,
                                                   fp8_heads=cfg.num_heads),
         # (the frame-by-frame decode runs the decoder's modules eagerly, compiled or not)
@@ -255,7 +252,8 @@ def configure_memory(components, config, device: torch.device | str, requested: 
     device = torch.device(device)
     latent_h, latent_w = config.latent_size()
     frame_tokens = components.generator.frame_tokens(latent_h, latent_w)
-    footprint = footprint_of(components, frame_tokens, latent_h, latent_w, compile_models or settings.compiled)
+    footprint = footprint_of(components, frame_tokens, config.height * config.width,
+                             compile_models or settings.compiled)
     if vram_bytes is None:
         vram_bytes = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 1 << 50
     plan = plan_memory(footprint, vram_bytes, config.num_blocks * config.frames_per_block + 1,
