@@ -237,7 +237,7 @@ def _original_components(config: PipelineConfig, weights_dir: Path, generator: C
     _load_into(t5, wan_t5_to_transformers(t5_state), t5_path)
     tokenizer = _load_tokenizer(_require(base / "google" / "umt5-xxl", "UMT5 tokenizer folder"))
     return Components(generator, WanVAE(vae_model), PromptEncoder(tokenizer, t5, text_len),
-                      f"{config.name} from {display_path(base)}")
+                      f"{config.name} from {display_path(base)} (original layout)")
 
 
 def _diffusers_components(config: PipelineConfig, weights_dir: Path, generator: CausalWanModel,
@@ -255,7 +255,7 @@ def _diffusers_components(config: PipelineConfig, weights_dir: Path, generator: 
         raise WeightsError(f"Could not load {vae_dir} / {text_dir}: {exc}. {_download_hint(root)}") from exc
     tokenizer = _load_tokenizer(_require(root / "tokenizer", "diffusers tokenizer folder"))
     return Components(generator, WanVAE(vae_model), PromptEncoder(tokenizer, t5, text_len),
-                      f"{config.name} from {display_path(root)}")
+                      f"{config.name} from {display_path(root)} (diffusers layout)")
 
 
 def _load_tokenizer(folder: Path):
