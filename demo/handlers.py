@@ -15,6 +15,7 @@ from .media import MediaError, load_image, read_video
 from .runtime import Runtime
 from .session import SessionControl
 from .streaming import (
+    StreamUpdate,
     UserError,
     extend_request,
     parse_resolution,
@@ -95,7 +96,7 @@ class Handlers:
         while it waited."""
         runtime = self.runtime
         if session.dropped_before_start():
-            yield gr.skip(), gr.skip(), "Stopped before it started.", gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            yield StreamUpdate.status_only("Stopped before it started.")
             return
         try:
             if runtime.outputs is not None and browser is not None and browser.session_hash:
@@ -126,8 +127,7 @@ class Handlers:
             try:
                 yield from handler(*args)
             except UserError as err:
-                yield gr.skip(), gr.skip(), f"**Not started:** {err.message}", gr.skip(), gr.skip(), gr.skip(), \
-                    gr.skip()
+                yield StreamUpdate.status_only(f"**Not started:** {err.message}")
 
         return on_page
 

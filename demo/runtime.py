@@ -105,9 +105,10 @@ class Runtime:
     def lora_names(self) -> list[str]:
         if self.lora_dir is None or not self.lora_dir.is_dir():
             return []
-        unreadable = {Path(f.path).name for f in self.weights_report.findings if not f.supported} \
-            if self.weights_report is not None else set()  # (the start-up inspection found these unusable)
-        return sorted(p.name for p in self.lora_dir.glob("*.safetensors") if p.name not in unreadable)
+        report = self.weights_report  # (the start-up inspection's unusable files are not offered)
+        unusable = {Path(report.folder, f.path).resolve() for f in report.findings if not f.supported} \
+            if report is not None else set()
+        return sorted(p.name for p in self.lora_dir.glob("*.safetensors") if p.resolve() not in unusable)
 
     def lora_menu(self) -> list[tuple[str, str]]:
         """(label, name) per LoRA: the label adds what the file says it was trained for."""

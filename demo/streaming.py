@@ -43,6 +43,11 @@ class StreamUpdate:
     extended_prompt: object = dataclasses.field(default_factory=gr.skip)
     timeline: object = dataclasses.field(default_factory=gr.skip)
 
+    @classmethod
+    def status_only(cls, status: str) -> tuple:
+        """The outputs of an update that only says something in the status line."""
+        return cls(gr.skip(), gr.skip(), status, gr.skip(), gr.skip()).as_tuple()
+
     def as_tuple(self) -> tuple:
         return self.segment, self.preview, self.status, self.video, self.seed, self.extended_prompt, self.timeline
 
