@@ -34,7 +34,32 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--admin-token", default=env("SF_ADMIN_TOKEN"),
                         help="lets whoever enters it change server-wide settings (memory profile) in the UI and "
                              "API; without it they are fixed at start [SF_ADMIN_TOKEN]")
+    pool = parser.add_argument_group("worker pool (Ray Serve; without these flags the model runs in this process)")
+    pool.add_argument("--workers", type=int, default=None,
+                      help="start a pool of N workers, each with its own pipeline on its own GPU (one stream each)")
+    pool.add_argument("--min-workers", type=int, default=None, help="autoscaling: the fewest workers (with --max-workers)")
+    pool.add_argument("--max-workers", type=int, default=None,
+                      help="autoscaling: grow the pool up to this many workers while visitors wait")
+    pool.add_argument("--ray-address", default=env("RAY_ADDRESS"),
+                      help="run the pool on an existing Ray cluster (e.g. 10.0.0.1:6379, after `ray start --head` "
+                           "there); without it a local Ray instance is started [RAY_ADDRESS]")
+    pool.add_argument("--gpus-per-worker", type=float, default=1.0,
+                      help="GPUs each worker takes; a fraction packs several workers on one GPU")
+    pool.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPU cores each worker takes")
+    pool.add_argument("--stall-timeout", type=float, default=120.0,
+                      help="seconds without a block after which a worker counts as lost and is replaced")
     return parser
+
+
+def pool_options(args: argparse.Namespace):
+    """The pool the flags ask for, or None (no pool: the model runs in this process)."""
+    if args.workers is None and args.max_workers is None and not args.ray_address:
+        return None
+    from serving.pool.client import PoolOptions
+
+    return PoolOptions(workers=args.workers or 1, min_workers=args.min_workers, max_workers=args.max_workers,
+                       ray_address=args.ray_address or None, gpus_per_worker=args.gpus_per_worker,
+                       cpus_per_worker=args.cpus_per_worker, stall_s=args.stall_timeout)
 
 
 def remove_outputs_on_exit(store) -> None:
@@ -62,19 +87,26 @@ def main(argv: list[str] | None = None) -> int:
         log.error("Port %d on %s is already in use (another app running?): start with --port %d, or stop the "
                   "other server.", args.port, args.host, args.port + 1)
         return 2
-    from demo.zerogpu import adapt_arguments
+    from serving.zerogpu import adapt_arguments
 
     args = adapt_arguments(args)
     from demo.outputs import OutputStore  # heavy imports after parsing: --help stays instant
-    from demo.runtime import load_runtime
     from demo.ui import build_demo
 
     store = OutputStore(args.outputs, int(args.output_cap_mb * 1e6))
     remove_outputs_on_exit(store)
-    runtime = load_runtime(args.config, args.weights, args.device, args.compile, args.use_ema,
-                           args.memory_profile, args.vram_gb, args.prompt_extender, store, args.admin_token,
-                           args.kv_cache, compile_cache=args.compile_cache, attention=args.attention,
-                           fp8=args.fp8, max_pixel_blocks=args.max_pixel_blocks)
+    model = dict(config_path=args.config, weights=args.weights, device=args.device, compile_models=args.compile,
+                 use_ema=args.use_ema, memory_profile=args.memory_profile, vram_gb=args.vram_gb,
+                 prompt_extender=args.prompt_extender, kv_cache=args.kv_cache, compile_cache=args.compile_cache,
+                 attention=args.attention, fp8=args.fp8)
+    options = pool_options(args)
+    if options is None:
+        from demo.runtime import load_runtime
+
+        runtime = load_runtime(**model, outputs=store, admin_token=args.admin_token,
+                               max_pixel_blocks=args.max_pixel_blocks)
+    else:
+        runtime = start_pool(model, options, store, args)
     demo = build_demo(runtime)
     demo.queue(max_size=32, default_concurrency_limit=1)
     # Only the session videos may be served: not the run log beside them, nor anything else on the server.
@@ -82,8 +114,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def start_pool(model: dict, options, store, args: argparse.Namespace):
+    """The front end of a worker pool: the workers load the model, this process only serves pages."""
+    from demo.runtime import front_end
+    from serving.engine import resolve_weights_source
+    from serving.pool.client import PoolBackend, engine_factory
+
+    backend = PoolBackend(engine_factory(**model), options)
+    atexit.register(backend.shutdown)
+    weights_dir = resolve_weights_source(args.weights) if args.weights else None
+    return front_end(backend, weights_dir, store, args.admin_token, args.max_pixel_blocks)
+
+
 def serve(demo, runtime, host: str, port: int, allowed_paths: list[str]) -> None:
-    """The Gradio app at / and Prometheus metrics at /metrics, on one server."""
+    make_server(demo, runtime, host, port, allowed_paths).run()
+
+
+def make_server(demo, runtime, host: str, port: int, allowed_paths: list[str]):
+    """The Gradio app at / and Prometheus metrics at /metrics, on one uvicorn server."""
     import gradio as gr
     import uvicorn
     from fastapi import FastAPI, Response
@@ -91,7 +139,7 @@ def serve(demo, runtime, host: str, port: int, allowed_paths: list[str]) -> None
 
     from demo.ui import CSS, PAGE_JS
 
-    runtime.metrics.watch_queue(runtime.queue_length)
+    runtime.metrics.watch_queue(runtime.queue_length, runtime.backend.live_workers)
     app = FastAPI()
     app.add_api_route("/metrics", lambda: Response(generate_latest(runtime.metrics.registry),
                                                    media_type=CONTENT_TYPE_LATEST), methods=["GET"])
@@ -106,7 +154,7 @@ def serve(demo, runtime, host: str, port: int, allowed_paths: list[str]) -> None
             logging.getLogger("uvicorn.error").setLevel(logging.CRITICAL)
             await super().shutdown(sockets)
 
-    Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)).run()
+    return Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3))
 
 
 if __name__ == "__main__":

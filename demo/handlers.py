@@ -8,16 +8,16 @@ from typing import Callable
 
 import gradio as gr
 
-from pipelines.core import GenerationRequest, RequestError
+from pipelines.loading.media import MediaError, load_image, read_video
 from pipelines.loading.weights import WeightsError
+from serving.jobs import StreamJob
 
-from .media import MediaError, load_image, read_video
 from .runtime import Runtime
 from .session import SessionControl
 from .streaming import (
     StreamUpdate,
     UserError,
-    extend_request,
+    choose_extension,
     parse_resolution,
     pick_seed,
     redecode_with_vae,
@@ -28,13 +28,22 @@ from .streaming import (
 MIN_FPS, MAX_FPS = 8, 30
 
 
-def make_request(prompt, negative, seed, randomize, blocks, resolution, continuous=False, fast_decode=False,
-                 **extra) -> GenerationRequest:
-    """The request the shared controls describe (a UserError for values no control can give)."""
+def make_job(tab, prompt, negative, seed, randomize, blocks, resolution, continuous=False, fast_decode=False,
+             **extra) -> StreamJob:
+    """The job the shared controls describe (a UserError for values no control can give)."""
     height, width = parse_resolution(resolution)
-    return GenerationRequest(prompt=prompt or "", negative_prompt=negative, seed=pick_seed(seed, randomize),
-                             num_blocks=whole_number(blocks, "Blocks"), height=height, width=width,
-                             continuous=bool(continuous), fast_decode=bool(fast_decode), **extra)
+    return StreamJob(tab=tab, prompt=prompt or "", negative_prompt=negative, seed=pick_seed(seed, randomize),
+                     num_blocks=whole_number(blocks, "Blocks"), height=height, width=width,
+                     continuous=bool(continuous), fast_decode=bool(fast_decode), **extra)
+
+
+def upload_bytes(path: str) -> bytes:
+    """An upload's file as it came (a pool worker may be on another machine)."""
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as err:
+        raise UserError(f"Could not read the upload ({type(err).__name__}).") from err
 
 
 class Handlers:
@@ -47,53 +56,50 @@ class Handlers:
 
     def text_to_video(self, prompt, negative, seed, randomize, blocks, fps, resolution, extend, extended, lora,
                       lora_strength, continuous, fast_decode, session: SessionControl, browser: gr.Request):
-        yield from self._run("t2v", session, browser, fps, extend, extended, lora, lora_strength, lambda: make_request(
-            prompt, negative, seed, randomize, blocks, resolution, continuous, fast_decode))
+        yield from self._run(session, browser, fps, extend, extended, lora, lora_strength, lambda: make_job(
+            "t2v", prompt, negative, seed, randomize, blocks, resolution, continuous, fast_decode))
 
     def image_to_video(self, image, prompt, negative, seed, randomize, blocks, fps, resolution, extend, extended,
                        lora, lora_strength, continuous, fast_decode, session: SessionControl, browser: gr.Request):
-        def request() -> GenerationRequest:
+        def job() -> StreamJob:
             if not image:
                 raise UserError("Please upload an image.")
             try:
-                picture = load_image(image)
+                load_image(image)  # (checked here, before it queues)
             except MediaError as err:
                 raise UserError(str(err)) from err
-            return make_request(prompt, negative, seed, randomize, blocks, resolution, continuous, fast_decode,
-                                image=picture)
+            return make_job("i2v", prompt, negative, seed, randomize, blocks, resolution, continuous, fast_decode,
+                            image=upload_bytes(image))
 
-        yield from self._run("i2v", session, browser, fps, extend, extended, lora, lora_strength, request)
+        yield from self._run(session, browser, fps, extend, extended, lora, lora_strength, job)
 
     def pose_animation(self, reference, driving_video, is_pose_video, prompt, negative, seed, randomize, blocks, fps,
                        resolution, extend, extended, lora, lora_strength, continuous, fast_decode,
                        session: SessionControl, browser: gr.Request):
-        runtime = self.runtime
+        info = self.runtime.info
 
-        def request() -> GenerationRequest:
-            poser = runtime.poser
-            if poser is None:
-                raise UserError(runtime.load_error or "The model is not loaded.")
-            if not poser.encoders.available:
-                raise UserError(poser.encoders.missing_message())
+        def job() -> StreamJob:
+            if info.pose_missing:
+                raise UserError(info.pose_missing)
             if not reference or not driving_video:
                 raise UserError("Please upload a reference image and a driving video.")
             if continuous:
                 raise UserError("Continuous mode is for text and image to video: a pose animation lasts as long as "
                                 "its driving video.")
-            base = make_request(prompt, negative, seed, randomize, blocks, resolution, fast_decode=fast_decode)
-            try:
-                picture, frames = load_image(reference), read_video(driving_video)
-                with runtime.gpu_lock:
-                    return poser.request(picture, frames, bool(is_pose_video), base)
-            except (MediaError, WeightsError, RequestError) as err:
+            try:  # (checked here, before it queues)
+                load_image(reference)
+                read_video(driving_video)
+            except MediaError as err:
                 raise UserError(str(err)) from err
+            return make_job("pose", prompt, negative, seed, randomize, blocks, resolution, fast_decode=fast_decode,
+                            reference=upload_bytes(reference), driving_video=upload_bytes(driving_video),
+                            is_pose_video=bool(is_pose_video))
 
-        yield from self._run("pose", session, browser, fps, extend, extended, lora, lora_strength, request)
+        yield from self._run(session, browser, fps, extend, extended, lora, lora_strength, job)
 
-    def _run(self, tab: str, session: SessionControl, browser: gr.Request | None, fps, extend, extended, lora,
-             strength, request):
-        """The tab's request (built by `request()`) through the shared streaming handler, unless Stop dropped it
-        while it waited."""
+    def _run(self, session: SessionControl, browser: gr.Request | None, fps, extend, extended, lora, strength, job):
+        """The tab's job (built by `job()`) through the shared streaming handler, unless Stop dropped it while it
+        waited."""
         runtime = self.runtime
         if session.dropped_before_start():
             yield StreamUpdate.status_only("Stopped before it started.")
@@ -103,12 +109,12 @@ class Handlers:
                 runtime.outputs.track(browser.session_hash, session.output_dir)
             fps = whole_number(fps, "Output FPS", MIN_FPS, MAX_FPS)
             try:
-                loras = runtime.lora_choice(lora, strength)
+                lora = runtime.check_lora(lora, strength)
             except (ValueError, TypeError) as err:
                 raise UserError(str(err)) from err
-            built = dataclasses.replace(request(), loras=loras)
-            built, box, note = extend_request(runtime, session, tab, built, bool(extend), extended)
-            yield from stream_video(runtime, session, built, fps, tab, box, note)
+            built = dataclasses.replace(job(), fps=fps, lora=lora, lora_strength=float(strength))
+            built = choose_extension(runtime, session, built, bool(extend), extended)
+            yield from stream_video(runtime, session, built)
         except UserError as err:  # (said without the server's paths)
             public = runtime.public(err.message)
             if public == err.message:

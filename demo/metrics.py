@@ -34,6 +34,9 @@ class RunRecord:
     peak_gpu_bytes: int | None = None
     cancelled: bool = False
     failed: str | None = None
+    worker: str | None = None  # who ran it ("local", or a pool worker's id)
+    queue_wait_s: float | None = None  # from the request to its start on a worker
+    busy_s: float | None = None  # from its start to its end (the worker's busy time)
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -63,10 +66,18 @@ class RunMetrics:
         self.fps = Histogram("sf_frames_per_second", "Frames per second of finished generations",
                              buckets=(1, 2, 5, 10, 15, 20, 25, 30, 45, 60), registry=self.registry)
         self.queue = Gauge("sf_queue_length", "Requests waiting for the GPU", registry=self.registry)
+        self.queue_wait = Histogram("sf_queue_wait_seconds", "From a request to its start on a worker",
+                                    buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300), registry=self.registry)
+        self.worker_busy = Counter("sf_worker_busy_seconds", "Seconds each worker spent running streams", ["worker"],
+                                   registry=self.registry)
+        self.worker_restarts = Counter("sf_worker_restarts", "Pool workers lost mid-run (killed or stalled) and "
+                                       "replaced by Ray Serve", registry=self.registry)
+        self.workers = Gauge("sf_live_workers", "Pool workers ready to run a stream", registry=self.registry)
 
-    def watch_queue(self, queue_length: Callable[[], int]) -> None:
-        """The queue gauge reads queue_length() whenever it is scraped."""
+    def watch_queue(self, queue_length: Callable[[], int], live_workers: Callable[[], int]) -> None:
+        """The queue and worker gauges read the functions whenever they are scraped."""
         self.queue.set_function(queue_length)
+        self.workers.set_function(live_workers)
 
     def record(self, run: RunRecord) -> None:
         self.generations.labels(run.tab).inc()
@@ -76,6 +87,12 @@ class RunMetrics:
             self.first_frame.observe(run.server_first_frame_s)
         if run.fps is not None and not run.cancelled and not run.failed:
             self.fps.observe(run.fps)
+        if run.queue_wait_s is not None:
+            self.queue_wait.observe(run.queue_wait_s)
+        if run.busy_s is not None and run.worker is not None:
+            self.worker_busy.labels(run.worker).inc(run.busy_s)
+        if run.failed == "worker lost":
+            self.worker_restarts.inc()
         if self.path is not None:
             with self._lock, self.path.open("a", encoding="utf-8") as log_file:
                 log_file.write(json.dumps(asdict(run)) + "\n")
@@ -103,12 +120,13 @@ class RunMetrics:
         done = [r for r in runs if not r.get("failed") and not r.get("cancelled")]
         lines = [f"**{len(runs)} recent runs** ({len(runs) - len(done)} stopped or failed)", "",
                  "| metric | p50 | p95 |", "| --- | --- | --- |"]
-        for key, label, unit in (("server_first_frame_s", "first frame (server)", "s"),
+        for key, label, unit in (("queue_wait_s", "queue wait", "s"), ("server_first_frame_s", "first frame (server)", "s"),
                                  ("browser_first_frame_s", "first frame on screen (browser)", "s"),
                                  ("fps", "FPS", ""), ("ms_per_block", "ms per block", "")):
             values = [r[key] for r in done if r.get(key) is not None]
             p50, p95 = percentile(values, 50), percentile(values, 95)
             lines.append(f"| {label} | {_fmt(p50, unit)} | {_fmt(p95, unit)} |")
+        lines += self._worker_rows(runs)
         lines += ["", "| time | tab | resolution | blocks | first frame | FPS | state |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         for r in reversed(runs[-rows:]):
@@ -116,6 +134,23 @@ class RunMetrics:
             lines.append(f"| {r['time']} | {r['tab']} | {r['resolution']} | {r['blocks_done']}/{r['blocks']} | "
                          f"{_fmt(r.get('server_first_frame_s'), 's')} | {_fmt(r.get('fps'), '')} | {state} |")
         return "\n".join(lines)
+
+
+    @staticmethod
+    def _worker_rows(runs: list[dict]) -> list[str]:
+        """Busy time, runs and losses per worker (pool mode: several workers share the log)."""
+        workers: dict[str, list] = {}
+        for r in runs:
+            if r.get("worker"):
+                entry = workers.setdefault(r["worker"], [0.0, 0, 0])
+                entry[0] += r.get("busy_s") or 0.0
+                entry[1] += 1
+                entry[2] += r.get("failed") == "worker lost"
+        if len(workers) < 2 and not any(lost for _, _, lost in workers.values()):
+            return []
+        rows = ["", "| worker | busy | runs | lost mid-run |", "| --- | --- | --- | --- |"]
+        rows += [f"| {name} | {busy:.0f} s | {count} | {lost} |" for name, (busy, count, lost) in sorted(workers.items())]
+        return rows
 
 
 def _fmt(value: float | None, unit: str) -> str:

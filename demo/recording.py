@@ -1,41 +1,52 @@
-"""A run's video as it streams: short segments for the browser and one progressive mp4 for download."""
+"""A run's video as it arrives: short segments for the browser and one progressive mp4 for download, written into
+the visitor's session folder from the encoded bytes the backend sends (serving/encoding.py makes them)."""
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
-from pipelines.loading.video_io import H264Writer
+from pipelines.loading.video_io import count_frames
 
 
 class StreamRecorder:
-    """Writes each decoded block as a short .ts segment for the browser and into one progressive mp4
-    (playable even if the run is cut off). Only the last few segments stay on disk: Gradio has
-    copied the older ones to the browser's stream, and a continuous run makes thousands."""
+    """Stores each block's .ts segment and appends the progressive mp4's bytes (playable up to its last complete
+    second even when the run is cut off). Only the last few segments stay on disk: Gradio has copied the older
+    ones to the browser's stream, and a continuous run makes thousands."""
 
     KEEP_SEGMENTS = 4
 
     def __init__(self, run_dir: Path, fps: int) -> None:
         self.run_dir = run_dir
         self.fps = fps
-        self.final: H264Writer | None = None
+        self.video = run_dir / "video.mp4"
         self.segments = 0
+        self.frames = 0
 
-    def add_block(self, frames: np.ndarray) -> Path:
-        if self.final is None:
-            self.final = H264Writer(self.run_dir / "video.mp4", frames.shape[2], frames.shape[1], self.fps,
-                                    progressive=True)
-        self.final.write(frames)
+    def add_block(self, segment: bytes, mp4: bytes, frames: int) -> Path:
+        self._append(mp4)
+        self.frames += frames
         self.segments += 1
         (self.run_dir / f"segment{self.segments - self.KEEP_SEGMENTS:03d}.ts").unlink(missing_ok=True)
-        segment = H264Writer(self.run_dir / f"segment{self.segments:03d}.ts", frames.shape[2], frames.shape[1],
-                             self.fps)
-        segment.write(frames)
-        return segment.close()
+        path = self.run_dir / f"segment{self.segments:03d}.ts"
+        path.write_bytes(segment)
+        return path
 
-    def finish(self) -> Path | None:
-        return None if self.final is None else self.final.close()
+    def finish(self, tail: bytes = b"") -> Path | None:
+        """The mp4 (None when no block arrived)."""
+        self._append(tail)
+        return self.video if self.frames else None
 
-    @property
-    def frames(self) -> int:
-        return 0 if self.final is None else self.final.frames_written
+    def salvage(self) -> tuple[Path | None, int]:
+        """(the mp4, its playable frames) of a run cut off where it was made: the bytes that arrived hold whole
+        one-second fragments only (None, 0 when not even one)."""
+        if not self.video.is_file():
+            return None, 0
+        try:
+            frames = count_frames(self.video)
+        except RuntimeError:  # (only the header arrived)
+            frames = 0
+        return (self.video, frames) if frames else (None, 0)
+
+    def _append(self, data: bytes) -> None:
+        if data:
+            with self.video.open("ab") as file:
+                file.write(data)

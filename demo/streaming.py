@@ -1,21 +1,23 @@
 """The one streaming handler behind every tab: runs the pipeline core and yields UI updates."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import gc
+import io
 import logging
 import math
 import random
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
 import gradio as gr
-import torch
+from PIL import Image
 
 from pipelines import config
-from pipelines.core import MAX_SEED, GenerationRequest, RequestError
-from pipelines.loading.prompt_extender import ExtenderError
-from pipelines.loading.video_io import write_video
+from pipelines.core import MAX_SEED, GenerationRequest, RequestError, validate_request
+from pipelines.loading.lora import LoraChoice
+from serving.jobs import Block, Finished, Refused, Started, StreamJob, Waiting, WorkerLost
 
 from .metrics import RunRecord
 from .recording import StreamRecorder
@@ -83,25 +85,17 @@ def parse_resolution(text: str) -> tuple[int, int]:
         raise UserError(str(err)) from err
 
 
-def extend_request(runtime: Runtime, session: SessionControl, tab: str, request: GenerationRequest,
-                   extend: bool, edited: str | None) -> tuple[GenerationRequest, object, str]:
-    """Applies prompt extension: (request to run, update of the extended-prompt box, status note).
-
-    The box's text is used as it is (the user may have edited it) while it belongs to the current
-    prompt; a new prompt is extended afresh. Failures leave the typed prompt in use.
-    """
-    prompt = (request.prompt or "").strip()
-    if not extend or not prompt or runtime.extender is None:
-        return request, gr.skip(), ""
-    if edited and edited.strip() and session.extended_from.get(tab) == prompt:
-        return dataclasses.replace(request, prompt=edited.strip()), gr.skip(), ""
-    try:
-        text = runtime.extend_prompt(prompt)
-    except ExtenderError as err:
-        log.warning("%s", err)
-        return request, gr.skip(), f" · prompt extension failed ({err}); used the prompt as typed"
-    session.extended_from[tab] = prompt
-    return dataclasses.replace(request, prompt=text), text, ""
+def choose_extension(runtime: Runtime, session: SessionControl, job: StreamJob, extend: bool,
+                     edited: str | None) -> StreamJob:
+    """Whether the job asks the backend to extend its prompt. The box's text is used as it is (the user may have
+    edited it) while it belongs to the current prompt; a new prompt is extended afresh (its text comes back in
+    the Started event)."""
+    prompt = (job.prompt or "").strip()
+    if not extend or not prompt or not runtime.info.extender:
+        return job
+    if edited and edited.strip() and session.extended_from.get(job.tab) == prompt:
+        return dataclasses.replace(job, prompt=edited.strip())
+    return dataclasses.replace(job, extend=True)
 
 
 class PromptTimeline:
@@ -125,121 +119,139 @@ class PromptTimeline:
         return "\n".join(rows)
 
 
-def truncation_note(runtime: Runtime, prompt: str) -> str:
-    encoder = runtime.pipeline.prompt_encoder
-    tokens = encoder.token_count(prompt)
-    if tokens <= encoder.text_len:
-        return ""
-    return f" · prompt cut to its first {encoder.text_len} of {tokens} tokens (the text encoder's limit)"
+def waiting_status(event: Waiting) -> str:
+    estimate = f", about {event.estimate_s:.0f} s" if event.estimate_s is not None else ""
+    return (f"Waiting for a free worker: {event.position} of {event.waiting} in the queue{estimate} "
+            f"({event.workers} worker{'s' if event.workers != 1 else ''} busy) …")
 
 
-def stream_video(runtime: Runtime, session: SessionControl, request: GenerationRequest, fps: int, tab: str = "t2v",
-                 extended_prompt: object = None, note: str = "") -> Iterator[tuple]:
-    """Yields (segment, preview, status, final mp4, seed, extended prompt) as each block is decoded,
-    and appends the run's metrics when it ends (done, stopped or failed)."""
-    if runtime.pipeline is None:
-        raise UserError(runtime.load_error or "The model is not loaded.")
-    pipeline = runtime.pipeline
+def stream_video(runtime: Runtime, session: SessionControl, job: StreamJob, note: str = "") -> Iterator[tuple]:
+    """Yields (segment, preview, status, final mp4, seed, extended prompt, timeline) as each block arrives from
+    the backend, stores the video in the session's folder and appends the run's metrics when it ends (done,
+    stopped, failed or its worker lost)."""
+    info = runtime.info
+    if not info.loaded:
+        raise UserError(info.load_error or "The model is not loaded.")
     if not session.is_waiting:  # (a caller that did not announce the request: fresh stop flag and switches)
         session.request_sent()
-    try:
-        validated = pipeline.validate(dataclasses.replace(request, steering=session.steering))
-    except RequestError as err:
+    loras = (LoraChoice(job.lora, job.lora_strength),) if job.lora else ()
+    request = GenerationRequest(job.prompt, seed=job.seed, num_blocks=job.num_blocks, height=job.height,
+                                width=job.width, loras=loras, continuous=job.continuous, fast_decode=job.fast_decode)
+    try:  # (before it queues: the backend checks again with the model itself)
+        validated = validate_request(request, info.config, info.fast_decoder, info.fp8_linears)
+        runtime.check_cost(validated.num_blocks, validated.height, validated.width, job.continuous)
+    except (RequestError, ValueError) as err:
         raise UserError(str(err)) from err
-    request, num_blocks, height, width = validated.request, validated.num_blocks, validated.height, validated.width
-    try:
-        runtime.check_cost(num_blocks, height, width, request.continuous)
-    except ValueError as err:
-        raise UserError(str(err)) from err
-    extended_prompt = gr.skip() if extended_prompt is None else extended_prompt
-    note += truncation_note(runtime, request.prompt)
-    fast_path = pipeline.fast_path_note(request)
-    note += f" · {fast_path}" if fast_path else ""
-    recorder = StreamRecorder(session.new_run_dir(), int(fps))
-    fast_run = FastRun(recorder.run_dir, int(fps)) if request.fast_decode and not request.continuous else None
-    run = RunRecord(tab=tab, model=runtime.config.name, device=str(pipeline.device), resolution=f"{width}x{height}",
-                    blocks=num_blocks, profile=runtime.memory_plan.profile.name if runtime.memory_plan else None)
-    yield StreamUpdate(gr.skip(), gr.skip(), f"Starting: {'continuous, up to ' + format(runtime.config.continuous_minutes, 'g') + ' min of video' if request.continuous else str(num_blocks) + ' blocks'} …{note}", None, request.seed,
-                       extended_prompt, timeline="").as_tuple()
+    num_blocks, fps = validated.num_blocks, job.fps
+    recorder = StreamRecorder(session.new_run_dir(), fps)
+    fast_run = FastRun(recorder.run_dir, fps) if job.fast_decode and not job.continuous else None
+    run = RunRecord(tab=job.tab, model=info.config.name, device=info.device,
+                    resolution=f"{validated.width}x{validated.height}", blocks=num_blocks, profile=info.profile)
+    length = f"continuous, up to {runtime.config.continuous_minutes:g} min of video" if job.continuous else \
+        f"{num_blocks} blocks"
+    yield StreamUpdate(gr.skip(), gr.skip(), f"Starting: {length} …{note}", None, job.seed, timeline="").as_tuple()
     status, block_s, total_block_s = "", 0.0, 0.0
     cap_minutes = runtime.config.continuous_minutes
 
     def progress(block: int) -> str:
         """'Block 3/7', or for a continuous run the video made so far and its cap."""
-        if not request.continuous:
+        if not job.continuous:
             return f"Block {block}/{num_blocks}"
         return f"{recorder.frames / fps:.0f} s of video (stops at {cap_minutes:g} min)"
     timeline = PromptTimeline()
-    cuda = pipeline.device.type == "cuda"
-    with runtime.gpu_lock, session.running():
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(pipeline.device)
+    sent, started_at, final, lost, waited = time.perf_counter(), None, None, None, False
+    with contextlib.ExitStack() as running:
         try:
-            for result in runtime.generate_blocks(validated, session.stop_requested.is_set):
-                segment = recorder.add_block(result.frames)
-                if fast_run is not None and result.latents is not None:
-                    fast_run.latents.append(result.latents)
-                run.server_first_frame_s = run.server_first_frame_s or result.elapsed_s
-                block_s += result.block_s
-                run.fps = recorder.frames / result.elapsed_s
-                timeline_update = gr.skip()
-                if result.complete:
-                    run.blocks_done += 1
-                    timeline.add(run.blocks_done, result.prompt, result.switch_ms)
-                    timeline_update = timeline.markdown() if len(timeline.spans) > 1 else gr.skip()
-                    total_block_s += block_s
-                    run.ms_per_block = total_block_s * 1e3 / run.blocks_done
-                    status = (f"{progress(run.blocks_done)} · {block_s * 1e3:.0f} ms/block · "
-                              f"{run.fps:.1f} FPS · {recorder.frames} frames · "
-                              f"first frame after {run.server_first_frame_s:.2f} s (server)")
-                    block_s = 0.0
-                else:
-                    status = (f"{progress(result.index + 1)} · "
-                              f"first frame after {run.server_first_frame_s:.2f} s (server)")
-                if result.window_forced:
-                    status += f" · rolling window of {result.window_frames} latent frames (memory budget)"
-                status += note
-                yield StreamUpdate(str(segment), result.frames[-1], status, None, request.seed,
-                                   timeline=timeline_update).as_tuple()
-                if result.complete and session.stop_requested.is_set():
-                    break  # (the core checks too; this ends a ZeroGPU call, which cannot see the flag)
-        except RequestError as err:  # (a LoRA file that cannot be merged is found when the run starts)
-            run.failed = "refused"
-            raise UserError(str(err)) from err
-        except torch.cuda.OutOfMemoryError as err:
-            log.warning("out of GPU memory: %s", str(err).splitlines()[0])
-            run.failed = "out of GPU memory"
-            raise UserError("Out of GPU memory. Try fewer blocks or a lower resolution.") from err
-        except GeneratorExit:  # the browser went away: the run stops here, like a Stop
+            for event in runtime.backend.stream(job, session.stop_requested.is_set, session.steering):
+                if isinstance(event, Waiting):
+                    waited = True
+                    yield StreamUpdate.status_only(waiting_status(event))
+                elif isinstance(event, Refused):
+                    run.failed = "refused" if started_at is not None else None
+                    raise UserError(event.message)
+                elif isinstance(event, Started):
+                    running.enter_context(session.running())
+                    started_at = time.perf_counter()
+                    run.queue_wait_s, run.worker = started_at - sent, event.worker
+                    note += event.note + (f" · worker {event.worker}" if runtime.backend.pooled else "")
+                    box = gr.skip()
+                    if event.extended is not None:
+                        session.extended_from[job.tab] = job.prompt.strip()
+                        box = event.extended
+                    if waited or event.extended is not None or event.note:  # (else "Starting" stands)
+                        yield StreamUpdate(gr.skip(), gr.skip(), f"Starting: {length} …{note}", None, job.seed, box,
+                                           timeline="").as_tuple()
+                elif isinstance(event, Block):
+                    segment = recorder.add_block(event.segment, event.mp4, event.frames)
+                    if fast_run is not None and event.latents is not None:
+                        fast_run.latents.append(event.latents)
+                    run.server_first_frame_s = run.server_first_frame_s or event.elapsed_s
+                    block_s += event.block_s
+                    run.fps = recorder.frames / event.elapsed_s
+                    timeline_update = gr.skip()
+                    if event.complete:
+                        run.blocks_done += 1
+                        timeline.add(run.blocks_done, event.prompt, event.switch_ms)
+                        timeline_update = timeline.markdown() if len(timeline.spans) > 1 else gr.skip()
+                        total_block_s += block_s
+                        run.ms_per_block = total_block_s * 1e3 / run.blocks_done
+                        status = (f"{progress(run.blocks_done)} · {block_s * 1e3:.0f} ms/block · "
+                                  f"{run.fps:.1f} FPS · {recorder.frames} frames · "
+                                  f"first frame after {run.server_first_frame_s:.2f} s (server)")
+                        block_s = 0.0
+                    else:
+                        status = (f"{progress(event.index + 1)} · "
+                                  f"first frame after {run.server_first_frame_s:.2f} s (server)")
+                    if event.window_forced:
+                        status += f" · rolling window of {event.window_frames} latent frames (memory budget)"
+                    status += note
+                    yield StreamUpdate(str(segment), Image.open(io.BytesIO(event.preview)), status, None, job.seed,
+                                       timeline=timeline_update).as_tuple()
+                elif isinstance(event, Finished):
+                    final = recorder.finish(event.mp4)
+                    run.peak_gpu_bytes = event.peak_gpu_bytes
+        except WorkerLost as err:
+            if started_at is None:  # (the queue was full, or no worker could take it)
+                raise UserError(str(err)) from err
+            run.failed, lost = "worker lost", str(err)
+            final, kept_frames = recorder.salvage()
+        except (GeneratorExit, UserError):  # (GeneratorExit: the browser went away; the run stops, like a Stop)
             raise
         except BaseException as err:
             run.failed = run.failed or type(err).__name__
             raise
         finally:
-            final = recorder.finish()
             session.fast_run = fast_run if fast_run is not None and fast_run.latents else None
-            run.cancelled = run.blocks_done < num_blocks and not run.failed
+            run.cancelled = started_at is not None and run.blocks_done < num_blocks and not run.failed
+            run.busy_s = time.perf_counter() - started_at if started_at is not None else None
             run.browser_first_frame_s = session.browser_first_frame_s
-            run.peak_gpu_bytes = torch.cuda.max_memory_allocated(pipeline.device) if cuda else None
-            runtime.metrics.record(run)
-            gc.collect()
-            if cuda:
-                torch.cuda.empty_cache()
+            if started_at is not None or run.failed:
+                runtime.metrics.record(run)
+    timeline_text = timeline.markdown() if len(timeline.spans) > 1 else ""
+    if started_at is None:
+        yield StreamUpdate.status_only("Stopped before it started.")
+        return
+    if lost is not None:
+        kept = f" The first {kept_frames / fps:.0f} s already streamed ({kept_frames} frames) are in the mp4." \
+            if final else " Nothing of it could be kept."
+        yield StreamUpdate(gr.skip(), gr.skip(), f"**{lost}**{kept}", str(final) if final else None, job.seed,
+                           timeline=timeline_text).as_tuple()
+        return
     done = "Done."
     if run.cancelled:
-        done = "Stopped." if request.continuous else f"Stopped after block {run.blocks_done}/{num_blocks}."
+        done = "Stopped." if job.continuous else f"Stopped after block {run.blocks_done}/{num_blocks}."
     # (the last update carries the timeline too: a predict() caller sees only this one)
-    yield StreamUpdate(gr.skip(), gr.skip(), f"{done} {status}", str(final) if final else None,
-                       request.seed, timeline=timeline.markdown() if len(timeline.spans) > 1 else "").as_tuple()
+    yield StreamUpdate(gr.skip(), gr.skip(), f"{done} {status}", str(final) if final else None, job.seed,
+                       timeline=timeline_text).as_tuple()
 
 
 def redecode_with_vae(runtime: Runtime, session: SessionControl) -> tuple[str, str]:
     """(mp4 path, status): the session's last fast-decoded video decoded again with the full Wan VAE."""
     run = session.fast_run
-    if run is None or runtime.pipeline is None:
+    if run is None or not runtime.info.loaded:
         raise UserError("Nothing to re-decode: generate a video with the fast decoder first (continuous runs "
                         "are not kept).")
     path = run.run_dir / "video_full_vae.mp4"
-    with runtime.gpu_lock:  # encoded as the run's own mp4
-        frames = write_video(path, runtime.pipeline.decode_with_vae(run.latents), run.fps, progressive=True)
+    data, frames = runtime.backend.redecode(run.latents, run.fps)
+    path.write_bytes(data)
     return str(path), f"Re-decoded with the full Wan VAE: {frames} frames."

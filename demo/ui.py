@@ -9,9 +9,10 @@ from PIL import Image
 from pipelines.config import DemoConfig
 from pipelines.memory.profiles import PROFILE_CHOICES
 from pipelines.steering import SWITCH_MODES
+from serving.engine import NO_LORA
 
 from .handlers import MAX_FPS, MIN_FPS, Handlers, models_markdown
-from .runtime import NO_LORA, Runtime
+from .runtime import Runtime
 from .session import SessionControl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,21 +72,20 @@ class Controls:
     """The generation controls every tab shares, built inside the current tab."""
 
     def __init__(self, runtime: Runtime) -> None:
-        cfg = runtime.config
+        cfg, info = runtime.config, runtime.info
         self.prompt = gr.Textbox(label="Prompt", lines=1, max_lines=6,
                                  placeholder="Describe the video … (Enter generates)",
                                  info="Enter generates; long prompts wrap")
         with gr.Row():
-            extendable = runtime.extender is not None
-            self.extend = gr.Checkbox(label="Extend prompt", value=extendable, interactive=extendable,
-                                      info=runtime.extender_note)
-        self.extended = gr.Textbox(value="", label="Extended prompt", lines=3, visible=runtime.extender is not None,
+            self.extend = gr.Checkbox(label="Extend prompt", value=info.extender, interactive=info.extender,
+                                      info=info.extender_note)
+        self.extended = gr.Textbox(value="", label="Extended prompt", lines=3, visible=info.extender,
                                    info="editable: generation uses this text while it belongs to the prompt above")
         with gr.Row():
-            loras = runtime.lora_menu()
+            loras = list(info.lora_menu)
             # Custom values reach the handler, which refuses anything not in <weights>/loras with its own message.
             self.lora = gr.Dropdown([NO_LORA, *loras], value=NO_LORA, label="LoRA", interactive=bool(loras),
-                                    allow_custom_value=True, info=runtime.lora_note)
+                                    allow_custom_value=True, info=info.lora_note)
             self.lora_strength = CheckedSlider(0, 2, value=1.0, step=0.05, label="LoRA strength")
         self.negative = gr.Textbox(label="Negative prompt", value=cfg.negative_prompt, visible=cfg.uses_cfg)
         with gr.Row():
@@ -99,7 +99,7 @@ class Controls:
         self.continuous = gr.Checkbox(label="Continuous", value=False,
                                       info=f"keep generating block after block (rolling attention window) until Stop "
                                            f"or {cfg.continuous_minutes:g} minutes of video; Blocks is ignored")
-        fast = runtime.fast_decoder_available
+        fast = info.fast_decoder
         self.fast_decode = gr.Checkbox(label="Fast decoder (TAEHV, preview quality)", value=False, interactive=fast,
                                        info="decodes with the tiny taew2_1 decoder instead of the Wan VAE" if fast
                                        else "needs taew2_1.pth (github.com/madebyollin/taehv) in the weights folder")
@@ -153,13 +153,13 @@ def demo_examples(demo: DemoConfig) -> tuple[list[list], list[list]]:
 
 
 def _pose_note(runtime: Runtime) -> str:
-    poser = runtime.poser
-    if poser is not None and not poser.encoders.available:
-        return f"**Not available with this model.** {poser.encoders.missing_message()}"
+    info = runtime.info
+    if info.loaded and info.pose_missing:
+        return f"**Not available with this model.** {info.pose_missing}"
     note = POSE_HELP
     if runtime.config.demo.pose_note:
         note += f" {runtime.config.demo.pose_note}"
-    missing = poser.detector_missing() if poser is not None else None
+    missing = info.detector_missing
     if missing:
         note += f"\n\n*For driving videos of real people:* {missing}"
     return note
@@ -174,9 +174,10 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
         session = gr.State(new_session, delete_callback=SessionControl.cleanup)
         gr.Markdown("# Streaming causal video diffusion (Self-Forcing · Wan2.1-T2V-1.3B)")
         banner = gr.Markdown(runtime.banner(), elem_id="banner")
-        if runtime.weights_report is not None:
-            with gr.Accordion("Weights folder (python -m pipelines.weights_inspector)", open=runtime.pipeline is None):
-                gr.Markdown(runtime.weights_report.markdown(), elem_id="weights-report")
+        if runtime.info.weights_report is not None:
+            with gr.Accordion("Weights folder (python -m pipelines.weights_inspector)",
+                              open=not runtime.info.weights_runnable):
+                gr.Markdown(runtime.info.weights_report, elem_id="weights-report")
         _memory_panel(runtime, handlers)
         _model_panel(runtime, handlers, banner)
         images, pose_examples = demo_examples(runtime.config.demo)
@@ -219,7 +220,7 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
                 ("pose", pose, pose_out, handlers.pose_animation, [reference, driving, is_pose_video],
                  "pose_animation")):
             generate = dict(inputs=extra + controls.inputs + [session], outputs=outputs.all(controls),
-                            concurrency_id="gpu", concurrency_limit=1)
+                            concurrency_id="gpu", concurrency_limit=runtime.backend.concurrency)
             # The API endpoint: a refused request is an error for API callers.
             gr.Button(visible=False).click(handler, api_name=name, **generate)
             # The page announces a request before it joins the queue, so Stop and new prompts reach it there, and
@@ -235,9 +236,10 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
                                    show_progress="hidden").success(on_page, api_name=False, **generate)
             controls.stop.click(handlers.request_stop, inputs=[session], outputs=[outputs.status], queue=False,
                                 api_name=f"stop_{name}")
-            if runtime.fast_decoder_available:
+            if runtime.info.fast_decoder:
                 controls.redecode.click(handlers.redecode, inputs=[session], outputs=[outputs.video, outputs.status],
-                                        concurrency_id="gpu", concurrency_limit=1, api_name=f"redecode_{name}")
+                                        concurrency_id="gpu", concurrency_limit=runtime.backend.concurrency,
+                                        api_name=f"redecode_{name}")
             controls.apply.click(handlers.steer, inputs=[controls.prompt, controls.switch_mode, session],
                                  outputs=[outputs.status], queue=False, api_name=f"steer_{name}")
             outputs.report.change(handlers.report_browser_timing, inputs=[outputs.report, session],
@@ -250,7 +252,10 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
 def _memory_panel(runtime: Runtime, handlers: Handlers) -> None:
     """The memory plan for everyone; changing it (server-wide) only with the operator's admin token."""
     with gr.Accordion("Memory (low-VRAM GPUs)", open=False):
-        plan = gr.Markdown(runtime.memory_plan.summary() if runtime.memory_plan else "", elem_id="memory-plan")
+        plan = gr.Markdown(runtime.info.memory_summary, elem_id="memory-plan")
+        if runtime.backend.pooled:
+            gr.Markdown("Pool mode: every worker keeps the profile the pool was started with (`--memory-profile`).")
+            return
         if runtime.admin_token is None:
             gr.Markdown("The operator sets the profile at start (`--memory-profile`); start with "
                         "`--admin-token TOKEN` to change it here.")
@@ -269,6 +274,9 @@ def _model_panel(runtime: Runtime, handlers: Handlers, banner: gr.Markdown) -> N
     with gr.Accordion("Model", open=False):
         table = gr.Markdown(models_markdown(runtime), elem_id="models")
         present = runtime.available_models()
+        if runtime.backend.pooled:
+            gr.Markdown("Pool mode: every worker runs the model the pool was started with (`--config`).")
+            return
         if runtime.admin_token is None or not present:
             gr.Markdown("Start with `--config NAME` (or `--admin-token TOKEN` to switch here) to use another model."
                         if present else "Put a model's files in the weights folder (`--weights DIR`) to use it.")

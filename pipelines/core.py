@@ -110,6 +110,35 @@ def prepare_image(image: Image.Image, height: int, width: int) -> torch.Tensor:
     return tensor[None, :, None]
 
 
+def validate_request(request: GenerationRequest, config: PipelineConfig, fast_decoder: bool = False,
+                     fp8_linears: bool = False) -> ValidatedRequest:
+    """The checks of StreamingVideoPipeline.validate from the config and two facts about the loaded model, so a
+    server without the model (a worker pool's front end) refuses a bad request before it queues."""
+    if not request.prompt or not request.prompt.strip():
+        raise RequestError("Please enter a prompt.")
+    if not 0 <= request.seed <= MAX_SEED:
+        raise RequestError(f"Seed must be a whole number from 0 to {MAX_SEED}.")
+    num_blocks = config.num_blocks if request.num_blocks is None else request.num_blocks
+    if request.continuous:
+        num_blocks = config.continuous_blocks
+    elif not 1 <= num_blocks <= config.max_blocks:
+        raise RequestError(f"Number of blocks must be between 1 and {config.max_blocks}.")
+    if request.fast_decode and not fast_decoder:
+        raise RequestError("The fast decoder needs taew2_1.pth from github.com/madebyollin/taehv in the weights "
+                           "folder; without it the full Wan VAE decodes.")
+    height, width = request.height or config.height, request.width or config.width
+    step, largest = config.size_multiple, config.max_side
+    if height % step or width % step or not (step <= height <= largest and step <= width <= largest):
+        raise RequestError(f"Height and width must be multiples of {step} between {step} and {largest}.")
+    if request.loras and fp8_linears:
+        raise RequestError("LoRAs cannot be merged into FP8 weights: the server was started with --fp8; "
+                           "start it without --fp8 to use LoRAs.")
+    for choice in request.loras:
+        if not 0 <= choice.scale <= 2:
+            raise RequestError(f"LoRA strength must be between 0 and 2, got {choice.scale}.")
+    return ValidatedRequest(request, num_blocks, height, width)
+
+
 def still_cached(written: list["ContextWrite"], window: AttentionWindow, end_frame: int) -> list["ContextWrite"]:
     """The writes with a frame the cache still holds: sink frames and the most recent ones."""
     if window.window_frames is None:
@@ -165,29 +194,7 @@ class StreamingVideoPipeline:
         LoRA files are read when the run starts (a bad one raises RequestError there)."""
         if isinstance(request, ValidatedRequest):
             return request
-        if not request.prompt or not request.prompt.strip():
-            raise RequestError("Please enter a prompt.")
-        if not 0 <= request.seed <= MAX_SEED:
-            raise RequestError(f"Seed must be a whole number from 0 to {MAX_SEED}.")
-        num_blocks = self.config.num_blocks if request.num_blocks is None else request.num_blocks
-        if request.continuous:
-            num_blocks = self.config.continuous_blocks
-        elif not 1 <= num_blocks <= self.config.max_blocks:
-            raise RequestError(f"Number of blocks must be between 1 and {self.config.max_blocks}.")
-        if request.fast_decode and self.fast_decoder is None:
-            raise RequestError("The fast decoder needs taew2_1.pth from github.com/madebyollin/taehv in the weights "
-                               "folder; without it the full Wan VAE decodes.")
-        height, width = request.height or self.config.height, request.width or self.config.width
-        step, largest = self.config.size_multiple, self.config.max_side
-        if height % step or width % step or not (step <= height <= largest and step <= width <= largest):
-            raise RequestError(f"Height and width must be multiples of {step} between {step} and {largest}.")
-        if request.loras and self.settings.fp8_linears:
-            raise RequestError("LoRAs cannot be merged into FP8 weights: the server was started with --fp8; "
-                               "start it without --fp8 to use LoRAs.")
-        for choice in request.loras:
-            if not 0 <= choice.scale <= 2:
-                raise RequestError(f"LoRA strength must be between 0 and 2, got {choice.scale}.")
-        return ValidatedRequest(request, num_blocks, height, width)
+        return validate_request(request, self.config, self.fast_decoder is not None, self.settings.fp8_linears)
 
     def fast_path_note(self, request: GenerationRequest) -> str:
         """What makes this request's frames differ from the exact bf16 path ('' when nothing does)."""

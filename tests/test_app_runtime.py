@@ -8,25 +8,28 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from demo.runtime import Runtime, load_runtime, resolve_weights_source
+from demo.runtime import load_runtime
 from demo.session import SessionControl
 from demo.streaming import parse_resolution, pick_seed, stream_video
 from demo.ui import build_demo
-from pipelines.core import GenerationRequest, StreamingVideoPipeline
+from pipelines.core import StreamingVideoPipeline
 from pipelines.loading.weights import WeightsError
+from serving.engine import resolve_weights_source
 
+from runtimes import local_runtime
 from tiny_checkpoints import write_original_layout
 
 ROOT = Path(__file__).resolve().parent.parent
+from serving.jobs import StreamJob
 
 
 def test_missing_weights_keep_app_alive_with_clear_message(tmp_path):
     runtime = load_runtime("configs/self_forcing_dmd.yaml", str(tmp_path))
-    assert runtime.pipeline is None
+    assert runtime.engine.pipeline is None
     assert "Wan-AI/Wan2.1-T2V-1.3B" in runtime.banner()
     build_demo(runtime)  # the page still builds, so the app can serve the message
     with pytest.raises(gr.Error, match="Wan-AI/Wan2.1-T2V-1.3B"):
-        next(stream_video(runtime, SessionControl(), GenerationRequest("x"), 16))
+        next(stream_video(runtime, SessionControl(), StreamJob(prompt="x")))
 
 
 def test_runtime_loads_real_layout_from_a_local_weights_folder(tmp_path, tiny_components):
@@ -38,11 +41,11 @@ def test_runtime_loads_real_layout_from_a_local_weights_folder(tmp_path, tiny_co
     config.pop("demo")  # the random model's note
     OmegaConf.save(config, tmp_path / "tiny_from_files.yaml")
     runtime = load_runtime(tmp_path / "tiny_from_files.yaml", str(weights))
-    assert runtime.pipeline is not None and "random weights" not in runtime.banner()
+    assert runtime.engine.pipeline is not None and "random weights" not in runtime.banner()
     banner = runtime.banner()
     assert "self_forcing_dmd.pt" in banner and "…/" + weights.parent.name + "/weights" in banner
     assert str(weights) not in banner  # (a hosted demo must not show the server's layout)
-    final = list(stream_video(runtime, SessionControl(), GenerationRequest("x", num_blocks=1), 16))[-1]
+    final = list(stream_video(runtime, SessionControl(), StreamJob(prompt="x", num_blocks=1)))[-1]
     assert final[2].startswith("Done.")
 
 
@@ -63,29 +66,29 @@ class _OomAfterFirstBlock(StreamingVideoPipeline):
 
 
 def test_cuda_oom_becomes_user_error_and_lock_is_released(tiny_components, tiny_config):
-    runtime = Runtime(config=tiny_config, device="cpu",
+    runtime = local_runtime(tiny_config,
                       pipeline=_OomAfterFirstBlock(tiny_components, tiny_config))
     session = SessionControl()
-    updates = stream_video(runtime, session, GenerationRequest("x", num_blocks=3), 16)
+    updates = stream_video(runtime, session, StreamJob(prompt="x", num_blocks=3))
     next(updates)  # "Starting"
     next(updates)  # block 1
     with pytest.raises(gr.Error, match="Out of GPU memory"):
         next(updates)
-    assert not runtime.gpu_lock.locked()
-    runtime.pipeline = StreamingVideoPipeline(tiny_components, tiny_config)
-    assert list(stream_video(runtime, session, GenerationRequest("x", num_blocks=1), 16))[-1][2].startswith("Done.")
+    assert not runtime.engine.gpu_lock.locked()
+    runtime.engine.pipeline = StreamingVideoPipeline(tiny_components, tiny_config)
+    assert list(stream_video(runtime, session, StreamJob(prompt="x", num_blocks=1)))[-1][2].startswith("Done.")
 
 
 def test_stop_flag_is_per_session(tiny_pipeline, tiny_config):
-    runtime = Runtime(config=tiny_config, device="cpu", pipeline=tiny_pipeline)
+    runtime = local_runtime(tiny_config, tiny_pipeline)
     stopped, other = SessionControl(), SessionControl()
-    updates = stream_video(runtime, stopped, GenerationRequest("x", num_blocks=4), 16)
+    updates = stream_video(runtime, stopped, StreamJob(prompt="x", num_blocks=4))
     next(updates), next(updates)
     stopped.stop_requested.set()
     final = list(updates)[-1]
     assert final[2].startswith("Stopped after block 1/4")
     assert not other.stop_requested.is_set()
-    assert list(stream_video(runtime, other, GenerationRequest("x", num_blocks=2), 16))[-1][2].startswith("Done.")
+    assert list(stream_video(runtime, other, StreamJob(prompt="x", num_blocks=2)))[-1][2].startswith("Done.")
     assert stopped.output_dir != other.output_dir
 
 
@@ -109,17 +112,17 @@ def test_seed_and_resolution_helpers():
 
 def test_memory_profile_can_be_changed_at_runtime(tiny_config):
     runtime = load_runtime("configs/tiny.yaml", None, "cpu", admin_token="secret")
-    assert runtime.memory_plan.profile.name == "high"
+    assert runtime.engine.memory_plan.profile.name == "high"
     for wrong in (None, "", "guess"):
         with pytest.raises(PermissionError, match="admin token"):
             runtime.set_memory_profile("low", wrong)
-    assert runtime.pipeline.generator.weight_streamer is None
+    assert runtime.engine.pipeline.generator.weight_streamer is None
     summary = runtime.set_memory_profile("low", "secret")
-    assert "**low**" in summary and runtime.pipeline.generator.weight_streamer is not None
-    final = list(stream_video(runtime, SessionControl(), GenerationRequest("x", num_blocks=1), 16))[-1]
+    assert "**low**" in summary and runtime.engine.pipeline.generator.weight_streamer is not None
+    final = list(stream_video(runtime, SessionControl(), StreamJob(prompt="x", num_blocks=1)))[-1]
     assert final[2].startswith("Done.")
     runtime.set_memory_profile("high", "secret")
-    assert runtime.pipeline.generator.weight_streamer is None
+    assert runtime.engine.pipeline.generator.weight_streamer is None
 
 
 def test_stop_drops_a_waiting_request_and_a_new_prompt_reaches_it(tiny_pipeline, tiny_config):
@@ -127,7 +130,7 @@ def test_stop_drops_a_waiting_request_and_a_new_prompt_reaches_it(tiny_pipeline,
     the one its blocks follow. The queue gauge counts waiting requests."""
     from demo.handlers import Handlers
 
-    runtime = Runtime(config=tiny_config, device="cpu", pipeline=tiny_pipeline)
+    runtime = local_runtime(tiny_config, tiny_pipeline)
     handlers, session, other = Handlers(runtime), runtime.new_session(), runtime.new_session()
     args = ("a red circle moves to the right on a dark blue background", "", 3, False, 2, 16, "96x64", False, "",
             None, 1.0, False, False, session, None)
@@ -148,9 +151,9 @@ def test_stop_drops_a_waiting_request_and_a_new_prompt_reaches_it(tiny_pipeline,
 
 
 def test_continuous_runs_show_the_video_made_and_the_cap(tiny_pipeline, tiny_config):
-    runtime = Runtime(config=tiny_config, device="cpu", pipeline=tiny_pipeline)
+    runtime = local_runtime(tiny_config, tiny_pipeline)
     session = SessionControl()
-    updates = stream_video(runtime, session, GenerationRequest("x", continuous=True), 16)
+    updates = stream_video(runtime, session, StreamJob(prompt="x", continuous=True))
     assert next(updates)[2].startswith(f"Starting: continuous, up to {tiny_config.continuous_minutes:g} min of video")
     statuses = [next(updates)[2] for _ in range(3)]
     assert all(f"of video (stops at {tiny_config.continuous_minutes:g} min)" in s for s in statuses), statuses
@@ -160,8 +163,8 @@ def test_continuous_runs_show_the_video_made_and_the_cap(tiny_pipeline, tiny_con
 
 
 def test_the_lora_menu_says_how_to_give_loras(tiny_config, tmp_path):
-    assert "--weights DIR" in Runtime(config=tiny_config, device="cpu").lora_note
-    assert Runtime(config=tiny_config, device="cpu", lora_dir=tmp_path).lora_note == "none found in <weights>/loras/"
+    assert "--weights DIR" in local_runtime(tiny_config).info.lora_note
+    assert local_runtime(tiny_config, lora_dir=tmp_path).info.lora_note == "none found in <weights>/loras/"
 
 
 def test_pages_show_no_server_paths_and_no_false_alarms(tiny_config, tmp_path):
@@ -172,14 +175,14 @@ def test_pages_show_no_server_paths_and_no_false_alarms(tiny_config, tmp_path):
     (tmp_path / "loras").mkdir()
     (tmp_path / "loras" / "junk.safetensors").write_bytes(b"junk")
     runtime = load_runtime("configs/tiny.yaml", str(tmp_path), "cpu")
-    assert runtime.weights_report == inspect_folder(tmp_path) or runtime.weights_report is not None
+    assert runtime.engine.weights_report == inspect_folder(tmp_path) or runtime.engine.weights_report is not None
     banner = runtime.banner()
     assert str(tmp_path) not in banner and "Cannot run" not in banner, banner
     assert str(ROOT) not in banner
-    assert runtime.lora_names() == []  # (the inspection found junk.safetensors unreadable)
+    assert runtime.engine.lora_names() == []  # (the inspection found junk.safetensors unreadable)
     assert runtime.public(f"Could not read {tmp_path}/loras/x.safetensors") == "Could not read <weights>/loras/x.safetensors"
     with pytest.raises(ValueError, match="LoRA strength must be between 0 and 2"):
-        runtime.lora_choice(None, 100)
+        runtime.check_lora(None, 100)
 
 
 def test_loading_says_nothing_about_an_empty_float32_list(tiny_config):
@@ -206,11 +209,11 @@ def test_loading_says_nothing_about_an_empty_float32_list(tiny_config):
 
 
 def test_the_operators_cap_on_pixels_times_blocks(tiny_pipeline, tiny_config):
-    runtime = Runtime(config=tiny_config, device="cpu", pipeline=tiny_pipeline, max_pixel_blocks=96 * 64 * 2)
+    runtime = local_runtime(tiny_config, tiny_pipeline, max_pixel_blocks=96 * 64 * 2)
     runtime.check_cost(2, 64, 96, continuous=False)
     runtime.check_cost(500, 64, 96, continuous=True)  # (continuous runs stop at continuous_minutes)
     with pytest.raises(ValueError, match="at most 12,288 pixels x blocks per video: 96x64 allows 2 blocks"):
         runtime.check_cost(3, 64, 96, continuous=False)
     session = SessionControl()
     with pytest.raises(gr.Error, match="allows 2 blocks"):
-        list(stream_video(runtime, session, GenerationRequest("x", num_blocks=3, height=64, width=96), 16))
+        list(stream_video(runtime, session, StreamJob(prompt="x", num_blocks=3, height=64, width=96)))

@@ -6,10 +6,10 @@ import json
 import numpy as np
 from PIL import Image
 
-from demo.media import read_video
 from demo.runtime import load_runtime
 from demo.ui import ROOT, build_demo, demo_examples
 from pipelines.config import load_config
+from pipelines.loading.media import read_video
 from training.examples import FOLDER, write_examples
 
 

@@ -100,11 +100,12 @@ def test_app_with_fp8_on_a_cpu_shows_the_reason_instead_of_failing():
     from demo.runtime import load_runtime
 
     runtime = load_runtime("configs/tiny.yaml", None, "cpu", fp8=True)
-    assert runtime.pipeline is None and "FP8 linear layers need a CUDA GPU" in runtime.banner()
+    assert runtime.engine.pipeline is None and "FP8 linear layers need a CUDA GPU" in runtime.banner()
     runtime = load_runtime("configs/tiny.yaml", None, "cpu")
     assert "FP8" not in runtime.banner() and "FlashAttention" not in runtime.banner()
-    runtime.pipeline = runtime.pipeline.with_settings(RuntimeSettings(fp8_linears=True, attention="sdpa+flash4"))
-    # (as on a GPU with both)
+    engine = runtime.engine
+    engine.pipeline = engine.pipeline.with_settings(RuntimeSettings(fp8_linears=True, attention="sdpa+flash4"))
+    runtime.info = runtime.backend.info()  # (as on a GPU with both)
     assert "**FP8 linear layers (experimental):**" in runtime.banner()
     assert "FlashAttention-4 or SDPA" in runtime.banner()
 

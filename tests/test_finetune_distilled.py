@@ -26,6 +26,8 @@ from training.scorecard import finetune_scores, video
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 
+from runtimes import local_runtime
+
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
@@ -117,7 +119,6 @@ def test_a_second_run_reuses_every_stage(runs, caplog):
 def test_the_inspector_and_the_app_menu_show_what_a_lora_was_trained_for(runs, tmp_path):
     import shutil
 
-    from demo.runtime import Runtime
     from pipelines.weights_inspector import inspect_folder
 
     loras = tmp_path / "loras"
@@ -125,6 +126,6 @@ def test_the_inspector_and_the_app_menu_show_what_a_lora_was_trained_for(runs, t
     shutil.copy(runs / "heart" / "lora.safetensors", loras / "heart.safetensors")
     finding = next(f for f in inspect_folder(tmp_path).findings if f.path.endswith("heart.safetensors"))
     assert "trained for tiny.yaml; teacher: tiny_multistep.yaml" in finding.detail
-    runtime = Runtime(config=load_config("configs/tiny.yaml"), device="cpu", lora_dir=loras)
-    [(label, name)] = runtime.lora_menu()
+    runtime = local_runtime(load_config("configs/tiny.yaml"), lora_dir=loras)
+    [(label, name)] = runtime.engine.lora_menu()
     assert name == "heart.safetensors" and label.startswith("heart.safetensors (for tiny.yaml; teacher: ")

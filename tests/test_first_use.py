@@ -227,9 +227,9 @@ def test_dwpose_files_are_looked_up_in_the_weights_folder(tmp_path):
     from demo.runtime import load_runtime
 
     runtime = load_runtime("configs/tiny.yaml", str(tmp_path), "cpu")
-    assert runtime.poser.detector_dir == tmp_path / "dwpose"
-    assert str(tmp_path / "dwpose" / "yolox_l.onnx") in runtime.poser.detector_missing()
-    assert "--weights" in load_runtime("configs/tiny.yaml", None, "cpu").poser.detector_missing()
+    assert runtime.engine.poser.detector_dir == tmp_path / "dwpose"
+    assert str(tmp_path / "dwpose" / "yolox_l.onnx") in runtime.engine.poser.detector_missing()
+    assert "--weights" in load_runtime("configs/tiny.yaml", None, "cpu").engine.poser.detector_missing()
 
 
 def test_prompt_switch_through_the_api_affects_only_that_session(app_server):

@@ -156,7 +156,7 @@ def test_cli_and_app_banner(tmp_path, tiny_components, capsys):
     assert data["verdict"].startswith("Runs with") and len(data["findings"]) == 2
     assert main([str(tmp_path / "nope")]) == 2
     runtime = load_runtime("configs/self_forcing_dmd.yaml", str(tmp_path), "cpu")
-    assert runtime.pipeline is None  # the real config cannot load tiny weights ...
+    assert runtime.engine.pipeline is None  # the real config cannot load tiny weights ...
     assert "Runs with: python app.py --config configs/tiny.yaml" in runtime.banner()  # ... the inspector says what does
 
 

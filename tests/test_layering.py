@@ -1,4 +1,5 @@
-"""The layers import downwards only: pipelines/ (the core) knows nothing of the app (demo/) or of training/."""
+"""The layers import downwards only: pipelines/ (the core) knows nothing of where streams run (serving/), the app
+(demo/) or training/; serving/ knows nothing of the app."""
 from __future__ import annotations
 
 import ast
@@ -22,7 +23,13 @@ def imported_packages(package: str) -> dict[str, set[str]]:
 
 
 def test_pipelines_imports_neither_demo_nor_training():
-    upward = {module: names & {"demo", "training", "app"} for module, names in imported_packages("pipelines").items()}
+    upward = {module: names & {"demo", "serving", "training", "app"}
+              for module, names in imported_packages("pipelines").items()}
+    assert not any(upward.values()), {m: n for m, n in upward.items() if n}
+
+
+def test_serving_does_not_import_the_app():
+    upward = {module: names & {"demo", "training", "app"} for module, names in imported_packages("serving").items()}
     assert not any(upward.values()), {m: n for m, n in upward.items() if n}
 
 
@@ -30,3 +37,4 @@ def test_the_scan_sees_imports_across_layers():
     """Control: the app's own modules import pipelines, and the scan finds it."""
     assert any("pipelines" in names for names in imported_packages("demo").values())
     assert any("pipelines" in names for names in imported_packages("training").values())
+    assert any("serving" in names for names in imported_packages("demo").values())

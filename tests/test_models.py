@@ -157,16 +157,16 @@ def test_app_switches_models_one_resident_at_a_time(tiny_weights):
                            registry=registry_file)
     assert [m.key for m in runtime.available_models()] == list(registry)
     assert "**loaded**" in models_markdown(runtime).splitlines()[2]  # the DMD row
-    old = weakref.ref(runtime.pipeline)
+    old = weakref.ref(runtime.engine.pipeline)
     with pytest.raises(PermissionError):
         runtime.switch_model("causvid", "wrong")
-    assert runtime.pipeline is old()
+    assert runtime.engine.pipeline is old()
     banner = runtime.switch_model("causvid", "secret")
     gc.collect()
     assert old() is None  # the previous model is gone, not kept beside the new one
     assert "CausVid" in banner and runtime.config.name.startswith("CausVid")
-    assert runtime.pipeline.config.sampler.denoising_steps == [1000, 757, 522]
-    frames = np.concatenate([r.frames for r in runtime.pipeline.generate(GenerationRequest("x", num_blocks=1))])
+    assert runtime.engine.pipeline.config.sampler.denoising_steps == [1000, 757, 522]
+    frames = np.concatenate([r.frames for r in runtime.engine.pipeline.generate(GenerationRequest("x", num_blocks=1))])
     assert frames.shape[1:] == (64, 96, 3)
     with pytest.raises(ValueError, match="not a model present"):
         runtime.switch_model("wan_14b", "secret")

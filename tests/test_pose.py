@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from demo.media import MediaError, read_video
 from pipelines.core import GenerationRequest
+from pipelines.loading.media import MediaError, read_video
 from pipelines.loading.vae import frames_for_latents
 from pipelines.loading.weights import WeightsError
 from pipelines.model.kv_cache import AttentionWindow, KVCache, block_causal_mask

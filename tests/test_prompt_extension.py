@@ -7,15 +7,16 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from demo.runtime import Runtime, load_runtime
+from demo.runtime import load_runtime
 from demo.session import SessionControl
-from demo.streaming import extend_request, stream_video
+from demo.streaming import choose_extension, stream_video
 from pipelines.cli import main as cli_main
 from pipelines.config import load_config
-from pipelines.core import GenerationRequest
 from pipelines.loading.prompt_extender import ExtenderError, PromptExtender, find_extender_folder
 from pipelines.loading.video_io import count_frames
+from serving.jobs import StreamJob
 
+from runtimes import local_runtime
 from tiny_checkpoints import write_original_layout, write_self_forcing_checkpoint, write_tiny_causal_lm
 
 
@@ -45,7 +46,7 @@ def test_app_flags_choose_the_weights_and_the_banner_says_which(ema_weights, tin
     config, weights = ema_weights
     args = build_parser().parse_args(["--config", str(config), "--weights", str(weights), *flags])
     runtime = load_runtime(args.config, args.weights, "cpu", use_ema=args.use_ema)
-    offset = runtime.pipeline.generator.proj_out.weight - tiny_components.generator.proj_out.weight
+    offset = runtime.engine.pipeline.generator.proj_out.weight - tiny_components.generator.proj_out.weight
     assert torch.allclose(offset, torch.full_like(offset, 0.5 if expect_ema else 0.0), atol=1e-6)
     banner = runtime.banner()
     assert ("EMA weights ('generator_ema')" in banner) == expect_ema
@@ -123,7 +124,7 @@ class RecordingEncoder:
 
 @pytest.fixture()
 def extending_runtime(tiny_pipeline, tiny_config, extender_weights, monkeypatch):
-    runtime = Runtime(config=tiny_config, device="cpu", pipeline=tiny_pipeline,
+    runtime = local_runtime(tiny_config, tiny_pipeline,
                       extender=CountingExtender(extender_weights / "prompt_extender", max_new_tokens=24))
     recorder = RecordingEncoder(tiny_pipeline.prompt_encoder)
     monkeypatch.setattr(tiny_pipeline, "prompt_encoder", recorder)
@@ -131,17 +132,23 @@ def extending_runtime(tiny_pipeline, tiny_config, extender_weights, monkeypatch)
 
 
 def _run(runtime, session, prompt, extend=True, edited=""):
-    request, box, note = extend_request(runtime, session, "t2v", GenerationRequest(prompt, num_blocks=1), extend,
-                                        edited)
-    return list(stream_video(runtime, session, request, 16, "t2v", box, note))
+    job = choose_extension(runtime, session, StreamJob(prompt=prompt, num_blocks=1), extend, edited)
+    return list(stream_video(runtime, session, job))
+
+
+def _boxes(updates) -> list[int]:
+    """Indices of the updates that set the extended-prompt box."""
+    return [i for i, update in enumerate(updates) if isinstance(update[5], str)]
 
 
 def test_generator_receives_the_extended_prompt_and_the_ui_shows_it(extending_runtime):
     runtime, recorder = extending_runtime
     session = SessionControl()
     updates = _run(runtime, session, "a kite over hills")
-    extended = runtime.extender.extend("a kite over hills")
-    assert updates[0][5] == extended  # the extended-prompt box shows the text before the first block
+    extended = runtime.engine.extender.extend("a kite over hills")
+    [box] = _boxes(updates)
+    first_segment = next(i for i, update in enumerate(updates) if isinstance(update[0], str))
+    assert updates[box][5] == extended and box < first_segment  # the box shows the text before the first block
     assert recorder.prompts == [extended]
     assert updates[-1][2].startswith("Done.")
 
@@ -151,10 +158,10 @@ def test_edited_extension_is_used_and_a_new_prompt_is_extended_afresh(extending_
     session = SessionControl()
     _run(runtime, session, "a kite over hills")
     updates = _run(runtime, session, "a kite over hills", edited="a kite, edited by hand")
-    assert recorder.prompts[-1] == "a kite, edited by hand" and runtime.extender.runs == ["a kite over hills"]
-    assert not isinstance(updates[0][5], str)  # the box keeps the user's text
+    assert recorder.prompts[-1] == "a kite, edited by hand" and runtime.engine.extender.runs == ["a kite over hills"]
+    assert not _boxes(updates)  # the box keeps the user's text
     _run(runtime, session, "a boat", edited="a kite, edited by hand")  # stale text of another prompt
-    assert recorder.prompts[-1] == runtime.extender.extend("a boat")
+    assert recorder.prompts[-1] == runtime.engine.extender.extend("a boat")
     _run(runtime, session, "a boat", extend=False)
     assert recorder.prompts[-1] == "a boat"
 
@@ -167,7 +174,7 @@ def test_broken_extender_leaves_the_prompt_and_says_so(tiny_pipeline, tiny_confi
         PromptExtender(broken).extend("x")
     with pytest.raises(ExtenderError, match="config.json does not exist"):
         PromptExtender(tmp_path / "missing").extend("x")
-    runtime = Runtime(config=tiny_config, device="cpu", pipeline=tiny_pipeline, extender=PromptExtender(broken))
+    runtime = local_runtime(tiny_config, tiny_pipeline, extender=PromptExtender(broken))
     recorder = RecordingEncoder(tiny_pipeline.prompt_encoder)
     monkeypatch.setattr(tiny_pipeline, "prompt_encoder", recorder)
     caplog.set_level(logging.INFO)
@@ -179,9 +186,9 @@ def test_broken_extender_leaves_the_prompt_and_says_so(tiny_pipeline, tiny_confi
 
 def test_without_extender_the_option_is_disabled_with_a_reason(tiny_config, extender_weights):
     bare = load_runtime("configs/tiny.yaml", None, "cpu")
-    assert bare.extender is None and "No prompt extender" in bare.extender_note
+    assert not bare.info.extender and "No prompt extender" in bare.info.extender_note
     found = load_runtime("configs/tiny.yaml", str(extender_weights), "cpu")
-    assert found.extender is not None and "prompt_extender" in found.extender_note
+    assert found.info.extender and "prompt_extender" in found.info.extender_note
 
 
 def test_cli_extend_prompt(tmp_path, extender_weights, caplog):

@@ -154,7 +154,7 @@ def test_api_fast_run_then_full_vae_redecode_gives_the_normal_video(fast_app):
     from gradio_client import Client
     from gradio_client.exceptions import AppError
 
-    from demo.media import read_video
+    from pipelines.loading.media import read_video
 
     client = Client(fast_app.url, verbose=False)
     args = ("", 5, False, 2, 16, "96x64")

@@ -8,11 +8,13 @@ import types
 import numpy as np
 import pytest
 
-from demo.runtime import Runtime
 from demo.session import SessionControl
 from demo.streaming import stream_video
-from demo.zerogpu import adapt_arguments, duration_for
 from pipelines.core import GenerationRequest
+from serving.jobs import StreamJob
+from serving.zerogpu import adapt_arguments, duration_for
+
+from runtimes import local_runtime
 
 
 @pytest.fixture()
@@ -51,27 +53,27 @@ def test_start_up_settings_elsewhere_are_untouched(monkeypatch):
 
 
 def _frames(runtime, blocks=2):
-    return [r.frames for r in runtime.generate_blocks(GenerationRequest("a ship", seed=4, num_blocks=blocks),
+    return [r.frames for r in runtime.engine.generate_blocks(GenerationRequest("a ship", seed=4, num_blocks=blocks),
                                                        lambda: False)]
 
 
 def test_generation_runs_inside_spaces_gpu_with_a_duration_for_its_length(zero_gpu, tiny_pipeline, tiny_config,
                                                                           monkeypatch):
-    runtime = Runtime(config=tiny_config, device="cpu", pipeline=tiny_pipeline)
+    runtime = local_runtime(tiny_config, tiny_pipeline)
     on_zero = _frames(runtime, blocks=2)
     assert zero_gpu == [duration_for(2)] and duration_for(2) == 21 and duration_for(500) == 120
-    final = list(stream_video(runtime, SessionControl(), GenerationRequest("a ship", num_blocks=3), 16))[-1]
+    final = list(stream_video(runtime, SessionControl(), StreamJob(prompt="a ship", num_blocks=3)))[-1]
     assert final[2].startswith("Done.") and zero_gpu[-1] == duration_for(3)
     monkeypatch.delenv("SPACES_ZERO_GPU")
-    local = _frames(Runtime(config=tiny_config, device="cpu", pipeline=tiny_pipeline), blocks=2)
+    local = _frames(local_runtime(tiny_config, tiny_pipeline), blocks=2)
     assert len(zero_gpu) == 2  # the local path does not go through spaces.GPU
     assert all(np.array_equal(a, b) for a, b in zip(on_zero, local)) and len(on_zero) == len(local)
 
 
 def test_stop_ends_a_zero_gpu_call_after_the_current_block(zero_gpu, tiny_pipeline, tiny_config):
-    runtime = Runtime(config=tiny_config, device="cpu", pipeline=tiny_pipeline)
+    runtime = local_runtime(tiny_config, tiny_pipeline)
     session = SessionControl()
-    updates = stream_video(runtime, session, GenerationRequest("x", num_blocks=4), 16)
+    updates = stream_video(runtime, session, StreamJob(prompt="x", num_blocks=4))
     next(updates), next(updates), next(updates)  # starting, the first frame alone, the rest of block 1
     assert session.request_stop()
     assert list(updates)[-1][2].startswith("Stopped after block 1/4")
