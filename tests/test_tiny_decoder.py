@@ -134,9 +134,9 @@ def test_warm_up_runs_the_fast_decoder_too(tmp_path, tiny_config, monkeypatch):
 def test_the_app_offers_it_when_the_file_is_there(tmp_path):
     from demo.runtime import load_runtime
 
-    assert not load_runtime("configs/tiny.yaml", None, "cpu").fast_decoder_available
+    assert not load_runtime("configs/tiny.yaml", None, "cpu").info.fast_decoder
     torch.save(taew2_1_state(), tmp_path / "taew2_1.pth")
-    assert load_runtime("configs/tiny.yaml", str(tmp_path), "cpu").fast_decoder_available
+    assert load_runtime("configs/tiny.yaml", str(tmp_path), "cpu").info.fast_decoder
 
 
 @pytest.fixture(scope="module")
