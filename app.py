@@ -120,9 +120,14 @@ def start_pool(model: dict, options, store, args: argparse.Namespace):
     from serving.engine import resolve_weights_source
     from serving.pool.client import PoolBackend, engine_factory
 
+    from pipelines.loading.weights import WeightsError
+
     backend = PoolBackend(engine_factory(**model), options)
     atexit.register(backend.shutdown)
-    weights_dir = resolve_weights_source(args.weights) if args.weights else None
+    try:  # (the front end only names the folder in messages; the workers report what they could load)
+        weights_dir = resolve_weights_source(args.weights)
+    except WeightsError:
+        weights_dir = None
     return front_end(backend, weights_dir, store, args.admin_token, args.max_pixel_blocks)
 
 

@@ -234,5 +234,10 @@ def start_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     path = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
-    ray.init(address=address, include_dashboard=False, namespace="self-forcing", logging_level=logging.WARNING,
-             runtime_env={"env_vars": {"PYTHONPATH": path, "GRPC_ENABLE_FORK_SUPPORT": "0"}})
+    try:
+        ray.init(address=address, include_dashboard=False, namespace="self-forcing", logging_level=logging.WARNING,
+                 runtime_env={"env_vars": {"PYTHONPATH": path, "GRPC_ENABLE_FORK_SUPPORT": "0"}})
+    except ConnectionError as err:
+        raise ConnectionError(f"{err}. A cluster started with `ray start` uses token authentication (Ray 2.59 and "
+                              "later): start the app with RAY_AUTH_MODE=token set, and on another machine than "
+                              "the head also RAY_AUTH_TOKEN (`ray get-auth-token` on the head prints it).") from err
