@@ -117,10 +117,9 @@ def main(argv: list[str] | None = None) -> int:
 def start_pool(model: dict, options, store, args: argparse.Namespace):
     """The front end of a worker pool: the workers load the model, this process only serves pages."""
     from demo.runtime import front_end
+    from pipelines.loading.weights import WeightsError
     from serving.engine import resolve_weights_source
     from serving.pool.client import PoolBackend, engine_factory
-
-    from pipelines.loading.weights import WeightsError
 
     backend = PoolBackend(engine_factory(**model), options)
     atexit.register(backend.shutdown)

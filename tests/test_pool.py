@@ -67,9 +67,10 @@ def pool_app(tmp_path_factory):
     from serving.pool.client import PoolBackend, PoolOptions, engine_factory
 
     store = OutputStore(tmp_path_factory.mktemp("pool-outputs"))
-    backend = PoolBackend(engine_factory(config_path=str(DEFAULT_CONFIG), weights=None, device="cpu"),
+    weights = pool_weights(tmp_path_factory.mktemp("pool-weights"))
+    backend = PoolBackend(engine_factory(config_path=str(DEFAULT_CONFIG), weights=str(weights), device="cpu"),
                           PoolOptions(workers=2, gpus_per_worker=0, stall_s=STALL_S))
-    runtime = front_end(backend, outputs=store)
+    runtime = front_end(backend, weights, outputs=store)
     spy = StartedSpy(backend)
     demo = build_demo(runtime)
     demo.queue(max_size=32, default_concurrency_limit=1)
@@ -89,17 +90,40 @@ def pool_app(tmp_path_factory):
     store.remove_sessions()
 
 
+def pool_weights(folder: Path) -> Path:
+    """A weights folder beside the embedded model: a LoRA, the fast decoder and a prompt extender (each worker
+    reads it, as each machine of a cluster would read its own copy)."""
+    import torch
+    from safetensors.torch import save_file
+    from test_tiny_decoder import taew2_1_state
+
+    from tiny_checkpoints import write_tiny_causal_lm
+
+    (folder / "loras").mkdir()
+    rng = torch.Generator().manual_seed(0)
+    lora = {}
+    for block in range(6):
+        for layer in ("attn1.to_q", "attn1.to_v", "ffn.net.0.proj"):
+            out_features = 576 if layer.startswith("ffn") else 192
+            lora[f"transformer.blocks.{block}.{layer}.lora_A.weight"] = torch.randn(4, 192, generator=rng) * 0.3
+            lora[f"transformer.blocks.{block}.{layer}.lora_B.weight"] = torch.randn(out_features, 4, generator=rng) * 0.3
+    save_file(lora, str(folder / "loras" / "strong.safetensors"))
+    torch.save(taew2_1_state(), folder / "taew2_1.pth")
+    write_tiny_causal_lm(folder / "prompt_extender")
+    return folder
+
+
 class Visitor:
     """One browser session's stream through the front end, run in its own thread; updates are time-stamped."""
 
-    def __init__(self, app: PoolApp, seed: int, blocks: int, prompt: str = PROMPT) -> None:
+    def __init__(self, app: PoolApp, seed: int, blocks: int, prompt: str = PROMPT, **job) -> None:
         from demo.handlers import Handlers
         from serving.jobs import StreamJob
 
         self.app, self.seed = app, seed
         self.handlers = Handlers(app.runtime)
         self.session = app.runtime.new_session()
-        self.job = StreamJob(prompt=prompt, seed=seed, num_blocks=blocks)
+        self.job = StreamJob(prompt=prompt, seed=seed, num_blocks=blocks, **job)
         self.updates: list[tuple[float, tuple]] = []
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -257,6 +281,35 @@ def test_load_through_the_api_loses_nothing(pool_app):
     while left := [d for d in set(sessions.glob("sf-session-*")) - before if list(d.glob("run*"))]:
         assert time.monotonic() < deadline, f"{len(left)} closed sessions' folders are still there"
         time.sleep(1)
+
+
+def test_loras_fast_decoding_redecoding_extension_and_continuous_runs_work_on_workers(pool_app):
+    import numpy as np
+
+    from demo.streaming import redecode_with_vae
+    from pipelines.loading.media import read_video
+
+    pool_app.wait_for_workers()
+    info = pool_app.runtime.info
+    assert info.lora_names == ["strong.safetensors"] and info.fast_decoder and info.extender
+    plain, tuned = Visitor(pool_app, 51, 2).start(), Visitor(pool_app, 51, 2, lora="strong.safetensors").start()
+    plain_video, tuned_video = (np.stack(read_video(v.final()[3])).astype(float) for v in (plain, tuned))
+    assert np.abs(plain_video - tuned_video).mean() > 5  # the LoRA chosen on the page changes the worker's video
+
+    fast = Visitor(pool_app, 52, 2, fast_decode=True).start()
+    assert "fast TAEHV decoder" in fast.final()[2]
+    path, status = redecode_with_vae(pool_app.runtime, fast.session)  # the latents went to a worker and back
+    assert status == "Re-decoded with the full Wan VAE: 21 frames." and len(read_video(path)) == 21
+
+    extended = Visitor(pool_app, 53, 1, extend=True).start()
+    assert extended.final()[2].startswith("Done.")
+    [box] = [update[5] for _, update in extended.updates if isinstance(update[5], str)]
+    assert box and box != PROMPT and extended.session.extended_from["t2v"] == PROMPT
+
+    endless = Visitor(pool_app, 54, 1, continuous=True).start()
+    endless.wait_for_blocks(3)
+    assert endless.handlers.request_stop(endless.session) == "Stopping after the current block …"
+    assert endless.final()[2].startswith("Stopped.")
 
 
 def test_pool_mode_refuses_server_wide_changes_with_a_reason(pool_app):
