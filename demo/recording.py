@@ -30,9 +30,11 @@ class StreamRecorder:
         path.write_bytes(segment)
         return path
 
-    def finish(self, tail: bytes = b"") -> Path | None:
-        """The mp4 (None when no block arrived)."""
+    def finish(self, tail: bytes = b"", record: str | None = None) -> Path | None:
+        """The mp4 (None when no block arrived); the run record goes beside it as run.json."""
         self._append(tail)
+        if record is not None:
+            (self.run_dir / "run.json").write_text(record)
         return self.video if self.frames else None
 
     def salvage(self) -> tuple[Path | None, int]:

@@ -208,7 +208,7 @@ def stream_video(runtime: Runtime, session: SessionControl, job: StreamJob, note
                     yield StreamUpdate(str(segment), Image.open(io.BytesIO(event.preview)), status, None, job.seed,
                                        timeline=timeline_update).as_tuple()
                 elif isinstance(event, Finished):
-                    final = recorder.finish(event.mp4)
+                    final = recorder.finish(event.mp4, event.record)
                     run.peak_gpu_bytes = event.peak_gpu_bytes
         except WorkerLost as err:
             if started_at is None:  # (the queue was full, or no worker could take it)

@@ -19,7 +19,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate a video with a causal (Self-Forcing) Wan2.1 model and write it as an H.264 mp4.")
     add_model_options(parser)
     video = parser.add_argument_group("video")
-    video.add_argument("--prompt", required=True, help="what the video shows")
+    video.add_argument("--prompt", help="what the video shows (required unless --replay)")
+    video.add_argument("--replay", type=Path, metavar="RUN.json",
+                       help="make a recorded run again (the record the app or this command wrote beside its mp4): "
+                            "the same frames when the same config, weights and options are loaded")
     video.add_argument("--extend-prompt", action="store_true",
                        help="rewrite the prompt into a detailed caption with the prompt extender first "
                             "(see --prompt-extender)")
@@ -60,7 +63,10 @@ def extended_prompt(args: argparse.Namespace, pipeline, plan) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.prompt and not args.replay:
+        parser.error("--prompt is required (or --replay RUN.json)")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     logging.getLogger("diffusers").setLevel(logging.ERROR)
     # Heavy imports after parsing, so that --help and argument errors are instant.
@@ -75,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     from .loading.lora import LoraChoice
     from .loading.video_io import write_video
     from .loading.weights import WeightsError
+    from .run_record import RunRecorder, RunRecordError, read_record, replay_request
 
     try:
         height, width = parse_resolution(args.resolution) if args.resolution else (None, None)
@@ -83,24 +90,35 @@ def main(argv: list[str] | None = None) -> int:
                                      vram_bytes(args.vram_gb), args.compile, kv_cache=args.kv_cache,
                                      compile_cache=args.compile_cache, attention=args.attention, fp8=args.fp8)
         image = Image.open(args.image) if args.image else None
-        request = GenerationRequest(args.prompt, seed=args.seed, num_blocks=args.blocks,
-                                    negative_prompt=args.negative_prompt, image=image, height=height, width=width,
-                                    loras=tuple(LoraChoice.parse(text) for text in args.lora),
-                                    fast_decode=args.fast_decoder)
+        if args.replay:
+            record = read_record(args.replay)
+            request = replay_request(record, pipeline, image, [LoraChoice.parse(text).path for text in args.lora])
+            stop_after = len(record["blocks"])  # (a stopped or continuous run ends where it ended)
+        else:
+            request = GenerationRequest(args.prompt, seed=args.seed, num_blocks=args.blocks,
+                                        negative_prompt=args.negative_prompt, image=image, height=height, width=width,
+                                        loras=tuple(LoraChoice.parse(text) for text in args.lora),
+                                        fast_decode=args.fast_decoder)
+            stop_after = None
         request = pipeline.validate(request)
-    except (WeightsError, RequestError, ValueError) as err:
+    except (WeightsError, RequestError, RunRecordError, ValueError) as err:
         log.error("%s", err)
         return 2
     except (OSError, UnidentifiedImageError) as err:
         log.error("Could not read the input: %s", err)
         return 2
-    if args.extend_prompt:
+    if args.extend_prompt and not args.replay:
         request = pipeline.validate(dataclasses.replace(request.request, prompt=extended_prompt(args, pipeline, plan)))
-    progress = tqdm(total=request.num_blocks, unit="block")
+    progress = tqdm(total=stop_after or request.num_blocks, unit="block")
+    recorder = RunRecorder(pipeline, request)
+
+    def recorded_length_reached() -> bool:
+        return stop_after is not None and len(recorder.record["blocks"]) >= stop_after
 
     def blocks():
-        for result in pipeline.generate(request):
+        for result in pipeline.generate(request, cancel=recorded_length_reached):
             progress.update(int(result.complete))
+            recorder.add(result)
             yield result.frames
 
     try:
@@ -110,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         progress.close()
-    log.info("wrote %d frames to %s", frames, args.out)
+    args.out.with_suffix(".json").write_text(recorder.json())
+    log.info("wrote %d frames to %s (run record: %s)", frames, args.out, args.out.with_suffix(".json"))
     return 0
 
 

@@ -89,6 +89,7 @@ class BlockResult:
     window_forced: bool = False  # the KV-cache memory budget (not the config) imposed that window
     prompt: str = ""  # the prompt this block was generated under
     switch_ms: float | None = None  # a prompt switch before this block took this long (re-cache included)
+    switch_mode: str | None = None  # how it switched (steering.SWITCH_MODES)
 
     @property
     def block_s(self) -> float:
@@ -341,7 +342,7 @@ class BlockRun:
                        for _ in self.contexts]
         self.decoder = settings.fast_decoder.stream() if request.fast_decode else \
             pipeline.vae.stream(settings.decode_frame_by_frame)
-        self.prompt, self.switch_ms = request.prompt, None
+        self.prompt, self.switch_ms, self.switch_mode = request.prompt, None, None
         self.written: list[ContextWrite] = []  # clean frames in the cache, to rebuild it under a new prompt
         self.carried_s = 0.0  # the previous block's cache write, timed with this block's denoising
 
@@ -369,10 +370,10 @@ class BlockRun:
         """Conditions the blocks from `index` on a new prompt when steering holds one."""
         steering = self.request.steering
         switch = steering.take() if steering is not None else None
-        self.switch_ms = None
+        self.switch_ms, self.switch_mode = None, None
         if switch is None or switch.prompt == self.prompt.strip():
             return
-        self.switch_ms = self.switch_prompt(switch)
+        self.switch_ms, self.switch_mode = self.switch_prompt(switch), switch.mode
         self.prompt = switch.prompt
         log.info("prompt switched before block %d/%d (%s, %.0f ms)", index + 1, self.num_blocks, switch.mode,
                  self.switch_ms)
@@ -417,4 +418,5 @@ class BlockRun:
                            latents=None if clean is None else clean.float().cpu(), denoise_s=denoise_s,
                            decode_s=now - decode_start, elapsed_s=now - self.started, complete=clean is not None,
                            window_frames=self.window.window_frames, window_forced=self.window_forced,
-                           prompt=self.prompt, switch_ms=self.switch_ms if clean is not None else None)
+                           prompt=self.prompt, switch_ms=self.switch_ms if clean is not None else None,
+                           switch_mode=self.switch_mode if clean is not None else None)

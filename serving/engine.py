@@ -26,6 +26,7 @@ from pipelines.loading.weights import WeightsError
 from pipelines.memory.planner import MemoryPlan, configure_memory
 from pipelines.pose.animation import PoseAnimator, make_pose_animator
 from pipelines.registry import REGISTRY, KnownModel, load_registry, present_models
+from pipelines.run_record import RunRecorder
 from pipelines.steering import PromptSteering
 from pipelines.weights_inspector import Report, inspect_folder
 
@@ -225,8 +226,10 @@ class Engine:
         if cuda:
             torch.cuda.reset_peak_memory_stats(pipeline.device)
         encoder = BlockEncoder(job.fps)
+        record = RunRecorder(pipeline, validated, job.tab)
         try:
             for result in self.generate_blocks(validated, cancel):
+                record.add(result)
                 segment, mp4, preview = encoder.encode(result.frames)
                 yield Block(result.index, result.num_blocks, result.complete, len(result.frames), segment, mp4,
                             preview, result.elapsed_s, result.block_s, result.prompt, result.switch_ms,
@@ -247,7 +250,7 @@ class Engine:
             gc.collect()
             if cuda:
                 torch.cuda.empty_cache()
-        yield Finished(tail, torch.cuda.max_memory_allocated(pipeline.device) if cuda else None)
+        yield Finished(tail, torch.cuda.max_memory_allocated(pipeline.device) if cuda else None, record.json())
 
     def _request(self, job: StreamJob) -> tuple[GenerationRequest, str | None, str]:
         """(the GenerationRequest a job describes, the extender's text or None, a note for the page)."""

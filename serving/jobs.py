@@ -77,6 +77,7 @@ class Block:
 class Finished:
     mp4: bytes = field(repr=False)  # the mp4's last bytes (written when the encoder closed)
     peak_gpu_bytes: int | None = None
+    record: str | None = field(default=None, repr=False)  # the run record's JSON (pipelines/run_record.py)
 
 
 @dataclass
