@@ -288,6 +288,7 @@ def test_loras_fast_decoding_redecoding_extension_and_continuous_runs_work_on_wo
 
     from demo.streaming import redecode_with_vae
     from pipelines.loading.media import read_video
+    from pipelines.run_record import read_record
 
     pool_app.wait_for_workers()
     info = pool_app.runtime.info
@@ -295,6 +296,8 @@ def test_loras_fast_decoding_redecoding_extension_and_continuous_runs_work_on_wo
     plain, tuned = Visitor(pool_app, 51, 2).start(), Visitor(pool_app, 51, 2, lora="strong.safetensors").start()
     plain_video, tuned_video = (np.stack(read_video(v.final()[3])).astype(float) for v in (plain, tuned))
     assert np.abs(plain_video - tuned_video).mean() > 5  # the LoRA chosen on the page changes the worker's video
+    record = read_record(tuned.session.output_dir / "run001" / "run.json")  # (written by the worker, stored here)
+    assert record["loras"][0]["name"] == "strong.safetensors" and len(record["blocks"]) == 2
 
     fast = Visitor(pool_app, 52, 2, fast_decode=True).start()
     assert "fast TAEHV decoder" in fast.final()[2]
