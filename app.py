@@ -106,7 +106,13 @@ def main(argv: list[str] | None = None) -> int:
         runtime = load_runtime(**model, outputs=store, admin_token=args.admin_token,
                                max_pixel_blocks=args.max_pixel_blocks)
     else:
-        runtime = start_pool(model, options, store, args)
+        from serving.pool.client import PoolError
+
+        try:
+            runtime = start_pool(model, options, store, args)
+        except (PoolError, ConnectionError) as err:
+            log.error("%s", err)
+            return 2
     demo = build_demo(runtime)
     demo.queue(max_size=32, default_concurrency_limit=1)
     # Only the session videos may be served: not the run log beside them, nor anything else on the server.

@@ -231,6 +231,31 @@ def test_a_stalled_worker_is_replaced_and_its_visitor_told(pool_app):
     assert Visitor(pool_app, 32, 2).start().final()[2].startswith("Done.")
 
 
+def test_a_closed_page_frees_its_worker_within_a_block(pool_app):
+    """Gradio closes the handler's generator when the page goes away: the worker stops after its current block
+    and takes the next visitor, long before the other stream ends."""
+    from demo.streaming import stream_video
+    from serving.jobs import StreamJob
+
+    pool_app.wait_for_workers()
+    other = Visitor(pool_app, 61, 12).start()
+    session = pool_app.runtime.new_session()
+    session.request_sent()
+    closing = stream_video(pool_app.runtime, session, StreamJob(prompt=PROMPT, seed=62, num_blocks=12))
+    blocks = 0
+    while blocks < 2:
+        blocks += isinstance(next(closing)[0], str)
+    closing.close()  # (what Gradio does when the connection is lost)
+    session.request_done()
+    closed_at = time.monotonic()
+    successor = Visitor(pool_app, 63, 1).start()
+    assert successor.final()[2].startswith("Done.")
+    assert pool_app.spy.started[63].worker == pool_app.spy.started[62].worker  # the freed worker took it
+    assert successor.block_times()[0] - closed_at < 10  # (a tiny block takes about a second here)
+    assert other.final()[2].startswith("Done.")
+    assert successor.block_times()[0] < other.block_times()[-1]  # (while the other stream still ran)
+
+
 def test_a_stop_while_waiting_drops_the_request(pool_app):
     pool_app.wait_for_workers()
     busy = [Visitor(pool_app, 41, 6).start(), Visitor(pool_app, 42, 6).start()]

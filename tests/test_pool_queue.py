@@ -5,6 +5,7 @@ import pytest
 
 from app import build_parser, pool_options
 from serving.jobs import Block, Started
+from serving.pool.client import PoolError, worker_resources
 from serving.pool.waiting import PoolQueue, estimate_wait
 
 
@@ -67,3 +68,17 @@ def test_pool_flags_are_documented(flag, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--help"])
     assert flag in capsys.readouterr().out
+
+
+def test_a_pool_that_cannot_fit_the_cluster_is_refused_with_what_fits():
+    cpu_box, gpu_box = {"CPU": 2.0}, {"CPU": 16.0, "GPU": 2.0}
+    assert worker_resources(pool_options(build_parser().parse_args(["--workers", "2"])), cpu_box) == \
+        {"num_gpus": 0, "num_cpus": 1.0}  # (no GPU in the cluster: workers on CPUs)
+    with pytest.raises(PoolError, match="4 workers x 1 CPU do not fit the Ray cluster's 2 CPUs: start 2 workers"):
+        worker_resources(pool_options(build_parser().parse_args(["--workers", "4"])), cpu_box)
+    with pytest.raises(PoolError, match="3 workers x 1 GPU do not fit the Ray cluster's 2 GPUs: start 2 workers"):
+        worker_resources(pool_options(build_parser().parse_args(["--workers", "3"])), gpu_box)
+    packed = pool_options(build_parser().parse_args(["--workers", "4", "--gpus-per-worker", "0.5"]))
+    assert worker_resources(packed, gpu_box) == {"num_gpus": 0.5, "num_cpus": 1.0}
+    growing = pool_options(build_parser().parse_args(["--min-workers", "1", "--max-workers", "8"]))
+    assert worker_resources(growing, gpu_box)["num_gpus"] == 1.0  # (only the first worker must fit at start)

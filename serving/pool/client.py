@@ -63,6 +63,26 @@ class PoolOptions:
                                        "upscale_delay_s": 3, "downscale_delay_s": 120}}
 
 
+class PoolError(RuntimeError):
+    """The pool cannot start as asked; the message says why and what to change."""
+
+
+def worker_resources(options: PoolOptions, cluster: dict) -> dict:
+    """Each worker's Ray resources on this cluster (CPUs only when it has no GPU), or PoolError when the workers
+    that must start at once do not fit (Ray Serve would wait for them forever)."""
+    gpus = options.gpus_per_worker if cluster.get("GPU", 0) > 0 else 0
+    needed = options.min_workers if options.max_workers is not None else options.workers
+    needed = max(needed or 1, 1)
+    for name, each in (("GPU", gpus), ("CPU", options.cpus_per_worker)):
+        have = cluster.get(name, 0)
+        if each and needed * each > have + 1e-9:
+            fitting = int(have // each)
+            raise PoolError(f"{needed} workers x {each:g} {name} do not fit the Ray cluster's {have:g} {name}s: "
+                            f"start {fitting} worker{'s' if fitting != 1 else ''}, or give each less "
+                            f"(--{name.lower()}s-per-worker), or add machines to the cluster.")
+    return {"num_gpus": gpus, "num_cpus": options.cpus_per_worker}
+
+
 def engine_factory(**load_options) -> Callable[[], Engine]:
     """What each worker runs at start: load_engine with the app's model options (picklable). Paths given relative
     to this process's folder are made absolute (a worker starts elsewhere)."""
@@ -84,14 +104,13 @@ class PoolBackend:
         self.concurrency = options.largest + options.max_waiting
         self._workers_seen = (0.0, 0)
         start_ray(options.ray_address)
-        self.board = StreamBoard.remote()
-        gpus = options.gpus_per_worker if ray.cluster_resources().get("GPU", 0) > 0 else 0
-        if options.gpus_per_worker and not gpus:
+        resources = worker_resources(options, ray.cluster_resources())
+        if options.gpus_per_worker and not resources["num_gpus"]:
             log.warning("no GPUs in the Ray cluster: the workers run on CPUs")
+        self.board = StreamBoard.remote()
         deployment = serve.deployment(
             StreamWorker, name=DEPLOYMENT, max_ongoing_requests=1, health_check_period_s=5,
-            health_check_timeout_s=60, graceful_shutdown_timeout_s=10,
-            ray_actor_options={"num_gpus": gpus, "num_cpus": options.cpus_per_worker},
+            health_check_timeout_s=60, graceful_shutdown_timeout_s=10, ray_actor_options=resources,
             **options.scaling())
         log.info("starting the pool: %s", options)
         serve.start(proxy_location=ProxyLocation.Disabled)
@@ -106,6 +125,8 @@ class PoolBackend:
     def live_workers(self, fresh: bool = False) -> int:
         """Workers ready for a stream (asked of Ray Serve at most every 2 s)."""
         checked, count = self._workers_seen
+        if not ray.is_initialized():  # (shut down: asking would start a new Ray instance)
+            return 0
         if fresh or time.monotonic() - checked > 2:
             try:
                 states = serve.status().applications[APP_NAME].deployments[DEPLOYMENT].replica_states
