@@ -10,6 +10,7 @@ import gradio as gr
 
 from pipelines.loading.media import MediaError, load_image, read_video
 from pipelines.loading.weights import WeightsError
+from pipelines.run_record import RunRecordError, parse_record
 from serving.jobs import StreamJob
 
 from .runtime import Runtime
@@ -96,6 +97,25 @@ class Handlers:
                             is_pose_video=bool(is_pose_video))
 
         yield from self._run(session, browser, fps, extend, extended, lora, lora_strength, job)
+
+    def replay_run(self, record_file, fps, session: SessionControl, browser: gr.Request):
+        """A run record (run.json beside a video) made again on this server: its prompt, seed, size, LoRAs and
+        prompt switches."""
+        def job() -> StreamJob:
+            if not record_file:
+                raise UserError("Please upload a run record (the run.json written beside a video).")
+            text = upload_bytes(record_file).decode("utf-8", errors="replace")
+            try:
+                record = parse_record(text)
+                return StreamJob(tab="t2v", prompt=record["prompt"], negative_prompt=record["negative_prompt"],
+                                 seed=record["seed"], num_blocks=record["num_blocks"], height=record["height"],
+                                 width=record["width"], continuous=record["continuous"],
+                                 fast_decode=record["settings"]["fast_decode"], replay=text)
+            except (RunRecordError, KeyError, TypeError) as err:
+                raise UserError(str(err) if isinstance(err, RunRecordError) else
+                                f"This is not a run record ({type(err).__name__}).") from err
+
+        yield from self._run(session, browser, fps, False, None, None, 1.0, job)
 
     def _run(self, session: SessionControl, browser: gr.Request | None, fps, extend, extended, lora, strength, job):
         """The tab's job (built by `job()`) through the shared streaming handler, unless Stop dropped it while it

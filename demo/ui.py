@@ -188,6 +188,10 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
                         t2v = Controls(runtime)
                         gr.Examples([[p] for p in runtime.config.demo.prompts or EXAMPLE_PROMPTS],
                                     inputs=[t2v.prompt])
+                        with gr.Accordion("Replay a run record", open=False):
+                            record_file = gr.File(label="run.json (written beside every video)", type="filepath",
+                                                  file_types=[".json"], elem_id="replay-record")
+                            replay = gr.Button("Replay", elem_id="replay-button")
                     with gr.Column():
                         t2v_out = Outputs("t2v")
             with gr.Tab("Image to Video", id="i2v"):
@@ -244,6 +248,11 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
                                  outputs=[outputs.status], queue=False, api_name=f"steer_{name}")
             outputs.report.change(handlers.report_browser_timing, inputs=[outputs.report, session],
                                   outputs=[outputs.timing], queue=False, api_name=False)
+        replaying = dict(inputs=[record_file, t2v.fps, session], outputs=t2v_out.all(t2v), concurrency_id="gpu",
+                         concurrency_limit=runtime.backend.concurrency)
+        gr.Button(visible=False).click(handlers.replay_run, api_name="replay_run", **replaying)
+        replay.click(handlers.request_sent, inputs=[session], queue=False, api_name=False, show_progress="hidden"
+                     ).then(handlers.calm(handlers.replay_run), api_name=False, **replaying)
         demo.unload(handlers.end_session)
     _hide_internal_endpoints(demo, new_session)
     return demo

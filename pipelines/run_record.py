@@ -88,11 +88,20 @@ class RunRecorder:
 
 def read_record(path: str | Path) -> dict:
     try:
-        record = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as err:
+        text = Path(path).read_text()
+    except OSError as err:
         raise RunRecordError(f"Could not read the run record {path}: {err}") from err
+    return parse_record(text, str(path))
+
+
+def parse_record(text: str, name: str = "The file") -> dict:
+    """A record's JSON (RunRecordError for anything else, or another version's record)."""
+    try:
+        record = json.loads(text)
+    except ValueError as err:
+        raise RunRecordError(f"{name} is not a run record ({err}).") from err
     if not isinstance(record, dict) or record.get("version") != RECORD_VERSION:
-        raise RunRecordError(f"{path} is not a run record of this version (expected version {RECORD_VERSION}).")
+        raise RunRecordError(f"{name} is not a run record of this version (expected version {RECORD_VERSION}).")
     return record
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import io
+import json
 import logging
 import os
 import tempfile
@@ -26,7 +27,7 @@ from pipelines.loading.weights import WeightsError
 from pipelines.memory.planner import MemoryPlan, configure_memory
 from pipelines.pose.animation import PoseAnimator, make_pose_animator
 from pipelines.registry import REGISTRY, KnownModel, load_registry, present_models
-from pipelines.run_record import RunRecorder
+from pipelines.run_record import RunRecorder, RunRecordError, parse_record, replay_request
 from pipelines.steering import PromptSteering
 from pipelines.weights_inspector import Report, inspect_folder
 
@@ -209,7 +210,8 @@ class Engine:
                 return
             try:
                 request, extended, note = self._request(job)
-                validated = self.pipeline.validate(dataclasses.replace(request, steering=steering))
+                # (a replay follows its record's prompt switches, not live ones)
+                validated = self.pipeline.validate(dataclasses.replace(request, steering=request.steering or steering))
             except (RequestError, MediaError, WeightsError, ValueError) as err:
                 yield Refused(str(err))
                 return
@@ -227,15 +229,20 @@ class Engine:
             torch.cuda.reset_peak_memory_stats(pipeline.device)
         encoder = BlockEncoder(job.fps)
         record = RunRecorder(pipeline, validated, job.tab)
+        recorded_blocks = len(json.loads(job.replay)["blocks"]) if job.replay is not None else None
+
+        def stop() -> bool:  # (a replayed run ends where the recorded one ended)
+            return cancel() or (recorded_blocks is not None and len(record.record["blocks"]) >= recorded_blocks)
+
         try:
-            for result in self.generate_blocks(validated, cancel):
+            for result in self.generate_blocks(validated, stop):
                 record.add(result)
                 segment, mp4, preview = encoder.encode(result.frames)
                 yield Block(result.index, result.num_blocks, result.complete, len(result.frames), segment, mp4,
                             preview, result.elapsed_s, result.block_s, result.prompt, result.switch_ms,
                             result.window_frames, result.window_forced,
                             result.latents if job.fast_decode and not job.continuous else None)
-                if result.complete and cancel():
+                if result.complete and stop():
                     break  # (the core checks too; this ends a ZeroGPU call, which cannot see the flag)
             tail = encoder.finish()
         except RequestError as err:  # (a LoRA file that cannot be merged is found when the run starts)
@@ -254,6 +261,8 @@ class Engine:
 
     def _request(self, job: StreamJob) -> tuple[GenerationRequest, str | None, str]:
         """(the GenerationRequest a job describes, the extender's text or None, a note for the page)."""
+        if job.replay is not None:
+            return self._replay_request(job.replay), None, " · replaying a run record"
         request = GenerationRequest(prompt=job.prompt or "", negative_prompt=job.negative_prompt, seed=job.seed,
                                     num_blocks=job.num_blocks, height=job.height, width=job.width,
                                     continuous=job.continuous, fast_decode=job.fast_decode,
@@ -273,6 +282,20 @@ class Engine:
         if job.tab == "pose":
             request = self._pose_request(job, request)
         return request, extended, note
+
+    def _replay_request(self, text: str) -> GenerationRequest:
+        """The request a run record describes, with its LoRAs from <weights>/loras (RequestError otherwise)."""
+        try:
+            record = parse_record(text)
+            if record.get("image") is not None:
+                raise RequestError("An image-to-video record replays with its image: python -m pipelines.cli "
+                                   "--replay RUN.json --image IMAGE.")
+            loras = [self.lora_dir / lora["name"] for lora in record["loras"]] if self.lora_dir else []
+            return replay_request(record, self.pipeline, loras=loras)
+        except (ValueError, KeyError, TypeError, AttributeError) as err:  # (RunRecordError is a ValueError)
+            message = str(err) if isinstance(err, (RequestError, RunRecordError)) else \
+                f"This is not a run record ({type(err).__name__})."
+            raise RequestError(message) from err
 
     def _pose_request(self, job: StreamJob, base: GenerationRequest) -> GenerationRequest:
         poser = self.poser

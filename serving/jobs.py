@@ -29,6 +29,8 @@ class StreamJob:
     reference: bytes | None = field(default=None, repr=False)  # pose: the character
     driving_video: bytes | None = field(default=None, repr=False)  # pose: the driving (or pose) video file
     is_pose_video: bool = False
+    replay: str | None = field(default=None, repr=False)  # a run record's JSON: that run again (its own prompt,
+    # seed, size, LoRAs and prompt switches; the fields above only describe it to the front end)
 
 
 @dataclass

@@ -221,6 +221,22 @@ def test_stats_panel_shows_recent_runs_and_percentiles(page):
     assert "recent runs" in stats and "first frame on screen (browser)" in stats and "t2v" in stats
 
 
+def test_a_run_record_uploaded_on_the_page_replays_the_run(page):
+    sessions = Path(os.environ["SF_OUTPUTS_DIR"]) / "sessions"  # (conftest: the tests' own outputs folder)
+    records = sorted(sessions.glob("server-*/sf-session-*/run*/run.json"), key=lambda p: p.stat().st_mtime)
+    assert records, "an earlier test's run wrote no record"
+    page.get_by_text("Replay a run record", exact=True).click()
+    page.locator("#replay-record input[type=file]").set_input_files(str(records[-1]))
+    page.wait_for_timeout(1000)
+    page.locator("#replay-button").click()
+    deadline = time.monotonic() + 90
+    while not _status(page).startswith(("Done.", "Stopped", "**Not started")):
+        assert time.monotonic() < deadline, _status(page)
+        time.sleep(0.1)
+    assert _status(page).startswith(("Done.", "Stopped after block")), _status(page)
+    assert "replaying a run record" in _status(page)
+
+
 def test_closing_the_tab_removes_the_session_folder(page, app_server):
     sessions = Path(os.environ["SF_OUTPUTS_DIR"]) / "sessions"  # (conftest: the tests' own outputs folder)
     before = set(sessions.glob("server-*/sf-session-*"))

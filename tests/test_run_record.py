@@ -90,3 +90,30 @@ def test_the_app_writes_the_record_beside_the_mp4(tiny_pipeline, tiny_config):
     record = read_record(session.output_dir / "run001" / "run.json")
     assert final[3].endswith("video.mp4") and record["seed"] == 9 and len(record["blocks"]) == 2
     assert record["blocks"][1]["block_ms"] > 0 and record["settings"]["device"] == "cpu"
+
+
+def test_a_record_uploaded_in_the_app_replays_the_run_switch_included(tiny_pipeline, tiny_config, tmp_path):
+    from demo.handlers import Handlers
+    from demo.streaming import stream_video
+    from serving.jobs import StreamJob
+
+    from runtimes import local_runtime
+
+    runtime = local_runtime(tiny_config, tiny_pipeline)
+    handlers, first = Handlers(runtime), runtime.new_session()
+    first.request_sent()
+    updates = []
+    for update in stream_video(runtime, first, StreamJob(prompt=FIRST, seed=4, num_blocks=4)):
+        updates.append(update)
+        if sum(isinstance(u[0], str) for u in updates) == 2:  # the second block is on screen: steer
+            assert handlers.steer(SECOND, "recache", first).startswith("New prompt")
+    first.request_done()
+    original = first.output_dir / "run001"
+    assert SECOND in updates[-1][6]  # (the switch happened)
+    again = runtime.new_session()
+    final = list(handlers.replay_run(str(original / "run.json"), 16, again, None))[-1]
+    assert final[2].startswith("Done.") and SECOND in final[6], final[2]
+    assert np.array_equal(np.stack(read_video(original / "video.mp4")), np.stack(read_video(final[3])))
+    (tmp_path / "junk.json").write_text('{"version": 1}')
+    with pytest.raises(Exception, match="not a run record"):
+        list(handlers.replay_run(str(tmp_path / "junk.json"), 16, runtime.new_session(), None))
