@@ -11,7 +11,7 @@ from pathlib import Path
 from pipelines.config import PROJECT_ROOT
 from pipelines.registry import REGISTRY, KnownModel, load_registry, present_models
 from serving.backend import Backend, LocalBackend
-from serving.engine import NO_LORA, Engine, EngineInfo, load_engine
+from serving.engine import Engine, EngineInfo, load_engine, offered_lora
 
 from .metrics import RunMetrics
 from .outputs import OutputStore
@@ -53,13 +53,7 @@ class Runtime:
 
     def check_lora(self, name: str | None, strength: float) -> str | None:
         """The LoRA file name a request may use (ValueError for a name not offered or a strength out of range)."""
-        if not 0 <= float(strength) <= 2:
-            raise ValueError(f"LoRA strength must be between 0 and 2, got {strength}.")
-        if not name or name == NO_LORA:
-            return None
-        if name not in self.info.lora_names:
-            raise ValueError(f"No LoRA named {name!r} in <weights>/loras.")
-        return name
+        return offered_lora(name, strength, self.info.lora_names)
 
     def _check_admin(self, token: str | None, what: str) -> None:
         if self.backend.pooled:

@@ -67,6 +67,18 @@ class EngineInfo:
         return [name for _, name in self.lora_menu]
 
 
+def offered_lora(name: str | None, strength: float, offered: list[str]) -> str | None:
+    """The LoRA file name a request may use (None for no LoRA); ValueError for a name not offered or a strength out
+    of range. The front end checks with it before a request queues, the engine again with its own folder."""
+    if not 0 <= float(strength) <= 2:
+        raise ValueError(f"LoRA strength must be between 0 and 2, got {strength}.")
+    if not name or name == NO_LORA:
+        return None
+    if name not in offered:
+        raise ValueError(f"No LoRA named {name!r} in <weights>/loras.")
+    return name
+
+
 def resolve_weights_source(source: str | None, cache_dir: str | Path | None = None) -> Path | None:
     """A local folder is used as is; 'hf://owner/repo' is downloaded once into cache_dir (Spaces)."""
     if not source:
@@ -138,13 +150,8 @@ class Engine:
 
     def lora_choice(self, name: str | None, strength: float) -> tuple[LoraChoice, ...]:
         """The request's LoRA from a name in <weights>/loras (nothing else on the server can be named)."""
-        if not 0 <= float(strength) <= 2:
-            raise ValueError(f"LoRA strength must be between 0 and 2, got {strength}.")
-        if not name or name == NO_LORA:
-            return ()
-        if name not in self.lora_names():
-            raise ValueError(f"No LoRA named {name!r} in {self.lora_dir or '<weights>/loras'}.")
-        return (LoraChoice(str(self.lora_dir / name), float(strength)),)
+        name = offered_lora(name, strength, self.lora_names())
+        return () if name is None else (LoraChoice(str(self.lora_dir / name), float(strength)),)
 
     @property
     def fast_decoder_available(self) -> bool:
