@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .branch import ResumeFrom
 from .config import PipelineConfig
 from .loading.lora import LoraChoice, LoraError, LoraMerger
 from .loading.vae import to_uint8_frames
@@ -58,6 +59,8 @@ class GenerationRequest:
     steering: PromptSteering | None = field(default=None, repr=False)  # new prompts while it streams
     continuous: bool = False  # go on block after block (rolling window) until stopped or the config's limit
     fast_decode: bool = False  # decode with the tiny TAEHV decoder (preview quality) instead of the Wan VAE
+    reseeds: dict[int, int] = field(default_factory=dict)  # block -> seed: that seed's noise from that block on
+    resume: ResumeFrom | None = field(default=None, repr=False)  # a branch: restore the blocks before resume.block
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,10 @@ class BlockResult:
     prompt: str = ""  # the prompt this block was generated under
     switch_ms: float | None = None  # a prompt switch before this block took this long (re-cache included)
     switch_mode: str | None = None  # how it switched (steering.SWITCH_MODES)
+    reseed: int | None = None  # the seed whose noise started at this block (request.reseeds)
+    rng_state: torch.Tensor | None = field(default=None, repr=False)  # the random generator after this block (CPU),
+    # what a branch from the next block restores
+    restored: bool = False  # a branch's block from before its branch point, decoded from kept latents
 
     @property
     def block_s(self) -> float:
@@ -137,6 +144,15 @@ def validate_request(request: GenerationRequest, config: PipelineConfig, fast_de
     for choice in request.loras:
         if not 0 <= choice.scale <= 2:
             raise RequestError(f"LoRA strength must be between 0 and 2, got {choice.scale}.")
+    for block, seed in request.reseeds.items():
+        if not (0 <= block < num_blocks and 0 <= seed <= MAX_SEED):
+            raise RequestError(f"A new seed must be a whole number from 0 to {MAX_SEED}, for a block of the run.")
+    resume = request.resume
+    if resume is not None:
+        if not 0 <= resume.block < num_blocks:
+            raise RequestError(f"A branch must start at a block of the run (1 to {num_blocks - 1}).")
+        if resume.block and resume.rng_state is None and resume.block not in request.reseeds:
+            raise RequestError("A branch that keeps its noise needs the random state kept with its blocks.")
     return ValidatedRequest(request, num_blocks, height, width)
 
 
@@ -244,14 +260,20 @@ class StreamingVideoPipeline:
         if run.first_latent is not None:
             yield run.write_prefix()
 
-        # 2. Block by block: a prompt switch if one is waiting, the sampler's steps, frames out, then the
+        # 2. A branch: the blocks before its branch point again, from their kept latents (not denoised).
+        first_block = 0
+        if request.resume is not None:
+            yield from run.restore(request.resume)
+            first_block = request.resume.block
+
+        # 3. Block by block: a prompt switch or new seed if one is due, the sampler's steps, frames out, then the
         # clean block's pass that fills the KV cache (it only matters to later blocks: it runs after this
         # block's frames were sent, and not at all after the last block).
-        for index in range(num_blocks):
+        for index in range(first_block, num_blocks):
             if cancel is not None and cancel():
                 log.info("generation cancelled before block %d/%d", index + 1, num_blocks)
                 return
-            run.take_prompt_switch(index)
+            run.begin_block(index)
             block_start = time.perf_counter()
             clean, bias = run.denoise(index)
             denoise_s = run.carried_s + self._seconds_since(block_start)
@@ -320,13 +342,8 @@ class BlockRun:
             prompts.append(negative or "")
         self.contexts = [pipeline.encode_prompt(text) for text in prompts]
 
-        self.rng = torch.Generator(device=device).manual_seed(int(request.seed))
         self.block_shape = (1, model.config.in_dim, self.frames_per_block, latent_h, latent_w)
-        # A fixed-length video draws all its noise first, in the reference's order (same seeds, same
-        # videos); a continuous one draws each block's noise when the block starts.
-        self.noise = None if request.continuous else reference_noise(
-            (1, model.config.in_dim, self.num_blocks * self.frames_per_block, latent_h, latent_w), self.rng, device,
-            dtype)
+        self.reseed(request.seed)
 
         first_latent = request.reference_latent
         if first_latent is None and request.image is not None:
@@ -342,9 +359,44 @@ class BlockRun:
                        for _ in self.contexts]
         self.decoder = settings.fast_decoder.stream() if request.fast_decode else \
             pipeline.vae.stream(settings.decode_frame_by_frame)
-        self.prompt, self.switch_ms, self.switch_mode = request.prompt, None, None
+        self.prompt, self.switch_ms, self.switch_mode, self.reseeded = request.prompt, None, None, None
+        self.rng_state: torch.Tensor | None = None  # the generator's state after the last denoised block
         self.written: list[ContextWrite] = []  # clean frames in the cache, to rebuild it under a new prompt
         self.carried_s = 0.0  # the previous block's cache write, timed with this block's denoising
+
+    def reseed(self, seed: int) -> None:
+        """Noise from `seed`: a fixed-length video draws all of it first, in the reference's order (same seeds,
+        same videos; blocks from a reseed on take their part of it); a continuous one draws each block's noise
+        when the block starts."""
+        pipeline, (_, channels, frames, height, width) = self.pipeline, self.block_shape
+        self.rng = torch.Generator(device=pipeline.device).manual_seed(int(seed))
+        self.noise = None if self.request.continuous else reference_noise(
+            (1, channels, self.num_blocks * frames, height, width), self.rng, pipeline.device, pipeline.dtype)
+
+    def begin_block(self, index: int) -> None:
+        """A prompt switch or a new seed due before block `index`."""
+        self.take_prompt_switch(index)
+        self.reseeded = self.request.reseeds.get(index)
+        if self.reseeded is not None:
+            self.reseed(self.reseeded)
+
+    def restore(self, resume: ResumeFrom) -> Iterator[BlockResult]:
+        """The blocks before resume.block from their kept latents: the same switches, cache writes and decoder steps
+        as when they were made (so the caches and the decoder end up as they were), then the generator's state."""
+        pipeline = self.pipeline
+        for index, kept in enumerate(resume.latents):
+            if tuple(kept.shape) != self.block_shape:
+                raise RequestError("The kept blocks do not fit this request (another size or model): branch from "
+                                   "a run made with these settings.")
+            self.begin_block(index)
+            clean = kept.to(pipeline.device, pipeline.dtype)
+            for result in self.decoded_block(index, clean, 0.0):
+                result.restored = True
+                yield result
+            start = self.start_frame(index)
+            self.write(clean, start, pipeline.config.sampler.context_noise, self.token_bias(start, self.frames_per_block))
+        if resume.rng_state is not None and resume.block not in self.request.reseeds:
+            self.rng.set_state(resume.rng_state)
 
     def start_frame(self, index: int) -> int:
         return self.prefix_frames + index * self.frames_per_block
@@ -400,7 +452,9 @@ class BlockRun:
                                       self.contexts[context_index], start_frame=start_frame,
                                       kv_cache=self.caches[context_index], token_bias=bias)
 
-        return pipeline.sampler.denoise(noisy, predict, self.rng), bias
+        clean = pipeline.sampler.denoise(noisy, predict, self.rng)
+        self.rng_state = self.rng.get_state()  # (a CPU tensor on every device)
+        return clean, bias
 
     def decoded_block(self, index: int, clean: torch.Tensor, denoise_s: float) -> Iterator[BlockResult]:
         if self.decoder.frames_seen == 0 and clean.shape[2] > 1:
@@ -419,4 +473,6 @@ class BlockRun:
                            decode_s=now - decode_start, elapsed_s=now - self.started, complete=clean is not None,
                            window_frames=self.window.window_frames, window_forced=self.window_forced,
                            prompt=self.prompt, switch_ms=self.switch_ms if clean is not None else None,
-                           switch_mode=self.switch_mode if clean is not None else None)
+                           switch_mode=self.switch_mode if clean is not None else None,
+                           reseed=self.reseeded if clean is not None else None,
+                           rng_state=self.rng_state if clean is not None else None)

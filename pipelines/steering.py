@@ -45,3 +45,21 @@ class PromptSteering:
         with self._lock:
             pending, self._pending = self._pending, None
         return pending
+
+
+class ScriptedSteering(PromptSteering):
+    """Switches known in advance, each before its block (the core asks take() once per block, in order): a replay's
+    recorded switches, or a branch's history. After the first `scripted_blocks` blocks, `live` (when given) takes
+    over, so a branch can be steered as it streams."""
+
+    def __init__(self, switches: dict[int, PromptSwitch], scripted_blocks: int | None = None,
+                 live: PromptSteering | None = None) -> None:
+        super().__init__()
+        self._switches, self._block = switches, 0
+        self._scripted_blocks, self._live = scripted_blocks, live
+
+    def take(self) -> PromptSwitch | None:
+        block, self._block = self._block, self._block + 1
+        if self._live is not None and self._scripted_blocks is not None and block >= self._scripted_blocks:
+            return self._live.take()
+        return self._switches.get(block)
