@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="refuse fixed-length requests whose width x height x blocks exceeds this (a hosted "
                              "demo's cost per request; continuous runs stop at the config's continuous_minutes) "
                              "[SF_MAX_PIXEL_BLOCKS]")
+    server.add_argument("--branch-memory-mb", type=float, default=float(env("SF_BRANCH_MEMORY_MB", "256")),
+                        help="memory each visitor may use to keep blocks to branch from (about 1.2 MB a block at "
+                             "832x480); older runs' blocks are dropped first [SF_BRANCH_MEMORY_MB]")
     server.add_argument("--admin-token", default=env("SF_ADMIN_TOKEN"),
                         help="lets whoever enters it change server-wide settings (memory profile) in the UI and "
                              "API; without it they are fixed at start [SF_ADMIN_TOKEN]")
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         from demo.runtime import load_runtime
 
         runtime = load_runtime(**model, outputs=store, admin_token=args.admin_token,
-                               max_pixel_blocks=args.max_pixel_blocks)
+                               max_pixel_blocks=args.max_pixel_blocks, branch_memory_mb=args.branch_memory_mb)
     else:
         from serving.pool.client import PoolError
 
@@ -133,7 +136,8 @@ def start_pool(model: dict, options, store, args: argparse.Namespace):
         weights_dir = resolve_weights_source(args.weights)
     except WeightsError:
         weights_dir = None
-    return front_end(backend, weights_dir, store, args.admin_token, args.max_pixel_blocks)
+    return front_end(backend, weights_dir, store, args.admin_token, args.max_pixel_blocks,
+                     branch_memory_mb=args.branch_memory_mb)
 
 
 def serve(demo, runtime, host: str, port: int, allowed_paths: list[str]) -> None:

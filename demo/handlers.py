@@ -3,16 +3,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 from pathlib import Path
 from typing import Callable
 
 import gradio as gr
+from PIL import Image
 
 from pipelines.loading.media import MediaError, load_image, read_video
 from pipelines.loading.weights import WeightsError
 from pipelines.run_record import RunRecordError, parse_record
+from pipelines.steering import SWITCH_MODES
 from serving.jobs import StreamJob
 
+from .branches import BranchError
 from .runtime import Runtime
 from .session import SessionControl
 from .streaming import (
@@ -57,8 +61,9 @@ class Handlers:
 
     def text_to_video(self, prompt, negative, seed, randomize, blocks, fps, resolution, extend, extended, lora,
                       lora_strength, continuous, fast_decode, session: SessionControl, browser: gr.Request):
-        yield from self._run(session, browser, fps, extend, extended, lora, lora_strength, lambda: make_job(
-            "t2v", prompt, negative, seed, randomize, blocks, resolution, continuous, fast_decode))
+        yield from self._run(session, browser, fps, lambda: make_job(
+            "t2v", prompt, negative, seed, randomize, blocks, resolution, continuous, fast_decode),
+            (extend, extended, lora, lora_strength))
 
     def image_to_video(self, image, prompt, negative, seed, randomize, blocks, fps, resolution, extend, extended,
                        lora, lora_strength, continuous, fast_decode, session: SessionControl, browser: gr.Request):
@@ -72,7 +77,7 @@ class Handlers:
             return make_job("i2v", prompt, negative, seed, randomize, blocks, resolution, continuous, fast_decode,
                             image=upload_bytes(image))
 
-        yield from self._run(session, browser, fps, extend, extended, lora, lora_strength, job)
+        yield from self._run(session, browser, fps, job, (extend, extended, lora, lora_strength))
 
     def pose_animation(self, reference, driving_video, is_pose_video, prompt, negative, seed, randomize, blocks, fps,
                        resolution, extend, extended, lora, lora_strength, continuous, fast_decode,
@@ -96,7 +101,7 @@ class Handlers:
                             reference=upload_bytes(reference), driving_video=upload_bytes(driving_video),
                             is_pose_video=bool(is_pose_video))
 
-        yield from self._run(session, browser, fps, extend, extended, lora, lora_strength, job)
+        yield from self._run(session, browser, fps, job, (extend, extended, lora, lora_strength))
 
     def replay_run(self, record_file, fps, session: SessionControl, browser: gr.Request):
         """A run record (run.json beside a video) made again on this server: its prompt, seed, size, LoRAs and
@@ -107,19 +112,85 @@ class Handlers:
             text = upload_bytes(record_file).decode("utf-8", errors="replace")
             try:
                 record = parse_record(text)
+                lora = record["loras"][0] if record["loras"] else {"name": None, "strength": 1.0}
                 return StreamJob(tab="t2v", prompt=record["prompt"], negative_prompt=record["negative_prompt"],
                                  seed=record["seed"], num_blocks=record["num_blocks"], height=record["height"],
                                  width=record["width"], continuous=record["continuous"],
-                                 fast_decode=record["settings"]["fast_decode"], replay=text)
+                                 fast_decode=record["settings"]["fast_decode"], lora=lora["name"],
+                                 lora_strength=lora["strength"], replay=text)
             except (RunRecordError, KeyError, TypeError) as err:
                 raise UserError(str(err) if isinstance(err, RunRecordError) else
                                 f"This is not a run record ({type(err).__name__}).") from err
 
-        yield from self._run(session, browser, fps, False, None, None, 1.0, job)
+        yield from self._run(session, browser, fps, job)
 
-    def _run(self, session: SessionControl, browser: gr.Request | None, fps, extend, extended, lora, strength, job):
+    def branch(self, run, block, prompt, mode, new_seed, seed, fps, session: SessionControl, browser: gr.Request):
+        """Run `run` again from its block `block` (1-based; the blocks before it are kept) under `prompt` (empty: the
+        prompt in force there goes on) and, with `new_seed`, new noise from there (`seed`, random when empty)."""
+        try:
+            number = whole_number(run, "Run", 1)
+        except UserError:
+            session.request_done()
+            raise
+
+        def job() -> StreamJob:
+            if mode not in SWITCH_MODES:
+                raise UserError(f"The switch mode must be one of {', '.join(SWITCH_MODES)}, got {mode!r}.")
+            new = pick_seed(seed, seed is None or seed == "") if new_seed else None
+            try:
+                return session.runs.branch(number, whole_number(block, "From block", 1), (prompt or "").strip(),
+                                           mode, new)
+            except BranchError as err:
+                raise UserError(str(err)) from err
+
+        yield from self._run(session, browser, fps, job, branch_of=number)
+
+    def rewind(self, run, block, seed, fps, session: SessionControl, browser: gr.Request):
+        """Run `run` again from its block `block` under the same prompt with new noise (`seed`, random when empty)."""
+        yield from self.branch(run, block, "", "recache", True, seed, fps, session, browser)
+
+    @staticmethod
+    def branch_requested(session: SessionControl) -> None:
+        """Runs (unqueued) as the page sends a branch: a run of this session still streaming stops after its block
+        (its video and kept blocks stay), and the branch is announced like any request."""
+        if session.is_running:
+            session.request_stop()
+        session.request_sent()
+
+    @staticmethod
+    def run_menu(tab: str, number, session: SessionControl):
+        """The branch panel's run menu: the session's runs of `tab`, run `number` chosen."""
+        choices = session.runs.choices(tab)
+        return gr.update(choices=choices, value=number if any(n == number for _, n in choices) else None)
+
+    @staticmethod
+    def select_run(run, session: SessionControl) -> tuple:
+        """The branch panel for run `run`: the block slider's range, the frame before its value, the tree."""
+        node = session.runs.runs.get(run) if isinstance(run, int) else None
+        if node is None:
+            return gr.update(), None, session.runs.markdown()
+        fixed = node.job.num_blocks if not node.job.continuous else None
+        last = max(2, fixed or session.runs.last_branch_block(node))
+        return gr.update(minimum=2, maximum=max(3, last), value=last), Handlers.block_frame(run, last, session), \
+            session.runs.markdown()
+
+    @staticmethod
+    def block_frame(run, block, session: SessionControl):
+        """The last frame before block `block` of run `run` (what the branch goes on from), None when not kept."""
+        node = session.runs.runs.get(run) if isinstance(run, int) else None
+        try:
+            index = int(block) - 2
+        except (TypeError, ValueError):
+            return None
+        if node is None or not 0 <= index < len(node.previews) or not node.previews[index]:
+            return None
+        return Image.open(io.BytesIO(node.previews[index]))
+
+    def _run(self, session: SessionControl, browser: gr.Request | None, fps, job, choices: tuple | None = None,
+             branch_of: int | None = None):
         """The tab's job (built by `job()`) through the shared streaming handler, unless Stop dropped it while it
-        waited."""
+        waited. `choices`: the page's (extend, extended prompt, LoRA, strength) for a new run (a replay or branch
+        keeps its own)."""
         runtime = self.runtime
         if session.dropped_before_start():
             yield StreamUpdate.status_only("Stopped before it started.")
@@ -128,13 +199,16 @@ class Handlers:
             if runtime.outputs is not None and browser is not None and browser.session_hash:
                 runtime.outputs.track(browser.session_hash, session.output_dir)
             fps = whole_number(fps, "Output FPS", MIN_FPS, MAX_FPS)
-            try:
-                lora = runtime.check_lora(lora, strength)
-            except (ValueError, TypeError) as err:
-                raise UserError(str(err)) from err
-            built = dataclasses.replace(job(), fps=fps, lora=lora, lora_strength=float(strength))
-            built = choose_extension(runtime, session, built, bool(extend), extended)
-            yield from stream_video(runtime, session, built)
+            built = dataclasses.replace(job(), fps=fps)
+            if choices is not None:
+                extend, extended, lora, strength = choices
+                try:
+                    lora = runtime.check_lora(lora, strength)
+                except (ValueError, TypeError) as err:
+                    raise UserError(str(err)) from err
+                built = dataclasses.replace(built, lora=lora, lora_strength=float(strength))
+                built = choose_extension(runtime, session, built, bool(extend), extended)
+            yield from stream_video(runtime, session, built, branch_of=branch_of)
         except UserError as err:  # (said without the server's paths)
             public = runtime.public(err.message)
             if public == err.message:

@@ -21,9 +21,13 @@ class StreamRecorder:
         self.segments = 0
         self.frames = 0
 
-    def add_block(self, segment: bytes, mp4: bytes, frames: int) -> Path:
+    def add_block(self, segment: bytes, mp4: bytes, frames: int) -> Path | None:
+        """The block's segment file for the live player (None for a block with no segment: a branch's restored
+        blocks go into its mp4 only)."""
         self._append(mp4)
         self.frames += frames
+        if not segment:
+            return None
         self.segments += 1
         (self.run_dir / f"segment{self.segments - self.KEEP_SEGMENTS:03d}.ts").unlink(missing_ok=True)
         path = self.run_dir / f"segment{self.segments:03d}.ts"

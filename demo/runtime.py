@@ -15,7 +15,7 @@ from serving.engine import Engine, EngineInfo, load_engine, offered_lora
 
 from .metrics import RunMetrics
 from .outputs import OutputStore
-from .session import SessionControl
+from .session import DEFAULT_BRANCH_MEMORY_MB, SessionControl
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,7 @@ class Runtime:
     admin_token: str | None = None  # lets the holder change server-wide settings from the UI/API
     max_pixel_blocks: int | None = None  # operator's cap on width x height x blocks of a fixed-length request
     weights_dir: Path | None = None
+    branch_memory_mb: float = DEFAULT_BRANCH_MEMORY_MB  # branch points each visitor keeps (demo/branches.py)
     registry: dict[str, KnownModel] = field(default_factory=dict)  # known causal generators
     metrics: RunMetrics = field(default_factory=RunMetrics)
     _sessions: weakref.WeakSet = field(default_factory=weakref.WeakSet, repr=False)  # live visitors' sessions
@@ -43,7 +44,7 @@ class Runtime:
 
     def new_session(self) -> SessionControl:
         """A visitor's own SessionControl (gr.State's factory); the runtime only counts who waits."""
-        session = SessionControl(self.outputs)
+        session = SessionControl(self.outputs, self.branch_memory_mb)
         self._sessions.add(session)
         return session
 
@@ -113,16 +114,20 @@ def load_runtime(config_path: str | Path | None, weights: str | None, device: st
                  vram_gb: float | None = None, prompt_extender: str | None = None,
                  outputs: OutputStore | None = None, admin_token: str | None = None,
                  kv_cache: str = "auto", registry: Path = REGISTRY, compile_cache: str | None = None,
-                 attention: str = "auto", fp8: bool = False, max_pixel_blocks: int | None = None) -> Runtime:
+                 attention: str = "auto", fp8: bool = False, max_pixel_blocks: int | None = None,
+                 branch_memory_mb: float = DEFAULT_BRANCH_MEMORY_MB) -> Runtime:
     """The app without a pool: the model loaded into this process (a weights problem is kept for the UI)."""
     engine = load_engine(config_path, weights, device, compile_models, use_ema, memory_profile, vram_gb,
                          prompt_extender, kv_cache, registry, compile_cache, attention, fp8)
-    return front_end(LocalBackend(engine), engine.weights_dir, outputs, admin_token, max_pixel_blocks, registry)
+    return front_end(LocalBackend(engine), engine.weights_dir, outputs, admin_token, max_pixel_blocks, registry,
+                     branch_memory_mb)
 
 
 def front_end(backend: Backend, weights_dir: Path | None = None, outputs: OutputStore | None = None,
-              admin_token: str | None = None, max_pixel_blocks: int | None = None, registry: Path = REGISTRY) -> Runtime:
+              admin_token: str | None = None, max_pixel_blocks: int | None = None, registry: Path = REGISTRY,
+              branch_memory_mb: float = DEFAULT_BRANCH_MEMORY_MB) -> Runtime:
     """The front end over a backend (the model in this process, or a pool)."""
     return Runtime(backend=backend, info=backend.info(), outputs=outputs, admin_token=admin_token or None,
-                   max_pixel_blocks=max_pixel_blocks, weights_dir=weights_dir, registry=load_registry(registry),
+                   max_pixel_blocks=max_pixel_blocks, weights_dir=weights_dir, branch_memory_mb=branch_memory_mb,
+                   registry=load_registry(registry),
                    metrics=RunMetrics(outputs.metrics_path if outputs else None))

@@ -15,7 +15,10 @@ from typing import Iterator
 
 from pipelines.steering import PromptSteering
 
+from .branches import RunTree
 from .outputs import OutputStore
+
+DEFAULT_BRANCH_MEMORY_MB = 256
 
 
 @dataclass
@@ -34,7 +37,7 @@ class SessionControl:
     # submit() can arrive before its queued request has started).
     STEER_GRACE_S = 1.0
 
-    def __init__(self, store: OutputStore | None = None) -> None:
+    def __init__(self, store: OutputStore | None = None, branch_memory_mb: float = DEFAULT_BRANCH_MEMORY_MB) -> None:
         self.stop_requested = threading.Event()
         self._running = threading.Event()
         self._waiting = threading.Event()  # a request was sent and has not started yet
@@ -46,6 +49,7 @@ class SessionControl:
         self.browser_first_frame_s: float | None = None  # reported by the page for the current run
         self.steering = PromptSteering()  # prompt switches for the current run
         self.fast_run: FastRun | None = None  # the last fast-decoded run, for a full-VAE re-decode
+        self.runs = RunTree(int(branch_memory_mb * 2**20))  # this visitor's runs and the blocks kept for branches
 
     def __deepcopy__(self, memo: dict) -> "SessionControl":
         # Gradio deep-copies state values between events; the stop flag must stay the same object
@@ -62,8 +66,8 @@ class SessionControl:
 
     def request_sent(self) -> None:
         """A generation request of this session is on its way: a fresh stop flag and prompt switches, which a
-        Stop or a new prompt sent while it waits in the queue will use."""
-        self.stop_requested.clear()
+        Stop or a new prompt sent while it waits in the queue will use (a run still stopping keeps its own)."""
+        self.stop_requested = threading.Event()
         self.steering = PromptSteering()
         self._waiting.set()
         self._active.set()

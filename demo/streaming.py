@@ -44,6 +44,7 @@ class StreamUpdate:
     seed: int
     extended_prompt: object = dataclasses.field(default_factory=gr.skip)
     timeline: object = dataclasses.field(default_factory=gr.skip)
+    run: object = dataclasses.field(default_factory=gr.skip)  # this run's number in the session (for branches)
 
     @classmethod
     def status_only(cls, status: str) -> tuple:
@@ -51,7 +52,8 @@ class StreamUpdate:
         return cls(gr.skip(), gr.skip(), status, gr.skip(), gr.skip()).as_tuple()
 
     def as_tuple(self) -> tuple:
-        return self.segment, self.preview, self.status, self.video, self.seed, self.extended_prompt, self.timeline
+        return (self.segment, self.preview, self.status, self.video, self.seed, self.extended_prompt, self.timeline,
+                self.run)
 
 
 def whole_number(value: float | int | str | None, name: str, low: int | None = None, high: int | None = None) -> int:
@@ -125,10 +127,12 @@ def waiting_status(event: Waiting) -> str:
             f"({event.workers} worker{'s' if event.workers != 1 else ''} busy) …")
 
 
-def stream_video(runtime: Runtime, session: SessionControl, job: StreamJob, note: str = "") -> Iterator[tuple]:
-    """Yields (segment, preview, status, final mp4, seed, extended prompt, timeline) as each block arrives from
-    the backend, stores the video in the session's folder and appends the run's metrics when it ends (done,
-    stopped, failed or its worker lost)."""
+def stream_video(runtime: Runtime, session: SessionControl, job: StreamJob, note: str = "",
+                 branch_of: int | None = None) -> Iterator[tuple]:
+    """Yields (segment, preview, status, final mp4, seed, extended prompt, timeline, run menu) as each block arrives
+    from the backend, stores the video in the session's folder, keeps its blocks for branches (a branch job of
+    run `branch_of` starts with that run's kept blocks) and appends the run's metrics when it ends (done, stopped,
+    failed or its worker lost)."""
     info = runtime.info
     if not info.loaded:
         raise UserError(info.load_error or "The model is not loaded.")
@@ -144,6 +148,7 @@ def stream_video(runtime: Runtime, session: SessionControl, job: StreamJob, note
         raise UserError(str(err)) from err
     num_blocks, fps = validated.num_blocks, job.fps
     recorder = StreamRecorder(session.new_run_dir(), fps)
+    number, node = session.run_count, None
     fast_run = FastRun(recorder.run_dir, fps) if job.fast_decode and not job.continuous else None
     run = RunRecord(tab=job.tab, model=info.config.name, device=info.device,
                     resolution=f"{validated.width}x{validated.height}", blocks=num_blocks, profile=info.profile)
@@ -160,6 +165,8 @@ def stream_video(runtime: Runtime, session: SessionControl, job: StreamJob, note
         return f"{recorder.frames / fps:.0f} s of video (stops at {cap_minutes:g} min)"
     timeline = PromptTimeline()
     sent, started_at, final, lost, waited = time.perf_counter(), None, None, None, False
+    restored_frames, restored_s = 0, 0.0  # a branch's kept blocks: not part of its speed
+    menu_shown = False  # the branch panel lists this run from its first streamed block
     with contextlib.ExitStack() as running:
         try:
             for event in runtime.backend.stream(job, session.stop_requested.is_set, session.steering):
@@ -171,6 +178,8 @@ def stream_video(runtime: Runtime, session: SessionControl, job: StreamJob, note
                     raise UserError(event.message)
                 elif isinstance(event, Started):
                     running.enter_context(session.running())
+                    node = session.runs.start_branch(number, branch_of, job.branch) if job.branch is not None else \
+                        session.runs.start(number, job, event.prompt)
                     started_at = time.perf_counter()
                     run.queue_wait_s, run.worker = started_at - sent, event.worker
                     note += event.note + (f" · worker {event.worker}" if runtime.backend.pooled else "")
@@ -183,16 +192,24 @@ def stream_video(runtime: Runtime, session: SessionControl, job: StreamJob, note
                                            timeline="").as_tuple()
                 elif isinstance(event, Block):
                     segment = recorder.add_block(event.segment, event.mp4, event.frames)
+                    kept_note = session.runs.add(node, event)
+                    note += f" · {kept_note}" if kept_note else ""
                     if fast_run is not None and event.latents is not None:
                         fast_run.latents.append(event.latents)
-                    run.server_first_frame_s = run.server_first_frame_s or event.elapsed_s
-                    block_s += event.block_s
-                    run.fps = recorder.frames / event.elapsed_s
                     timeline_update = gr.skip()
                     if event.complete:
                         run.blocks_done += 1
                         timeline.add(run.blocks_done, event.prompt, event.switch_ms)
                         timeline_update = timeline.markdown() if len(timeline.spans) > 1 else gr.skip()
+                    if event.restored:  # (a branch's kept blocks: into its mp4, not its live stream)
+                        restored_frames, restored_s = recorder.frames, event.elapsed_s
+                        if event.complete:
+                            yield StreamUpdate.status_only(f"Branch: kept block {run.blocks_done} restored …")
+                        continue
+                    run.server_first_frame_s = run.server_first_frame_s or event.elapsed_s
+                    block_s += event.block_s
+                    run.fps = (recorder.frames - restored_frames) / (event.elapsed_s - restored_s)
+                    if event.complete:
                         total_block_s += block_s
                         run.ms_per_block = total_block_s * 1e3 / run.blocks_done
                         status = (f"{progress(run.blocks_done)} · {block_s * 1e3:.0f} ms/block · "
@@ -206,10 +223,14 @@ def stream_video(runtime: Runtime, session: SessionControl, job: StreamJob, note
                         status += f" · rolling window of {event.window_frames} latent frames (memory budget)"
                     status += note
                     yield StreamUpdate(str(segment), Image.open(io.BytesIO(event.preview)), status, None, job.seed,
-                                       timeline=timeline_update).as_tuple()
+                                       timeline=timeline_update, run=number if not menu_shown else gr.skip()
+                                       ).as_tuple()
+                    menu_shown = True
                 elif isinstance(event, Finished):
                     final = recorder.finish(event.mp4, event.record)
                     run.peak_gpu_bytes = event.peak_gpu_bytes
+                    if node is not None:
+                        node.video = final
         except WorkerLost as err:
             if started_at is None:  # (the queue was full, or no worker could take it)
                 raise UserError(str(err)) from err
@@ -221,6 +242,8 @@ def stream_video(runtime: Runtime, session: SessionControl, job: StreamJob, note
             run.failed = run.failed or type(err).__name__
             raise
         finally:
+            if node is not None:
+                node.done = True
             session.fast_run = fast_run if fast_run is not None and fast_run.latents else None
             run.cancelled = started_at is not None and run.blocks_done < num_blocks and not run.failed
             run.busy_s = time.perf_counter() - started_at if started_at is not None else None
@@ -235,14 +258,14 @@ def stream_video(runtime: Runtime, session: SessionControl, job: StreamJob, note
         kept = f" The first {kept_frames / fps:.0f} s already streamed ({kept_frames} frames) are in the mp4." \
             if final else " Nothing of it could be kept."
         yield StreamUpdate(gr.skip(), gr.skip(), f"**{lost}**{kept}", str(final) if final else None, job.seed,
-                           timeline=timeline_text).as_tuple()
+                           timeline=timeline_text, run=number).as_tuple()
         return
     done = "Done."
     if run.cancelled:
         done = "Stopped." if job.continuous else f"Stopped after block {run.blocks_done}/{num_blocks}."
     # (the last update carries the timeline too: a predict() caller sees only this one)
     yield StreamUpdate(gr.skip(), gr.skip(), f"{done} {status}", str(final) if final else None, job.seed,
-                       timeline=timeline_text).as_tuple()
+                       timeline=timeline_text, run=number).as_tuple()
 
 
 def redecode_with_vae(runtime: Runtime, session: SessionControl) -> tuple[str, str]:

@@ -1,6 +1,7 @@
 """The Gradio Blocks app: Text to Video, Image to Video and Pose Animation tabs on one core."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import gradio as gr
@@ -123,7 +124,7 @@ class Controls:
 
 
 class Outputs:
-    def __init__(self, tab: str) -> None:
+    def __init__(self, tab: str, max_blocks: int) -> None:
         self.stream = gr.Video(label="Live stream", streaming=True, autoplay=True, elem_id=f"live-stream-{tab}")
         self.preview = gr.Image(label="Latest frame", elem_id=f"preview-{tab}", interactive=False, height=240)
         self.status = gr.Markdown("Ready.", elem_id=f"status-{tab}", label="Status")
@@ -133,9 +134,34 @@ class Outputs:
         self.video = gr.File(label="Download mp4", elem_id=f"download-{tab}")
         self.seed = gr.Number(label="Seed used", precision=0, interactive=False)
         self.timeline = gr.Markdown("", elem_id=f"timeline-{tab}", label="Prompt timeline")
+        self.run_number = gr.Number(label="Run", visible=False, precision=0)  # (the run's number for /branch)
+        self.branch = BranchPanel(tab, max_blocks)
 
     def all(self, controls: Controls) -> list:
-        return [self.stream, self.preview, self.status, self.video, self.seed, controls.extended, self.timeline]
+        return [self.stream, self.preview, self.status, self.video, self.seed, controls.extended, self.timeline,
+                self.run_number]
+
+
+class BranchPanel:
+    """Go back to a block of one of this session's runs (while it streams or after) and continue from there."""
+
+    def __init__(self, tab: str, max_blocks: int) -> None:
+        with gr.Accordion("Branch: go back to a block and continue differently", open=False,
+                          elem_id=f"branch-panel-{tab}"):
+            self.run = gr.Dropdown([], value=None, label="Run", elem_id=f"branch-run-{tab}",
+                                   info="this session's runs; a branch names the run and block it started from")
+            with gr.Row():
+                self.block = gr.Slider(2, max(3, max_blocks), value=2, step=1, label="From block", elem_id=f"branch-block-{tab}",
+                                       info="the blocks before it are kept as they are")
+                self.frame = gr.Image(label="Last frame before it", interactive=False, height=120,
+                                      elem_id=f"branch-frame-{tab}")
+            self.prompt = gr.Textbox(label="Prompt from that block", elem_id=f"branch-prompt-{tab}",
+                                     placeholder="empty: the prompt in force there goes on")
+            with gr.Row():
+                self.new_seed = gr.Checkbox(label="New noise from that block", value=False)
+                self.seed = gr.Number(label="Its seed (empty: random)", value=None, precision=0)
+            self.button = gr.Button("Branch from this block", elem_id=f"branch-button-{tab}")
+            self.tree = gr.Markdown("", elem_id=f"branch-tree-{tab}")
 
 
 def demo_examples(demo: DemoConfig) -> tuple[list[list], list[list]]:
@@ -193,7 +219,7 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
                                                   file_types=[".json"], elem_id="replay-record")
                             replay = gr.Button("Replay", elem_id="replay-button")
                     with gr.Column():
-                        t2v_out = Outputs("t2v")
+                        t2v_out = Outputs("t2v", runtime.config.max_blocks)
             with gr.Tab("Image to Video", id="i2v"):
                 with gr.Row():
                     with gr.Column():
@@ -203,7 +229,7 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
                         if images:
                             gr.Examples(images, inputs=[image, i2v.prompt])
                     with gr.Column():
-                        i2v_out = Outputs("i2v")
+                        i2v_out = Outputs("i2v", runtime.config.max_blocks)
             with gr.Tab("Pose Animation", id="pose"):
                 gr.Markdown(_pose_note(runtime), elem_id="pose-note")
                 with gr.Row():
@@ -215,7 +241,7 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
                         if pose_examples:
                             gr.Examples(pose_examples, inputs=[reference, driving, is_pose_video, pose.prompt])
                     with gr.Column():
-                        pose_out = Outputs("pose")
+                        pose_out = Outputs("pose", runtime.config.max_blocks)
 
         _stats_panel(runtime)
         for tab, controls, outputs, handler, extra, name in (
@@ -248,6 +274,7 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
                                  outputs=[outputs.status], queue=False, api_name=f"steer_{name}")
             outputs.report.change(handlers.report_browser_timing, inputs=[outputs.report, session],
                                   outputs=[outputs.timing], queue=False, api_name=False)
+            _wire_branch_panel(handlers, session, tab, controls, outputs, generate)
         replaying = dict(inputs=[record_file, t2v.fps, session], outputs=t2v_out.all(t2v), concurrency_id="gpu",
                          concurrency_limit=runtime.backend.concurrency)
         gr.Button(visible=False).click(handlers.replay_run, api_name="replay_run", **replaying)
@@ -256,6 +283,30 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
         demo.unload(handlers.end_session)
     _hide_internal_endpoints(demo, new_session)
     return demo
+
+
+def _wire_branch_panel(handlers: Handlers, session: gr.State, tab: str, controls: Controls, outputs: Outputs,
+                       generate: dict) -> None:
+    """The branch panel's events; on the first tab also the /branch and /rewind endpoints (for any tab's runs)."""
+    panel = outputs.branch
+    outputs.run_number.change(functools.partial(handlers.run_menu, tab), inputs=[outputs.run_number, session],
+                              outputs=[panel.run], queue=False, api_name=False)
+    panel.run.change(handlers.select_run, inputs=[panel.run, session], outputs=[panel.block, panel.frame, panel.tree],
+                     queue=False, api_name=False)
+    panel.block.change(handlers.block_frame, inputs=[panel.run, panel.block, session], outputs=[panel.frame],
+                       queue=False, api_name=False)
+    branching = dict(generate, inputs=[panel.run, panel.block, panel.prompt, controls.switch_mode, panel.new_seed,
+                                       panel.seed, controls.fps, session])
+    panel.button.click(handlers.branch_requested, inputs=[session], queue=False, api_name=False,
+                       show_progress="hidden").then(handlers.calm(handlers.branch), api_name=False, **branching)
+    if tab == "t2v":  # (the API takes plain numbers: a run of any tab)
+        run, block, seed = (gr.Number(label=label, visible=False, precision=0)
+                            for label in ("Run", "From block", "New seed (empty: random)"))
+        gr.Button(visible=False).click(handlers.branch, api_name="branch", **dict(
+            branching, inputs=[run, block, panel.prompt, controls.switch_mode, panel.new_seed, seed, controls.fps,
+                               session]))
+        gr.Button(visible=False).click(handlers.rewind, api_name="rewind", **dict(
+            generate, inputs=[run, block, seed, controls.fps, session]))
 
 
 def _memory_panel(runtime: Runtime, handlers: Handlers) -> None:

@@ -1,5 +1,6 @@
 """A run's record, written beside its video: what made the frames (model, weights files, settings, seed, size,
-LoRAs, input image) and, per block, the prompt in force, how it was switched and how long it took. Replaying a
+LoRAs, input image) and, per block, the prompt in force, how it was switched, a new seed and how long it took.
+A branch's record is the record of the fresh run it equals (pipelines/branch.py). Replaying a
 record through the same pipeline reproduces the run: the same latents on the same device and dtype.
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ from PIL import Image
 
 from .core import BlockResult, GenerationRequest, StreamingVideoPipeline, ValidatedRequest
 from .loading.lora import LoraChoice
-from .steering import PromptSteering, PromptSwitch
+from .steering import PromptSwitch, ScriptedSteering
 
 RECORD_VERSION = 1
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
@@ -20,19 +21,6 @@ WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 class RunRecordError(ValueError):
     """A record that cannot be replayed here; the message says what differs and what to do."""
-
-
-class ScriptedSteering(PromptSteering):
-    """The recorded prompt switches, each before its block: the core asks take() once per block, in order."""
-
-    def __init__(self, switches: dict[int, PromptSwitch]) -> None:
-        super().__init__()
-        self._switches, self._block = switches, 0
-
-    def take(self) -> PromptSwitch | None:
-        switch = self._switches.get(self._block)
-        self._block += 1
-        return switch
 
 
 def image_digest(image: Image.Image) -> str:
@@ -72,12 +60,13 @@ class RunRecorder:
             "image": image_digest(request.image) if request.image is not None else None,
             "loras": [{"name": Path(c.path).name, "bytes": Path(c.path).stat().st_size, "strength": c.scale}
                       for c in request.loras],
+            "branch_block": request.resume.block if request.resume is not None else None,
             "blocks": []}
 
     def add(self, result: BlockResult) -> None:
         if result.complete:
             self.record["blocks"].append({
-                "index": result.index, "prompt": result.prompt, "switch": result.switch_mode,
+                "index": result.index, "prompt": result.prompt, "switch": result.switch_mode, "reseed": result.reseed,
                 "switch_ms": None if result.switch_ms is None else round(result.switch_ms, 1),
                 "block_ms": round(result.block_s * 1e3, 1), "elapsed_s": round(result.elapsed_s, 3),
                 "window_frames": result.window_frames})
@@ -133,9 +122,11 @@ def replay_request(record: dict, pipeline: StreamingVideoPipeline, image: Image.
         choices.append(LoraChoice(str(path), lora["strength"]))
     switches = {block["index"]: PromptSwitch(block["prompt"], block["switch"]) for block in record["blocks"]
                 if block["switch"] is not None}
+    reseeds = {block["index"]: block["reseed"] for block in record["blocks"] if block.get("reseed") is not None}
     return GenerationRequest(record["prompt"], seed=record["seed"], num_blocks=record["num_blocks"],
                              negative_prompt=record["negative_prompt"], image=image, height=record["height"],
                              width=record["width"], loras=tuple(choices), steering=ScriptedSteering(switches),
+                             reseeds=reseeds,
                              continuous=record["continuous"], fast_decode=record["settings"]["fast_decode"])
 
 

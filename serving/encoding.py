@@ -26,12 +26,15 @@ class BlockEncoder:
         self._sent = 0
         self._segments = 0
 
-    def encode(self, frames: np.ndarray) -> tuple[bytes, bytes, bytes]:
-        """(segment, new mp4 bytes, JPEG preview of the last frame) for uint8 frames [T, H, W, 3]."""
+    def encode(self, frames: np.ndarray, live: bool = True) -> tuple[bytes, bytes, bytes]:
+        """(segment, new mp4 bytes, JPEG preview of the last frame) for uint8 frames [T, H, W, 3]; without `live`
+        only into the mp4 (the segment is empty)."""
         height, width = frames.shape[1], frames.shape[2]
         if self._mp4 is None:
             self._mp4 = H264Writer(self.folder / "video.mp4", width, height, self.fps, progressive=True)
         self._mp4.write(frames)
+        if not live:
+            return b"", self._new_mp4_bytes(), jpeg(frames[-1])
         self._segments += 1
         segment_path = self.folder / f"segment{self._segments:03d}.ts"
         with H264Writer(segment_path, width, height, self.fps) as segment:

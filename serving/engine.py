@@ -216,7 +216,7 @@ class Engine:
                 yield Refused(self.load_error or "The model is not loaded.")
                 return
             try:
-                request, extended, note = self._request(job)
+                request, extended, note = self._request(job, steering)
                 # (a replay follows its record's prompt switches, not live ones)
                 validated = self.pipeline.validate(dataclasses.replace(request, steering=request.steering or steering))
             except (RequestError, MediaError, WeightsError, ValueError) as err:
@@ -244,11 +244,11 @@ class Engine:
         try:
             for result in self.generate_blocks(validated, stop):
                 record.add(result)
-                segment, mp4, preview = encoder.encode(result.frames)
+                segment, mp4, preview = encoder.encode(result.frames, live=not result.restored)
                 yield Block(result.index, result.num_blocks, result.complete, len(result.frames), segment, mp4,
                             preview, result.elapsed_s, result.block_s, result.prompt, result.switch_ms,
-                            result.window_frames, result.window_forced,
-                            result.latents if job.fast_decode and not job.continuous else None)
+                            result.window_frames, result.window_forced, result.latents, result.switch_mode,
+                            result.reseed, result.rng_state, result.restored)
                 if result.complete and stop():
                     break  # (the core checks too; this ends a ZeroGPU call, which cannot see the flag)
             tail = encoder.finish()
@@ -266,7 +266,7 @@ class Engine:
                 torch.cuda.empty_cache()
         yield Finished(tail, torch.cuda.max_memory_allocated(pipeline.device) if cuda else None, record.json())
 
-    def _request(self, job: StreamJob) -> tuple[GenerationRequest, str | None, str]:
+    def _request(self, job: StreamJob, steering: PromptSteering) -> tuple[GenerationRequest, str | None, str]:
         """(the GenerationRequest a job describes, the extender's text or None, a note for the page)."""
         if job.replay is not None:
             return self._replay_request(job.replay), None, " · replaying a run record"
@@ -288,6 +288,9 @@ class Engine:
                 note = f" · prompt extension failed ({err}); used the prompt as typed"
         if job.tab == "pose":
             request = self._pose_request(job, request)
+        if job.branch is not None:
+            request = job.branch.request(request, steering)
+            note += f" · branch from block {job.branch.block + 1}"
         return request, extended, note
 
     def _replay_request(self, text: str) -> GenerationRequest:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pipelines.branch import Branch
+
 
 @dataclass
 class StreamJob:
@@ -31,6 +33,8 @@ class StreamJob:
     is_pose_video: bool = False
     replay: str | None = field(default=None, repr=False)  # a run record's JSON: that run again (its own prompt,
     # seed, size, LoRAs and prompt switches; the fields above only describe it to the front end)
+    branch: Branch | None = field(default=None, repr=False)  # go on from a block of the run the fields above
+    # describe (its first prompt, seed, size and inputs) with the kept blocks before it
 
 
 @dataclass
@@ -63,7 +67,8 @@ class Block:
     num_blocks: int
     complete: bool
     frames: int  # video frames in this block
-    segment: bytes = field(repr=False)  # the block as a short MPEG-TS file for the live player
+    segment: bytes = field(repr=False)  # the block as a short MPEG-TS file for the live player (empty for a
+    # restored block: a branch's live stream starts at its branch point)
     mp4: bytes = field(repr=False)  # the progressive mp4's bytes written since the last event
     preview: bytes = field(repr=False)  # the block's last frame as JPEG
     elapsed_s: float = 0.0
@@ -72,7 +77,12 @@ class Block:
     switch_ms: float | None = None
     window_frames: int | None = None
     window_forced: bool = False
-    latents: object = field(default=None, repr=False)  # the block's clean latents (CPU) for a full-VAE re-decode
+    latents: object = field(default=None, repr=False)  # the block's clean latents (CPU): for a full-VAE re-decode
+    # and for branches
+    switch_mode: str | None = None
+    reseed: int | None = None
+    rng_state: object = field(default=None, repr=False)  # the random generator after this block (for branches)
+    restored: bool = False  # a branch's block from before its branch point
 
 
 @dataclass

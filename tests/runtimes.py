@@ -5,7 +5,7 @@ from demo.runtime import Runtime, front_end
 from serving.backend import LocalBackend
 from serving.engine import Engine
 
-FRONT_END = ("outputs", "admin_token", "max_pixel_blocks")
+FRONT_END = ("outputs", "admin_token", "max_pixel_blocks", "branch_memory_mb")
 
 
 def local_runtime(config, pipeline=None, **options) -> Runtime:

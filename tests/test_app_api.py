@@ -19,8 +19,8 @@ def client(app_server):
 
 
 def test_text_to_video_endpoint_returns_mp4_with_all_frames(client):
-    segment, preview, status, video, seed, extended, timeline = client.predict("a lighthouse", *T2V_ARGS,
-                                                                     api_name="/text_to_video")
+    segment, preview, status, video, seed, extended, timeline, run = client.predict("a lighthouse", *T2V_ARGS,
+                                                                          api_name="/text_to_video")
     assert status.startswith("Done.") and "Block 2/2" in status
     assert seed == 7
     assert count_frames(video) == 21  # 1 + 4*5 for 2 blocks of 3 latent frames
@@ -110,3 +110,20 @@ def test_fast_decoder_is_an_api_option_refused_without_its_file(client):
         client.predict("a lighthouse", *T2V_ARGS, fast_decode=True, api_name="/text_to_video")
     result = client.predict("a lighthouse", *T2V_ARGS, fast_decode=False, api_name="/text_to_video")
     assert result[2].startswith("Done.")
+
+
+def test_branch_and_rewind_endpoints_continue_the_callers_own_runs(client, app_server):
+    first = client.predict("a red circle moves to the right on a dark blue background", "", 9, False, 3, 16, "96x64",
+                           api_name="/text_to_video")
+    run = first[7]
+    branch = client.predict(run, 2, "a green square moves up on a black background", "recache", False, None, 16,
+                            api_name="/branch")
+    assert branch[2].startswith("Done. Block 3/3") and "branch from block 2" in branch[2]
+    assert count_frames(branch[3]) == count_frames(first[3]) and branch[7] == run + 1
+    rewound = client.predict(branch[7], 3, 1234, 16, api_name="/rewind")
+    assert rewound[2].startswith("Done.") and rewound[7] == run + 2
+    with pytest.raises(AppError, match="has 3 blocks: branch from block 3 or earlier"):
+        client.predict(run, 4, "x", "recache", False, None, 16, api_name="/branch")
+    # Another client (another visitor) has no such run.
+    with pytest.raises(AppError, match=f"There is no run {run} in this session"):
+        Client(app_server.url, verbose=False).predict(run, 2, 77, 16, api_name="/rewind")

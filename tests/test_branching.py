@@ -2,6 +2,7 @@
 seed) at block k; branches of one run, and branches of branches, stay independent."""
 from __future__ import annotations
 
+import gradio as gr
 import numpy as np
 import pytest
 import torch
@@ -119,3 +120,69 @@ def test_a_branch_that_cannot_be_restored_is_refused(tiny_pipeline):
     with pytest.raises(RequestError, match="do not fit this request"):
         list(tiny_pipeline.generate(Branch(kept(original, 1), prompt=SECOND).request(
             GenerationRequest(FIRST, seed=1, num_blocks=3, height=80, width=128))))
+
+
+# -- the app: a visitor's run tree, the branch and rewind endpoints, the cap on kept blocks
+
+def _t2v(handlers, session, prompt=FIRST, seed=3, blocks=4):
+    return list(handlers.text_to_video(prompt, "", seed, False, blocks, 16, "96x64", False, "", None, 1.0, False,
+                                       False, session, None))
+
+
+def test_the_app_branches_and_rewinds_a_visitors_runs(tiny_pipeline, tiny_config, tmp_path):
+    from demo.handlers import Handlers
+    from pipelines.loading.media import read_video
+    from pipelines.run_record import read_record
+
+    from runtimes import local_runtime
+
+    runtime = local_runtime(tiny_config, tiny_pipeline)
+    handlers, session, other = Handlers(runtime), runtime.new_session(), runtime.new_session()
+    first = _t2v(handlers, session)
+    assert first[-1][2].startswith("Done.") and first[-1][7]["value"] == 1
+    branched = list(handlers.branch(1, 3, SECOND, "recache", False, None, 16, session, None))
+    assert branched[-1][2].startswith("Done.") and "branch from block 3" in branched[-1][2]
+    assert any("kept block 2 restored" in update[2] for update in branched)
+    record = read_record(session.output_dir / "run002" / "run.json")
+    assert record["branch_block"] == 2 and [b["prompt"] for b in record["blocks"]] == [FIRST, FIRST, SECOND, SECOND]
+    video, parent = read_video(branched[-1][3]), read_video(first[-1][3])
+    assert len(video) == len(parent)
+    # The branch's record replays to the same video, made from scratch.
+    replayed = list(handlers.replay_run(str(session.output_dir / "run002" / "run.json"), 16, session, None))
+    assert np.array_equal(np.stack(read_video(replayed[-1][3])), np.stack(video))
+    # Rewind run 2 to its block 4: the same prompts, new noise there; a branch of a branch.
+    rewound = list(handlers.rewind(2, 4, 77, 16, session, None))
+    record = read_record(session.output_dir / "run004" / "run.json")
+    assert rewound[-1][2].startswith("Done.") and record["blocks"][3]["reseed"] == 77
+    assert [b["prompt"] for b in record["blocks"]] == [FIRST, FIRST, SECOND, SECOND]
+    tree = session.runs.markdown()
+    assert "- run 1: " in tree and "\n  - run 2 ← run 1 at block 3" in tree and "\n    - run 4 ← run 2 at block 4" in tree
+    # Refusals say what is possible; another visitor cannot branch this one's runs.
+    for args, message in (((9, 2), "no run 9"), ((1, 1), "from block 2 or later"), ((1, 5), "has 4 blocks")):
+        with pytest.raises(gr.Error, match=message):
+            list(handlers.branch(*args, SECOND, "recache", False, None, 16, session, None))
+    with pytest.raises(gr.Error, match="no run 1"):
+        list(handlers.branch(1, 2, SECOND, "recache", False, None, 16, other, None))
+    assert _t2v(handlers, session, blocks=1)[-1][2].startswith("Done.")  # (the server goes on serving)
+
+
+def test_kept_blocks_stay_within_the_visitors_cap_and_say_what_was_dropped(tiny_pipeline, tiny_config):
+    from demo.handlers import Handlers
+    from demo.session import SessionControl
+
+    from runtimes import local_runtime
+
+    handlers = Handlers(local_runtime(tiny_config, tiny_pipeline))
+    probe = SessionControl()
+    _t2v(handlers, probe, blocks=1)
+    block_mb = probe.runs.runs[1].kept_bytes / 2**20
+    session = SessionControl(branch_memory_mb=2.5 * block_mb)
+    first = _t2v(handlers, session)
+    assert "blocks after 2 of this run cannot be branched from" in first[-1][2]
+    with pytest.raises(gr.Error, match="Block 4 of run 1 can no longer be branched from.*Branch from block 3 or earlier"):
+        list(handlers.branch(1, 4, SECOND, "recache", False, None, 16, session, None))
+    assert list(handlers.branch(1, 3, SECOND, "recache", False, None, 16, session, None))[-1][2].startswith("Done.")
+    assert "run 1, run 2 can no longer be branched" in _t2v(handlers, session, seed=4)[-1][2]
+    with pytest.raises(gr.Error, match="Branch from a newer run"):
+        list(handlers.branch(1, 2, SECOND, "recache", False, None, 16, session, None))
+    assert sum(run.kept_bytes for run in session.runs.runs.values()) <= session.runs.cap_bytes

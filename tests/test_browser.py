@@ -237,6 +237,40 @@ def test_a_run_record_uploaded_on_the_page_replays_the_run(page):
     assert "replaying a run record" in _status(page)
 
 
+def _wait_for_status(page, prefixes: tuple[str, ...], seconds: float = 90) -> str:
+    deadline = time.monotonic() + seconds
+    while not _status(page).startswith(prefixes):
+        assert time.monotonic() < deadline, _status(page)
+        time.sleep(0.1)
+    return _status(page)
+
+
+def test_branch_from_a_block_of_the_streaming_run_and_see_both_in_the_tree(page):
+    page.get_by_label("Prompt").first.fill("a red circle moves to the right on a dark blue background")
+    _set_blocks(page, 8)
+    page.get_by_role("button", name="Generate").first.click()
+    deadline = time.monotonic() + 60
+    while "Block 3/8" not in _status(page):
+        assert time.monotonic() < deadline and not _status(page).startswith("Done"), _status(page)
+        time.sleep(0.05)
+    page.get_by_text("Branch: go back to a block and continue differently", exact=True).first.click()
+    run = page.locator("#branch-run-t2v input").first.input_value()
+    assert run.startswith("run ") and "red circle" in run, run
+    block = page.locator("#branch-block-t2v input[type=number]").first
+    block.fill("3")
+    block.press("Enter")
+    page.wait_for_function("document.querySelector('#branch-frame-t2v img') !== null", timeout=15_000)
+    page.locator("#branch-prompt-t2v textarea").first.fill("a green square moves up on a black background")
+    page.locator("#branch-button-t2v").first.click()
+    status = _wait_for_status(page, ("Done.", "**Not started"))
+    assert status.startswith("Done.") and "branch from block 3" in status, status
+    assert "Block 8/8" in status  # (the branch has the whole length: 2 kept blocks and 6 new ones)
+    parent = run.split(":")[0]
+    tree = page.locator("#branch-tree-t2v").inner_text()
+    assert parent in tree and f"← {parent} at block 3: a green square" in tree, tree
+    assert page.locator("#branch-run-t2v input").first.input_value().startswith(f"run {int(parent[4:]) + 1} ← {parent}")
+
+
 def test_closing_the_tab_removes_the_session_folder(page, app_server):
     sessions = Path(os.environ["SF_OUTPUTS_DIR"]) / "sessions"  # (conftest: the tests' own outputs folder)
     before = set(sessions.glob("server-*/sf-session-*"))

@@ -323,6 +323,12 @@ def test_loras_fast_decoding_redecoding_extension_and_continuous_runs_work_on_wo
     assert np.abs(plain_video - tuned_video).mean() > 5  # the LoRA chosen on the page changes the worker's video
     record = read_record(tuned.session.output_dir / "run001" / "run.json")  # (written by the worker, stored here)
     assert record["loras"][0]["name"] == "strong.safetensors" and len(record["blocks"]) == 2
+    # A branch of that run: its kept blocks travel to a worker, its LoRA goes on.
+    branched = list(tuned.handlers.branch(1, 2, "a green square moves up on a black background", "recache", False,
+                                          None, 16, tuned.session, None))
+    assert branched[-1][2].startswith("Done.") and "branch from block 2" in branched[-1][2]
+    record = read_record(tuned.session.output_dir / "run002" / "run.json")
+    assert record["branch_block"] == 1 and record["loras"][0]["name"] == "strong.safetensors"
 
     fast = Visitor(pool_app, 52, 2, fast_decode=True).start()
     assert "fast TAEHV decoder" in fast.final()[2]
