@@ -34,12 +34,18 @@ MIN_FPS, MAX_FPS = 8, 30
 
 
 def make_job(tab, prompt, negative, seed, randomize, blocks, resolution, continuous=False, fast_decode=False,
-             **extra) -> StreamJob:
+             drift_guard=0.0, **extra) -> StreamJob:
     """The job the shared controls describe (a UserError for values no control can give)."""
     height, width = parse_resolution(resolution)
+    try:
+        guard = float(drift_guard or 0.0)
+    except (TypeError, ValueError):
+        raise UserError(f"The drift guard must be a number from 0 (off) to 1, got {drift_guard!r}.") from None
+    if not 0 <= guard <= 1:
+        raise UserError(f"The drift guard must be a number from 0 (off) to 1, got {drift_guard!r}.")
     return StreamJob(tab=tab, prompt=prompt or "", negative_prompt=negative, seed=pick_seed(seed, randomize),
                      num_blocks=whole_number(blocks, "Blocks"), height=height, width=width,
-                     continuous=bool(continuous), fast_decode=bool(fast_decode), **extra)
+                     continuous=bool(continuous), fast_decode=bool(fast_decode), drift_guard=guard or None, **extra)
 
 
 def upload_bytes(path: str) -> bytes:
@@ -60,13 +66,15 @@ class Handlers:
     # -- generation (one pipeline core for every tab)
 
     def text_to_video(self, prompt, negative, seed, randomize, blocks, fps, resolution, extend, extended, lora,
-                      lora_strength, continuous, fast_decode, session: SessionControl, browser: gr.Request):
+                      lora_strength, continuous, fast_decode, drift_guard, session: SessionControl,
+                      browser: gr.Request):
         yield from self._run(session, browser, fps, lambda: make_job(
-            "t2v", prompt, negative, seed, randomize, blocks, resolution, continuous, fast_decode),
+            "t2v", prompt, negative, seed, randomize, blocks, resolution, continuous, fast_decode, drift_guard),
             (extend, extended, lora, lora_strength))
 
     def image_to_video(self, image, prompt, negative, seed, randomize, blocks, fps, resolution, extend, extended,
-                       lora, lora_strength, continuous, fast_decode, session: SessionControl, browser: gr.Request):
+                       lora, lora_strength, continuous, fast_decode, drift_guard, session: SessionControl,
+                       browser: gr.Request):
         def job() -> StreamJob:
             if not image:
                 raise UserError("Please upload an image.")
@@ -75,12 +83,12 @@ class Handlers:
             except MediaError as err:
                 raise UserError(str(err)) from err
             return make_job("i2v", prompt, negative, seed, randomize, blocks, resolution, continuous, fast_decode,
-                            image=upload_bytes(image))
+                            drift_guard, image=upload_bytes(image))
 
         yield from self._run(session, browser, fps, job, (extend, extended, lora, lora_strength))
 
     def pose_animation(self, reference, driving_video, is_pose_video, prompt, negative, seed, randomize, blocks, fps,
-                       resolution, extend, extended, lora, lora_strength, continuous, fast_decode,
+                       resolution, extend, extended, lora, lora_strength, continuous, fast_decode, drift_guard,
                        session: SessionControl, browser: gr.Request):
         info = self.runtime.info
 

@@ -19,6 +19,7 @@ from pipelines.core import MAX_SEED, GenerationRequest, RequestError, validate_r
 from pipelines.loading.lora import LoraChoice
 from serving.jobs import Block, Finished, Refused, Started, StreamJob, Waiting, WorkerLost
 
+from .drift_plot import DriftPlot
 from .metrics import RunRecord
 from .recording import StreamRecorder
 from .runtime import Runtime
@@ -45,6 +46,7 @@ class StreamUpdate:
     extended_prompt: object = dataclasses.field(default_factory=gr.skip)
     timeline: object = dataclasses.field(default_factory=gr.skip)
     run: object = dataclasses.field(default_factory=gr.skip)  # this run's number in the session (for branches)
+    drift: object = dataclasses.field(default_factory=gr.skip)  # the drift plot's rows
 
     @classmethod
     def status_only(cls, status: str) -> tuple:
@@ -53,7 +55,7 @@ class StreamUpdate:
 
     def as_tuple(self) -> tuple:
         return (self.segment, self.preview, self.status, self.video, self.seed, self.extended_prompt, self.timeline,
-                self.run)
+                self.run, self.drift)
 
 
 def whole_number(value: float | int | str | None, name: str, low: int | None = None, high: int | None = None) -> int:
@@ -105,12 +107,19 @@ class PromptTimeline:
 
     def __init__(self) -> None:
         self.spans: list[list] = []  # [first block, last block, prompt, switch ms]
+        self.refreshes: list[int] = []  # blocks the drift guard re-cached before
 
-    def add(self, block: int, prompt: str, switch_ms: float | None) -> None:
+    def add(self, block: int, prompt: str, switch_ms: float | None, refreshed: bool = False) -> None:
+        if refreshed:
+            self.refreshes.append(block)
         if self.spans and self.spans[-1][2] == prompt:
             self.spans[-1][1] = block
         else:
             self.spans.append([block, block, prompt, switch_ms])
+
+    @property
+    def worth_showing(self) -> bool:
+        return len(self.spans) > 1 or bool(self.refreshes)
 
     def markdown(self) -> str:
         rows = []
@@ -118,6 +127,9 @@ class PromptTimeline:
             blocks = f"block {first}" if first == last else f"blocks {first}-{last}"
             cost = f" (switch took {switch_ms:.0f} ms)" if switch_ms is not None else ""
             rows.append(f"- {blocks}: {prompt[:120]}{'…' if len(prompt) > 120 else ''}{cost}")
+        if self.refreshes:
+            rows.append(f"- drift guard re-cached before block{'s' if len(self.refreshes) > 1 else ''} "
+                        f"{', '.join(map(str, self.refreshes))}")
         return "\n".join(rows)
 
 
@@ -154,7 +166,8 @@ def stream_video(runtime: Runtime, session: SessionControl, job: StreamJob, note
                     resolution=f"{validated.width}x{validated.height}", blocks=num_blocks, profile=info.profile)
     length = f"continuous, up to {runtime.config.continuous_minutes:g} min of video" if job.continuous else \
         f"{num_blocks} blocks"
-    yield StreamUpdate(gr.skip(), gr.skip(), f"Starting: {length} …{note}", None, job.seed, timeline="").as_tuple()
+    yield StreamUpdate(gr.skip(), gr.skip(), f"Starting: {length} …{note}", None, job.seed, timeline="",
+                       drift=DriftPlot().frame()).as_tuple()
     status, block_s, total_block_s = "", 0.0, 0.0
     cap_minutes = runtime.config.continuous_minutes
 
@@ -163,7 +176,7 @@ def stream_video(runtime: Runtime, session: SessionControl, job: StreamJob, note
         if not job.continuous:
             return f"Block {block}/{num_blocks}"
         return f"{recorder.frames / fps:.0f} s of video (stops at {cap_minutes:g} min)"
-    timeline = PromptTimeline()
+    timeline, drift = PromptTimeline(), DriftPlot()
     sent, started_at, final, lost, waited = time.perf_counter(), None, None, None, False
     restored_frames, restored_s = 0, 0.0  # a branch's kept blocks: not part of its speed
     menu_shown = False  # the branch panel lists this run from its first streamed block
@@ -199,8 +212,9 @@ def stream_video(runtime: Runtime, session: SessionControl, job: StreamJob, note
                     timeline_update = gr.skip()
                     if event.complete:
                         run.blocks_done += 1
-                        timeline.add(run.blocks_done, event.prompt, event.switch_ms)
-                        timeline_update = timeline.markdown() if len(timeline.spans) > 1 else gr.skip()
+                        timeline.add(run.blocks_done, event.prompt, event.switch_ms, event.refreshed)
+                        timeline_update = timeline.markdown() if timeline.worth_showing else gr.skip()
+                        drift.add(run.blocks_done, event.drift)
                     if event.restored:  # (a branch's kept blocks: into its mp4, not its live stream)
                         restored_frames, restored_s = recorder.frames, event.elapsed_s
                         if event.complete:
@@ -223,8 +237,8 @@ def stream_video(runtime: Runtime, session: SessionControl, job: StreamJob, note
                         status += f" · rolling window of {event.window_frames} latent frames (memory budget)"
                     status += note
                     yield StreamUpdate(str(segment), Image.open(io.BytesIO(event.preview)), status, None, job.seed,
-                                       timeline=timeline_update, run=number if not menu_shown else gr.skip()
-                                       ).as_tuple()
+                                       timeline=timeline_update, run=number if not menu_shown else gr.skip(),
+                                       drift=drift.frame() if event.complete else gr.skip()).as_tuple()
                     menu_shown = True
                 elif isinstance(event, Finished):
                     final = recorder.finish(event.mp4, event.record)
@@ -250,7 +264,7 @@ def stream_video(runtime: Runtime, session: SessionControl, job: StreamJob, note
             run.browser_first_frame_s = session.browser_first_frame_s
             if started_at is not None or run.failed:
                 runtime.metrics.record(run)
-    timeline_text = timeline.markdown() if len(timeline.spans) > 1 else ""
+    timeline_text = timeline.markdown() if timeline.worth_showing else ""
     if started_at is None:
         yield StreamUpdate.status_only("Stopped before it started.")
         return
@@ -258,14 +272,14 @@ def stream_video(runtime: Runtime, session: SessionControl, job: StreamJob, note
         kept = f" The first {kept_frames / fps:.0f} s already streamed ({kept_frames} frames) are in the mp4." \
             if final else " Nothing of it could be kept."
         yield StreamUpdate(gr.skip(), gr.skip(), f"**{lost}**{kept}", str(final) if final else None, job.seed,
-                           timeline=timeline_text, run=number).as_tuple()
+                           timeline=timeline_text, run=number, drift=drift.frame()).as_tuple()
         return
     done = "Done."
     if run.cancelled:
         done = "Stopped." if job.continuous else f"Stopped after block {run.blocks_done}/{num_blocks}."
     # (the last update carries the timeline too: a predict() caller sees only this one)
     yield StreamUpdate(gr.skip(), gr.skip(), f"{done} {status}", str(final) if final else None, job.seed,
-                       timeline=timeline_text, run=number).as_tuple()
+                       timeline=timeline_text, run=number, drift=drift.frame()).as_tuple()
 
 
 def redecode_with_vae(runtime: Runtime, session: SessionControl) -> tuple[str, str]:

@@ -104,6 +104,9 @@ class Controls:
         self.fast_decode = gr.Checkbox(label="Fast decoder (TAEHV, preview quality)", value=False, interactive=fast,
                                        info="decodes with the tiny taew2_1 decoder instead of the Wan VAE" if fast
                                        else "needs taew2_1.pth (github.com/madebyollin/taehv) in the weights folder")
+        self.drift_guard = CheckedSlider(0, 1, value=0, step=0.05, label="Drift guard (0 = off)",
+                                         info="re-cache from the first frames and the last block when a block's drift "
+                                              "(plotted under the video) passes this; for continuous runs")
         self.resolution = gr.Dropdown(cfg.resolution_choices, value=cfg.resolution_choices[0], allow_custom_value=True,
                                       label="Resolution (width x height)", info="presets; the pipeline checks others")
         with gr.Row():
@@ -120,7 +123,8 @@ class Controls:
     @property
     def inputs(self) -> list:
         return [self.prompt, self.negative, self.seed, self.randomize, self.blocks, self.fps, self.resolution,
-                self.extend, self.extended, self.lora, self.lora_strength, self.continuous, self.fast_decode]
+                self.extend, self.extended, self.lora, self.lora_strength, self.continuous, self.fast_decode,
+                self.drift_guard]
 
 
 class Outputs:
@@ -134,12 +138,14 @@ class Outputs:
         self.video = gr.File(label="Download mp4", elem_id=f"download-{tab}")
         self.seed = gr.Number(label="Seed used", precision=0, interactive=False)
         self.timeline = gr.Markdown("", elem_id=f"timeline-{tab}", label="Prompt timeline")
+        self.drift = gr.LinePlot(x="block", y="value", color="statistic", label="Drift", elem_id=f"drift-{tab}",
+                                 height=220, x_title="block", y_title="relative to the first blocks")
         self.run_number = gr.Number(label="Run", visible=False, precision=0)  # (the run's number for /branch)
         self.branch = BranchPanel(tab, max_blocks)
 
     def all(self, controls: Controls) -> list:
         return [self.stream, self.preview, self.status, self.video, self.seed, controls.extended, self.timeline,
-                self.run_number]
+                self.run_number, self.drift]
 
 
 class BranchPanel:

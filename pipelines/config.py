@@ -31,6 +31,8 @@ def display_path(path: str | Path) -> str:
 class SamplerConfig:
     kind: str = "few_step"  # "few_step" (distilled, Self-Forcing) or "multi_step" (CFG + solver)
     denoising_steps: list[int] = field(default_factory=lambda: [1000, 750, 500, 250])
+    first_block_steps: list[int] | None = None  # the first generated block's own list (Causal Forcing++'s 1- and
+    # 2-step frame-wise models take 4 steps there); None: the same list as every block
     warp_denoising_step: bool = True
     timestep_shift: float = 5.0
     context_noise: int = 0

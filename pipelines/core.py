@@ -19,6 +19,7 @@ from PIL import Image
 
 from .branch import ResumeFrom
 from .config import PipelineConfig
+from .drift import BlockDrift, DriftMonitor
 from .loading.lora import LoraChoice, LoraError, LoraMerger
 from .loading.vae import to_uint8_frames
 from .loading.weights import Components
@@ -29,6 +30,8 @@ from .steering import PromptSteering, PromptSwitch
 
 log = logging.getLogger(__name__)
 
+
+REFRESH_RECENT_BLOCKS = 1  # blocks besides the sink frames the drift guard's re-cache keeps
 
 # Seeds are exact integers in every client: JavaScript numbers (the browser, JSON) are exact up to 2**53 - 1.
 MAX_SEED = 2**53 - 1
@@ -61,6 +64,7 @@ class GenerationRequest:
     fast_decode: bool = False  # decode with the tiny TAEHV decoder (preview quality) instead of the Wan VAE
     reseeds: dict[int, int] = field(default_factory=dict)  # block -> seed: that seed's noise from that block on
     resume: ResumeFrom | None = field(default=None, repr=False)  # a branch: restore the blocks before resume.block
+    drift_guard: float | None = None  # re-cache (BlockRun.refresh_cache) after a block whose drift score passes this
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,8 @@ class BlockResult:
     rng_state: torch.Tensor | None = field(default=None, repr=False)  # the random generator after this block (CPU),
     # what a branch from the next block restores
     restored: bool = False  # a branch's block from before its branch point, decoded from kept latents
+    drift: BlockDrift | None = None  # how far this block has drifted from the run's first blocks (complete results)
+    refreshed: bool = False  # the drift guard re-cached before this block
 
     @property
     def block_s(self) -> float:
@@ -124,6 +130,8 @@ def validate_request(request: GenerationRequest, config: PipelineConfig, fast_de
     server without the model (a worker pool's front end) refuses a bad request before it queues."""
     if not request.prompt or not request.prompt.strip():
         raise RequestError("Please enter a prompt.")
+    if request.drift_guard is not None and not 0 < request.drift_guard <= 1:
+        raise RequestError(f"The drift guard's threshold must be above 0 and at most 1, got {request.drift_guard}.")
     if not 0 <= request.seed <= MAX_SEED:
         raise RequestError(f"Seed must be a whole number from 0 to {MAX_SEED}.")
     num_blocks = config.num_blocks if request.num_blocks is None else request.num_blocks
@@ -361,6 +369,8 @@ class BlockRun:
             pipeline.vae.stream(settings.decode_frame_by_frame)
         self.prompt, self.switch_ms, self.switch_mode, self.reseeded = request.prompt, None, None, None
         self.rng_state: torch.Tensor | None = None  # the generator's state after the last denoised block
+        self.drift = DriftMonitor()
+        self.refresh_due, self.refreshed = False, False  # the drift guard's re-cache: asked for, done before a block
         self.written: list[ContextWrite] = []  # clean frames in the cache, to rebuild it under a new prompt
         self.carried_s = 0.0  # the previous block's cache write, timed with this block's denoising
 
@@ -374,8 +384,12 @@ class BlockRun:
             (1, channels, self.num_blocks * frames, height, width), self.rng, pipeline.device, pipeline.dtype)
 
     def begin_block(self, index: int) -> None:
-        """A prompt switch or a new seed due before block `index`."""
+        """A prompt switch, the drift guard's re-cache or a new seed due before block `index`."""
         self.take_prompt_switch(index)
+        self.refreshed, self.refresh_due = self.refresh_due, False
+        if self.refreshed:
+            self.refresh_cache()
+            log.info("drift guard: re-cached before block %d", index + 1)
         self.reseeded = self.request.reseeds.get(index)
         if self.reseeded is not None:
             self.reseed(self.reseeded)
@@ -430,6 +444,24 @@ class BlockRun:
         log.info("prompt switched before block %d/%d (%s, %.0f ms)", index + 1, self.num_blocks, switch.mode,
                  self.switch_ms)
 
+    def refresh_cache(self) -> None:
+        """The drift guard's remedy: the caches rebuilt under the prompts in force from the sink frames and the last
+        block only, so the frames that drifted stop feeding the next blocks (the last block keeps the motion going).
+        bench/results/NOTES.md compares it with rebuilding from every cached frame and with the sink frames alone."""
+        if not self.written:
+            return
+        sink_frames = self.window.sink_frames if self.window.window_frames is not None else 0
+        sink = [w for w in self.written if w.start_frame < sink_frames]
+        recent = [w for w in self.written if w.start_frame >= sink_frames][-REFRESH_RECENT_BLOCKS:]
+        last = self.written[-1]
+        end_token = (last.start_frame + last.latents.shape[2]) * self.caches[0].frame_tokens
+        for index, (cache, context) in enumerate(zip(self.caches, self.contexts)):
+            fresh = self.pipeline.rebuilt_cache(cache, context, sink + recent)
+            if fresh.global_end < end_token:
+                fresh.advance_to(end_token)
+            self.caches[index] = fresh
+        self.written = sink + recent
+
     def switch_prompt(self, switch: PromptSwitch) -> float:
         """Conditions the following blocks on switch.prompt; returns the milliseconds it took."""
         pipeline = self.pipeline
@@ -452,13 +484,15 @@ class BlockRun:
                                       self.contexts[context_index], start_frame=start_frame,
                                       kv_cache=self.caches[context_index], token_bias=bias)
 
-        clean = pipeline.sampler.denoise(noisy, predict, self.rng)
+        clean = pipeline.sampler.denoise(noisy, predict, self.rng, first_block=index == 0)
         self.rng_state = self.rng.get_state()  # (a CPU tensor on every device)
         return clean, bias
 
     def decoded_block(self, index: int, clean: torch.Tensor, denoise_s: float) -> Iterator[BlockResult]:
+        # The Wan VAE decodes a run's first latent frame to one video frame and every later one to four. A block of
+        # several frames sends that first frame on its own before the rest; a frame-wise model's first block is
+        # that one frame (1 video frame, then 4 per block).
         if self.decoder.frames_seen == 0 and clean.shape[2] > 1:
-            # The first latent frame decodes to one video frame: send it before the rest of the block.
             yield self.decoded(index, clean[:, :, :1], denoise_s, None)
             yield self.decoded(index, clean[:, :, 1:], 0.0, clean)
         else:
@@ -467,6 +501,11 @@ class BlockRun:
     def decoded(self, index: int, latents: torch.Tensor, denoise_s: float, clean: torch.Tensor | None) -> BlockResult:
         decode_start = time.perf_counter()
         frames = to_uint8_frames(self.decoder.decode_block(latents))
+        drift = None
+        if clean is not None:
+            drift = self.drift.add(frames, clean)
+            guard = self.request.drift_guard
+            self.refresh_due = guard is not None and drift.score > guard
         now = time.perf_counter()
         return BlockResult(index=index, num_blocks=self.num_blocks, frames=frames,
                            latents=None if clean is None else clean.float().cpu(), denoise_s=denoise_s,
@@ -475,4 +514,5 @@ class BlockRun:
                            prompt=self.prompt, switch_ms=self.switch_ms if clean is not None else None,
                            switch_mode=self.switch_mode if clean is not None else None,
                            reseed=self.reseeded if clean is not None else None,
-                           rng_state=self.rng_state if clean is not None else None)
+                           rng_state=self.rng_state if clean is not None else None, drift=drift,
+                           refreshed=self.refreshed if clean is not None else False)

@@ -62,8 +62,16 @@ class KnownModel:
         window = "all past frames" if cfg.local_attn_size == -1 else \
             f"rolling window of {cfg.local_attn_size} latent frames ({cfg.sink_size} sink)"
         warp = "warped" if sampler.warp_denoising_step else "as given"
-        return (f"{len(sampler.denoising_steps)} steps {sampler.denoising_steps} ({warp}), shift "
-                f"{sampler.timestep_shift:g}, {cfg.frames_per_block} latent frames per block, {window}")
+        first = sampler.first_block_steps
+        first = f" (the first block {_steps(first)})" if first else ""
+        frames = "1 latent frame per block (frame-wise)" if cfg.frames_per_block == 1 else \
+            f"{cfg.frames_per_block} latent frames per block"
+        return (f"{_steps(sampler.denoising_steps)} ({warp}){first}, shift "
+                f"{sampler.timestep_shift:g}, {frames}, {window}")
+
+
+def _steps(steps: list[int]) -> str:
+    return f"{len(steps)} step{'s' if len(steps) != 1 else ''} {steps}"
 
 
 def load_registry(path: Path = REGISTRY, **overrides) -> dict[str, KnownModel]:

@@ -61,6 +61,7 @@ class RunRecorder:
             "loras": [{"name": Path(c.path).name, "bytes": Path(c.path).stat().st_size, "strength": c.scale}
                       for c in request.loras],
             "branch_block": request.resume.block if request.resume is not None else None,
+            "drift_guard": request.drift_guard,
             "blocks": []}
 
     def add(self, result: BlockResult) -> None:
@@ -69,7 +70,8 @@ class RunRecorder:
                 "index": result.index, "prompt": result.prompt, "switch": result.switch_mode, "reseed": result.reseed,
                 "switch_ms": None if result.switch_ms is None else round(result.switch_ms, 1),
                 "block_ms": round(result.block_s * 1e3, 1), "elapsed_s": round(result.elapsed_s, 3),
-                "window_frames": result.window_frames})
+                "window_frames": result.window_frames, "refresh": result.refreshed,
+                "drift": result.drift.as_dict() if result.drift is not None else None})
 
     def json(self) -> str:
         return json.dumps(self.record, indent=1)
@@ -126,7 +128,7 @@ def replay_request(record: dict, pipeline: StreamingVideoPipeline, image: Image.
     return GenerationRequest(record["prompt"], seed=record["seed"], num_blocks=record["num_blocks"],
                              negative_prompt=record["negative_prompt"], image=image, height=record["height"],
                              width=record["width"], loras=tuple(choices), steering=ScriptedSteering(switches),
-                             reseeds=reseeds,
+                             reseeds=reseeds, drift_guard=record.get("drift_guard"),
                              continuous=record["continuous"], fast_decode=record["settings"]["fast_decode"])
 
 

@@ -5,7 +5,9 @@ denoising one block, calling back into the generator through a FlowPredictor.
 
 Few-step: sigmas = linspace(1, 0, 1001)[:-1] warped by shift s (s*sigma / (1 + (s-1)*sigma)),
 timesteps = 1000*sigma; the configured steps [1000, 750, 500, 250] index into that table
-(timesteps[1000 - step], with 0 appended), giving [1000, 937.5, 833.3, 625] for s = 5.
+(timesteps[1000 - step], with 0 appended), giving [1000, 937.5, 833.3, 625] for s = 5. A model may
+denoise its first block with a longer list of the same table (Causal Forcing++: 1 or 2 steps per
+block, 4 for the first one, whose frame has no past to lean on).
 """
 from __future__ import annotations
 
@@ -82,8 +84,10 @@ def make_multistep_solver(solver: str, steps: int, shift: float, device: torch.d
 class BlockSampler(Protocol):
     num_contexts: int  # prompt embeddings (and KV caches) the sampler needs: 2 with CFG
 
-    def denoise(self, noisy: torch.Tensor, predict: FlowPredictor, rng: torch.Generator) -> torch.Tensor:
-        """Pure noise of one block [B, C, F, H, W] -> its clean latents."""
+    def denoise(self, noisy: torch.Tensor, predict: FlowPredictor, rng: torch.Generator,
+                first_block: bool = False) -> torch.Tensor:
+        """Pure noise of one block [B, C, F, H, W] -> its clean latents (`first_block`: the run's first generated
+        block)."""
         ...
 
 
@@ -94,9 +98,12 @@ class FewStepSampler:
 
     def __init__(self, config: SamplerConfig) -> None:
         self.schedule = FewStepSchedule(config.denoising_steps, config.timestep_shift, config.warp_denoising_step)
+        self.first_block_schedule = self.schedule if not config.first_block_steps else FewStepSchedule(
+            config.first_block_steps, config.timestep_shift, config.warp_denoising_step)
 
-    def denoise(self, noisy: torch.Tensor, predict: FlowPredictor, rng: torch.Generator) -> torch.Tensor:
-        steps = self.schedule.steps.tolist()
+    def denoise(self, noisy: torch.Tensor, predict: FlowPredictor, rng: torch.Generator,
+                first_block: bool = False) -> torch.Tensor:
+        steps = (self.first_block_schedule if first_block else self.schedule).steps.tolist()
         for i, t in enumerate(steps):
             clean = self.schedule.to_x0(predict(noisy, t, 0), noisy, t)
             if i + 1 < len(steps):
@@ -113,7 +120,8 @@ class MultiStepCFGSampler:
     def __init__(self, config: SamplerConfig) -> None:
         self.config = config
 
-    def denoise(self, noisy: torch.Tensor, predict: FlowPredictor, rng: torch.Generator) -> torch.Tensor:
+    def denoise(self, noisy: torch.Tensor, predict: FlowPredictor, rng: torch.Generator,
+                first_block: bool = False) -> torch.Tensor:
         cfg = self.config
         solver = make_multistep_solver(cfg.solver, cfg.num_steps, cfg.timestep_shift, noisy.device)
         latents = noisy

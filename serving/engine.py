@@ -248,7 +248,8 @@ class Engine:
                 yield Block(result.index, result.num_blocks, result.complete, len(result.frames), segment, mp4,
                             preview, result.elapsed_s, result.block_s, result.prompt, result.switch_ms,
                             result.window_frames, result.window_forced, result.latents, result.switch_mode,
-                            result.reseed, result.rng_state, result.restored)
+                            result.reseed, result.rng_state, result.restored,
+                            result.drift.as_dict() if result.drift is not None else None, result.refreshed)
                 if result.complete and stop():
                     break  # (the core checks too; this ends a ZeroGPU call, which cannot see the flag)
             tail = encoder.finish()
@@ -273,7 +274,7 @@ class Engine:
         request = GenerationRequest(prompt=job.prompt or "", negative_prompt=job.negative_prompt, seed=job.seed,
                                     num_blocks=job.num_blocks, height=job.height, width=job.width,
                                     continuous=job.continuous, fast_decode=job.fast_decode,
-                                    loras=self.lora_choice(job.lora, job.lora_strength))
+                                    drift_guard=job.drift_guard, loras=self.lora_choice(job.lora, job.lora_strength))
         if job.tab == "i2v":
             if not job.image:
                 raise RequestError("Please upload an image.")

@@ -24,6 +24,7 @@ class StreamJob:
     fps: int = 16
     continuous: bool = False
     fast_decode: bool = False
+    drift_guard: float | None = None  # re-cache when a block's drift score passes this (pipelines/drift.py)
     lora: str | None = None  # a file name in the worker's <weights>/loras
     lora_strength: float = 1.0
     extend: bool = False  # rewrite the prompt with the prompt extender first
@@ -83,6 +84,8 @@ class Block:
     reseed: int | None = None
     rng_state: object = field(default=None, repr=False)  # the random generator after this block (for branches)
     restored: bool = False  # a branch's block from before its branch point
+    drift: dict | None = None  # the block's drift statistics (pipelines.drift.BlockDrift.as_dict), complete blocks
+    refreshed: bool = False  # the drift guard re-cached before this block
 
 
 @dataclass

@@ -19,11 +19,13 @@ def client(app_server):
 
 
 def test_text_to_video_endpoint_returns_mp4_with_all_frames(client):
-    segment, preview, status, video, seed, extended, timeline, run = client.predict("a lighthouse", *T2V_ARGS,
-                                                                          api_name="/text_to_video")
+    segment, preview, status, video, seed, extended, timeline, run, drift = client.predict(
+        "a lighthouse", *T2V_ARGS, api_name="/text_to_video")
     assert status.startswith("Done.") and "Block 2/2" in status
     assert seed == 7
     assert count_frames(video) == 21  # 1 + 4*5 for 2 blocks of 3 latent frames
+    rows = drift["data"]  # (block, statistic, value) per block and statistic
+    assert {row[0] for row in rows} == {1, 2} and any(row[1] == "drift score" for row in rows)
 
 
 def test_image_to_video_endpoint(client, tmp_path):

@@ -133,7 +133,7 @@ def test_stop_drops_a_waiting_request_and_a_new_prompt_reaches_it(tiny_pipeline,
     runtime = local_runtime(tiny_config, tiny_pipeline)
     handlers, session, other = Handlers(runtime), runtime.new_session(), runtime.new_session()
     args = ("a red circle moves to the right on a dark blue background", "", 3, False, 2, 16, "96x64", False, "",
-            None, 1.0, False, False, session, None)
+            None, 1.0, False, False, 0.0, session, None)
     handlers.request_sent(session)
     assert runtime.queue_length() == 1 and not other.is_waiting
     assert handlers.request_stop(session) == "Stopped: the waiting request will not run."

@@ -126,7 +126,7 @@ def test_a_branch_that_cannot_be_restored_is_refused(tiny_pipeline):
 
 def _t2v(handlers, session, prompt=FIRST, seed=3, blocks=4):
     return list(handlers.text_to_video(prompt, "", seed, False, blocks, 16, "96x64", False, "", None, 1.0, False,
-                                       False, session, None))
+                                       False, 0.0, session, None))
 
 
 def test_the_app_branches_and_rewinds_a_visitors_runs(tiny_pipeline, tiny_config, tmp_path):

@@ -73,6 +73,8 @@ def test_preview_updates_block_by_block_while_streaming(page):
     assert distinct_before_end >= 3, f"preview changed only {distinct_before_end} times: streaming not visible"
     assert sum("Block" in s and "/6" in s and not s.startswith("Done") for s in statuses) >= 2
     assert page.locator("#download-t2v a").count() >= 1 or "video.mp4" in page.locator("#download-t2v").inner_text()
+    # The drift plot under the video has the run's blocks.
+    page.wait_for_function("document.querySelector('#drift-t2v canvas, #drift-t2v svg') !== null", timeout=15_000)
     # Both times to the first frame are reported: the server's in the status, the browser's beside it.
     assert "(server)" in _status(page)
     timing = page.locator("#browser-timing-t2v").inner_text()

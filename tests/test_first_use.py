@@ -95,7 +95,7 @@ def test_api_lists_only_public_endpoints_with_named_outputs(client):
     assert not api["unnamed_endpoints"]
     returns = [r["label"] for r in api["named_endpoints"]["/text_to_video"]["returns"]]
     assert returns == ["Live stream", "Latest frame", "Status", "Download mp4", "Seed used", "Extended prompt",
-                       "Prompt timeline", "Run"]
+                       "Prompt timeline", "Run", "Drift"]
 
 
 def test_expected_errors_leave_one_log_line_and_no_traceback(client, app_server):

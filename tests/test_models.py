@@ -24,20 +24,34 @@ TINY = yaml.safe_load((CONFIG_DIR / "tiny.yaml").read_text())
 
 def test_registry_holds_the_published_settings():
     models = load_registry()
-    assert list(models) == ["self_forcing_dmd", "self_forcing_sid", "causvid", "longlive"]
+    assert list(models) == ["self_forcing_dmd", "self_forcing_sid", "causvid", "longlive", "causal_forcing_chunkwise",
+                            "causal_forcing_framewise", "causal_forcing_framewise_2step",
+                            "causal_forcing_framewise_1step"]
     published = {  # steps, warped, shift, frames per block, window, sink, checkpoint, EMA, LoRA
         "self_forcing_dmd": ([1000, 750, 500, 250], True, 5.0, 3, -1, 0, "checkpoints/self_forcing_dmd.pt", True, None),
         "self_forcing_sid": ([1000, 750, 500, 250], True, 5.0, 3, -1, 0, "checkpoints/self_forcing_sid.pt", True, None),
         "causvid": ([1000, 757, 522], False, 8.0, 3, -1, 0, "autoregressive_checkpoint/model.pt", False, None),
         "longlive": ([1000, 750, 500, 250], True, 5.0, 6, 12, 3, "longlive_models/models/longlive_base.pt", False,
                      "longlive_models/models/lora.pt"),
+        "causal_forcing_chunkwise": ([1000, 750, 500, 250], True, 5.0, 3, -1, 0,
+                                     "checkpoints/chunkwise/causal_forcing.pt", False, None),
+        "causal_forcing_framewise": ([1000, 750, 500, 250], True, 5.0, 1, -1, 0,
+                                     "checkpoints/framewise/causal_forcing.pt", True, None),
+        "causal_forcing_framewise_2step": ([1000, 500], True, 5.0, 1, -1, 0,
+                                           "checkpoints/causal-forcing++/framewise-2step.pt", True, None),
+        "causal_forcing_framewise_1step": ([1000], True, 5.0, 1, -1, 0,
+                                           "checkpoints/causal-forcing++/framewise-1step.pt", True, None),
     }
+    first_blocks = {"causal_forcing_framewise_2step": [1000, 750, 500, 250],
+                    "causal_forcing_framewise_1step": [1000, 750, 500, 250]}
     for key, model in models.items():
         cfg = model.config
         got = (cfg.sampler.denoising_steps, cfg.sampler.warp_denoising_step, cfg.sampler.timestep_shift,
                cfg.frames_per_block, cfg.local_attn_size, cfg.sink_size, cfg.weights.generator_ckpt,
                cfg.weights.use_ema, cfg.weights.generator_lora)
         assert got == published[key], key
+        assert cfg.sampler.first_block_steps == first_blocks.get(key), key
+        assert cfg.num_blocks * cfg.frames_per_block in (21, 24)  # 81 video frames (LongLive: 93)
         assert cfg.model["dim"] == 1536 and cfg.model["num_layers"] == 30  # all Wan2.1-T2V-1.3B
         assert model.code.startswith("https://github.com/") and "hf download" in cfg.download
     assert load_config("causvid").name == models["causvid"].label  # --config takes a registered name
@@ -74,7 +88,21 @@ def _write_checkpoints(components, weights: Path) -> dict[str, float]:
     longlive = weights / "longlive_models" / "models"
     longlive.mkdir(parents=True)
     torch.save({"generator": _original_state(components, 0.75)}, longlive / "longlive_base.pt")
-    return {"self_forcing_dmd": 0.0, "self_forcing_sid": 0.25, "causvid": 0.5, "longlive": 0.75}
+    # Causal Forcing: {generator, generator_ema}; the frame-wise 4-step file keeps FSDP's wrapper in its names.
+    for folder in ("chunkwise", "framewise", "causal-forcing++"):
+        (weights / "checkpoints" / folder).mkdir()
+    torch.save({"generator": _original_state(components, 1.0), "generator_ema": _original_state(components, -1.0)},
+               weights / "checkpoints" / "chunkwise" / "causal_forcing.pt")
+    wrapped = {k.replace("model.", "model._fsdp_wrapped_module.", 1): v
+               for k, v in _original_state(components, 1.25).items()}
+    torch.save({"generator": _original_state(components, -1.0), "generator_ema": wrapped},
+               weights / "checkpoints" / "framewise" / "causal_forcing.pt")
+    for name, offset in (("framewise-2step.pt", 1.5), ("framewise-1step.pt", 1.75)):
+        torch.save({"generator": _original_state(components, -1.0), "generator_ema": _original_state(components, offset)},
+                   weights / "checkpoints" / "causal-forcing++" / name)
+    return {"self_forcing_dmd": 0.0, "self_forcing_sid": 0.25, "causvid": 0.5, "longlive": 0.75,
+            "causal_forcing_chunkwise": 1.0, "causal_forcing_framewise": 1.25, "causal_forcing_framewise_2step": 1.5,
+            "causal_forcing_framewise_1step": 1.75}
 
 
 def _longlive_lora(components, path: Path) -> torch.Tensor:
@@ -110,12 +138,17 @@ def test_every_checkpoint_layout_loads_its_own_weights(tiny_weights, tiny_compon
 
 def test_each_model_generates_with_its_own_block_size_and_window(tiny_weights):
     registry, weights, _, _ = tiny_weights
-    for key in ("causvid", "longlive"):
+    for key in ("causvid", "longlive", "causal_forcing_framewise_1step"):
         config = registry[key].config
         pipeline = StreamingVideoPipeline(load_components(config, weights), config)
-        results = [r for r in pipeline.generate(GenerationRequest("a lighthouse", seed=1, num_blocks=3)) if r.complete]
-        assert [r.latents.shape[2] for r in results] == [config.frames_per_block] * 3
-        assert results[-1].window_frames == (None if key == "causvid" else 12)
+        results = list(pipeline.generate(GenerationRequest("a lighthouse", seed=1, num_blocks=3)))
+        complete = [r for r in results if r.complete]
+        assert [r.latents.shape[2] for r in complete] == [config.frames_per_block] * 3
+        assert complete[-1].window_frames == (None if key != "longlive" else 12)
+        # Video frames per result: a frame-wise model's first block is the one first frame, then 4 per block.
+        expected = [1, 4, 4] if config.frames_per_block == 1 else [1, 4 * config.frames_per_block - 4] + \
+            [4 * config.frames_per_block] * 2
+        assert [len(r.frames) for r in results] == expected, key
 
 
 def test_missing_files_name_the_file_and_the_download(tiny_weights, tmp_path, tiny_components):
@@ -144,7 +177,7 @@ def test_models_command_says_what_is_present_and_what_to_download(tiny_weights, 
     assert "get it: hf download Wan-AI/Wan2.1-T2V-1.3B --local-dir <weights>/wan_models/Wan2.1-T2V-1.3B" in out
     assert "GPU memory: high 24.2 GiB" in out
     assert models_main(["--weights", str(weights)]) == 0
-    assert capsys.readouterr().out.count("present in the weights folder") == 4
+    assert capsys.readouterr().out.count("present in the weights folder") == 8
 
 
 def test_app_switches_models_one_resident_at_a_time(tiny_weights):

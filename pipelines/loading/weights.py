@@ -127,7 +127,8 @@ def generator_state_from_checkpoint(path: Path, use_ema: bool) -> dict[str, torc
     if key not in checkpoint:
         raise WeightsError(f"{path} has no '{key}' weights (it has: {', '.join(map(str, checkpoint))}). "
                            f"{'Run with --no-ema (or weights.use_ema: false)' if use_ema else 'Run with --use-ema'}.")
-    state = {k.removeprefix("model."): v for k, v in checkpoint[key].items()}
+    # (Causal Forcing's checkpoints may keep FSDP's wrapper in the names: model._fsdp_wrapped_module.blocks...)
+    state = {k.removeprefix("model._fsdp_wrapped_module.").removeprefix("model."): v for k, v in checkpoint[key].items()}
     return convert_wan_transformer_to_diffusers(state)
 
 
