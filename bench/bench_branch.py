@@ -88,7 +88,6 @@ def main(argv: list[str] | None = None) -> int:
     kv_snapshot = {"mb_per_block": round(block_bytes / 2**20, 1),
                    "to_cpu_ms_per_block": round(timed(lambda: pinned.copy_(on_gpu)), 2),
                    "to_gpu_ms_per_block": round(timed(lambda: on_gpu.copy_(pinned)), 2)}
-    del on_gpu, pinned
 
     job = StreamJob(prompt=PROMPT, seed=1, num_blocks=config.num_blocks)
     fresh = [first_new_frames(engine, job) for _ in range(2)][-1]
