@@ -452,7 +452,8 @@ class BlockRun:
             return
         sink_frames = self.window.sink_frames if self.window.window_frames is not None else 0
         sink = [w for w in self.written if w.start_frame < sink_frames]
-        recent = [w for w in self.written if w.start_frame >= sink_frames][-REFRESH_RECENT_BLOCKS:]
+        recent = [w for w in self.written if w.start_frame >= sink_frames]
+        recent = recent[len(recent) - REFRESH_RECENT_BLOCKS:] if len(recent) > REFRESH_RECENT_BLOCKS else recent
         last = self.written[-1]
         end_token = (last.start_frame + last.latents.shape[2]) * self.caches[0].frame_tokens
         for index, (cache, context) in enumerate(zip(self.caches, self.contexts)):
