@@ -27,6 +27,7 @@ from .model.kv_cache import AttentionWindow, KVCache, kv_bytes_per_frame
 from .scheduler import make_sampler, reference_noise
 from .settings import RuntimeSettings
 from .steering import PromptSteering, PromptSwitch
+from .video_input import VideoSource
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ class GenerationRequest:
     reseeds: dict[int, int] = field(default_factory=dict)  # block -> seed: that seed's noise from that block on
     resume: ResumeFrom | None = field(default=None, repr=False)  # a branch: restore the blocks before resume.block
     drift_guard: float | None = None  # re-cache (BlockRun.refresh_cache) after a block whose drift score passes this
+    source: VideoSource | None = field(default=None, repr=False)  # video-to-video: the input frames, block by block
+    strength: float = 0.6  # video-to-video: the noise level each input block starts from (1 = only the prompt)
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,20 @@ def validate_request(request: GenerationRequest, config: PipelineConfig, fast_de
     if not 0 <= request.seed <= MAX_SEED:
         raise RequestError(f"Seed must be a whole number from 0 to {MAX_SEED}.")
     num_blocks = config.num_blocks if request.num_blocks is None else request.num_blocks
+    source = request.source
+    if source is not None:
+        if config.sampler.kind != "few_step":
+            raise RequestError("Video-to-video needs a few-step (distilled) model.")
+        if request.image is not None or request.reference_latent is not None or request.resume is not None:
+            raise RequestError("Video-to-video starts from its input video: no image, and no branch of it.")
+        if not 0 < request.strength <= 1:
+            raise RequestError(f"Strength must be above 0 and at most 1, got {request.strength}.")
+        if source.total_frames is not None and not request.continuous:
+            fitting = input_blocks(source.total_frames, config.frames_per_block)
+            if fitting < 1:
+                raise RequestError(f"The input video is too short: it needs at least "
+                                   f"{block_video_frames(0, config.frames_per_block)} frames.")
+            num_blocks = min(num_blocks, fitting) if request.num_blocks is not None else min(fitting, config.max_blocks)
     if request.continuous:
         num_blocks = config.continuous_blocks
     elif not 1 <= num_blocks <= config.max_blocks:
@@ -162,6 +179,17 @@ def validate_request(request: GenerationRequest, config: PipelineConfig, fast_de
         if resume.block and resume.rng_state is None and resume.block not in request.reseeds:
             raise RequestError("A branch that keeps its noise needs the random state kept with its blocks.")
     return ValidatedRequest(request, num_blocks, height, width)
+
+
+def block_video_frames(index: int, frames_per_block: int) -> int:
+    """Video frames block `index` covers: the first latent frame is one video frame, every later one four."""
+    return 4 * frames_per_block - (3 if index == 0 else 0)
+
+
+def input_blocks(video_frames: int, frames_per_block: int) -> int:
+    """Whole blocks a video of `video_frames` frames fills."""
+    first = block_video_frames(0, frames_per_block)
+    return 0 if video_frames < first else 1 + (video_frames - first) // block_video_frames(1, frames_per_block)
 
 
 def still_cached(written: list["ContextWrite"], window: AttentionWindow, end_frame: int) -> list["ContextWrite"]:
@@ -283,7 +311,11 @@ class StreamingVideoPipeline:
                 return
             run.begin_block(index)
             block_start = time.perf_counter()
-            clean, bias = run.denoise(index)
+            source = run.next_input(index) if request.source is not None else None
+            if request.source is not None and source is None:
+                log.info("the input video ended before block %d", index + 1)
+                return
+            clean, bias = run.denoise(index, source)
             denoise_s = run.carried_s + self._seconds_since(block_start)
             yield from run.decoded_block(index, clean, denoise_s)
             run.carried_s = 0.0
@@ -370,6 +402,8 @@ class BlockRun:
         self.prompt, self.switch_ms, self.switch_mode, self.reseeded = request.prompt, None, None, None
         self.rng_state: torch.Tensor | None = None  # the generator's state after the last denoised block
         self.drift = DriftMonitor()
+        self.encoder = pipeline.vae.stream_encoder() if request.source is not None else None
+        self.size = (validated.height, validated.width)
         self.refresh_due, self.refreshed = False, False  # the drift guard's re-cache: asked for, done before a block
         self.written: list[ContextWrite] = []  # clean frames in the cache, to rebuild it under a new prompt
         self.carried_s = 0.0  # the previous block's cache write, timed with this block's denoising
@@ -472,8 +506,17 @@ class BlockRun:
             self.caches[0] = pipeline.rebuilt_cache(self.caches[0], self.contexts[0], self.written)
         return pipeline._seconds_since(start) * 1e3
 
-    def denoise(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(block `index`'s clean latents, its token bias) from its noise through the sampler."""
+    def next_input(self, index: int) -> torch.Tensor | None:
+        """Video-to-video: block `index`'s input frames through the streaming encoder (None: the input ended)."""
+        frames = self.request.source.read(block_video_frames(index, self.frames_per_block))
+        if frames is None:
+            return None
+        pixels = torch.cat([prepare_image(Image.fromarray(frame), *self.size) for frame in frames], dim=2)
+        return self.encoder.encode_frames(pixels).to(self.pipeline.device, self.pipeline.dtype)
+
+    def denoise(self, index: int, source: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(block `index`'s clean latents, its token bias) from its noise (and its input's latents in video-to-video)
+        through the sampler."""
         pipeline, fpb = self.pipeline, self.frames_per_block
         start_frame = self.start_frame(index)
         bias = self.token_bias(start_frame, fpb)
@@ -485,7 +528,8 @@ class BlockRun:
                                       self.contexts[context_index], start_frame=start_frame,
                                       kv_cache=self.caches[context_index], token_bias=bias)
 
-        clean = pipeline.sampler.denoise(noisy, predict, self.rng, first_block=index == 0)
+        clean = pipeline.sampler.denoise(noisy, predict, self.rng, first_block=index == 0, source=source,
+                                         strength=self.request.strength)
         self.rng_state = self.rng.get_state()  # (a CPU tensor on every device)
         return clean, bias
 

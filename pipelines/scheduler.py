@@ -85,9 +85,9 @@ class BlockSampler(Protocol):
     num_contexts: int  # prompt embeddings (and KV caches) the sampler needs: 2 with CFG
 
     def denoise(self, noisy: torch.Tensor, predict: FlowPredictor, rng: torch.Generator,
-                first_block: bool = False) -> torch.Tensor:
+                first_block: bool = False, source: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
         """Pure noise of one block [B, C, F, H, W] -> its clean latents (`first_block`: the run's first generated
-        block)."""
+        block). With `source` (video-to-video): the source latents noised to `strength` take the noise's place."""
         ...
 
 
@@ -102,8 +102,13 @@ class FewStepSampler:
             config.first_block_steps, config.timestep_shift, config.warp_denoising_step)
 
     def denoise(self, noisy: torch.Tensor, predict: FlowPredictor, rng: torch.Generator,
-                first_block: bool = False) -> torch.Tensor:
-        steps = (self.first_block_schedule if first_block else self.schedule).steps.tolist()
+                first_block: bool = False, source: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
+        schedule = self.first_block_schedule if first_block else self.schedule
+        steps = schedule.steps.tolist()
+        if source is not None:  # SDEdit: start at the listed step whose noise level is nearest the strength
+            first = min(range(len(steps)), key=lambda i: abs(float(schedule.sigma(steps[i])) - strength))
+            steps = steps[first:]
+            noisy = schedule.add_noise(source.to(noisy.dtype), noisy, steps[0])
         for i, t in enumerate(steps):
             clean = self.schedule.to_x0(predict(noisy, t, 0), noisy, t)
             if i + 1 < len(steps):
@@ -121,7 +126,9 @@ class MultiStepCFGSampler:
         self.config = config
 
     def denoise(self, noisy: torch.Tensor, predict: FlowPredictor, rng: torch.Generator,
-                first_block: bool = False) -> torch.Tensor:
+                first_block: bool = False, source: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
+        if source is not None:
+            raise ValueError("video-to-video needs a few-step model")
         cfg = self.config
         solver = make_multistep_solver(cfg.solver, cfg.num_steps, cfg.timestep_shift, noisy.device)
         latents = noisy

@@ -61,6 +61,37 @@ class WanVAE:
     def stream(self, frame_by_frame: bool = False) -> "StreamingDecoder":
         return StreamingDecoder(self, frame_by_frame)
 
+    def stream_encoder(self) -> "StreamingEncoder":
+        return StreamingEncoder(self)
+
+
+class StreamingEncoder:
+    """Encodes a video as its frames arrive, carrying the causal conv cache between calls: the first frame alone,
+    then four frames per latent frame, the chunks a one-shot encode takes, so the latents are that encode's."""
+
+    def __init__(self, vae: WanVAE) -> None:
+        self.vae = vae
+        self.feature_cache: list = [None] * vae.model._cached_conv_counts["encoder"]
+        self.frames_seen = 0
+
+    @torch.no_grad()
+    def encode_frames(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels [B, 3, T, H, W] in [-1, 1], the next T video frames (1 + 4k for the first call, then 4k) ->
+        normalised latents [B, 16, T', H/8, W/8] (the posterior mean)."""
+        frames = pixels.shape[2]
+        first = 1 if self.frames_seen == 0 else 0
+        if frames < first or (frames - first) % 4:
+            raise ValueError(f"the encoder takes 1 + 4k frames first and 4k after, got {frames}")
+        model, x = self.vae.model, pixels.to(self.vae.device, self.vae.dtype)
+        bounds = ([0, 1] if first else [0]) + list(range(first + 4, frames + 1, 4))
+        chunks = [model.encoder(x[:, :, start:end], feat_cache=self.feature_cache, feat_idx=[0])
+                  for start, end in zip(bounds, bounds[1:])]
+        self.frames_seen += frames
+        moments = model.quant_conv(torch.cat(chunks, dim=2))
+        latents = moments[:, :moments.shape[1] // 2]  # (the diagonal Gaussian's mean: its mode)
+        mean, std = self.vae._stats(latents)
+        return (latents - mean) / std
+
 
 class StreamingDecoder:
     """Decodes latent blocks in order, carrying the causal conv cache between blocks."""

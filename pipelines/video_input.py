@@ -1,0 +1,68 @@
+"""Frames for video-to-video: a decoded file or a live feed, read block by block by the pipeline core.
+
+The core asks for the next frames of each block (1 + 4(k-1) for the first block of k latent frames, 4k after) and
+ends the run when the input has no more; frames are resized and centre-cropped to the request's size as images
+are (core.prepare_image).
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Iterable, Protocol
+
+import numpy as np
+
+
+class VideoSource(Protocol):
+    total_frames: int | None  # None: a live feed, read until the run stops
+
+    def read(self, count: int) -> list[np.ndarray] | None:
+        """The next `count` frames (uint8 [H, W, 3]), or None when the input ended before that many arrived."""
+
+
+class FrameList:
+    """A whole video's frames (a file), read in order."""
+
+    def __init__(self, frames: Iterable[np.ndarray]) -> None:
+        self.frames = list(frames)
+        self.total_frames = len(self.frames)
+        self._next = 0
+
+    def read(self, count: int) -> list[np.ndarray] | None:
+        if self._next + count > self.total_frames:
+            return None
+        chunk = self.frames[self._next:self._next + count]
+        self._next += count
+        return chunk
+
+
+class LiveFrames:
+    """Frames pushed as they arrive (a camera), read by the run; `close()` ends it. A read waits up to `timeout_s`
+    for its frames and then ends the input (a feed that stopped)."""
+
+    total_frames = None
+
+    def __init__(self, timeout_s: float = 10.0) -> None:
+        self.timeout_s = timeout_s
+        self._frames: queue.Queue = queue.Queue()
+        self._closed = threading.Event()
+
+    def push(self, frame: np.ndarray) -> None:
+        if not self._closed.is_set():
+            self._frames.put(frame)
+
+    def close(self) -> None:
+        self._closed.set()
+        self._frames.put(None)
+
+    def read(self, count: int) -> list[np.ndarray] | None:
+        frames = []
+        while len(frames) < count:
+            try:
+                frame = self._frames.get(timeout=self.timeout_s)
+            except queue.Empty:
+                return None
+            if frame is None:
+                return None
+            frames.append(frame)
+        return frames
