@@ -111,6 +111,29 @@ class Handlers:
 
         yield from self._run(session, browser, fps, job, (extend, extended, lora, lora_strength))
 
+    def video_to_video(self, video, strength, prompt, negative, seed, randomize, blocks, fps, resolution, extend,
+                       extended, lora, lora_strength, continuous, fast_decode, drift_guard, session: SessionControl,
+                       browser: gr.Request):
+        """Each block of the input video (at the model's frame rate) restyled under the prompt: `strength` is how much
+        of it is replaced by noise (1: the prompt alone). The run ends with the video."""
+        def job() -> StreamJob:
+            if not video:
+                raise UserError("Please upload an input video.")
+            try:
+                value = float(strength)
+            except (TypeError, ValueError):
+                raise UserError(f"Strength must be a number above 0 and at most 1, got {strength!r}.") from None
+            if not 0 < value <= 1:
+                raise UserError(f"Strength must be a number above 0 and at most 1, got {strength!r}.")
+            try:  # (checked here, before it queues)
+                read_video(video, max_frames=1)
+            except MediaError as err:
+                raise UserError(str(err)) from err
+            return make_job("v2v", prompt, negative, seed, randomize, blocks, resolution, continuous, fast_decode,
+                            drift_guard, source_video=upload_bytes(video), strength=value)
+
+        yield from self._run(session, browser, fps, job, (extend, extended, lora, lora_strength))
+
     def replay_run(self, record_file, fps, session: SessionControl, browser: gr.Request):
         """A run record (run.json beside a video) made again on this server: its prompt, seed, size, LoRAs and
         prompt switches."""

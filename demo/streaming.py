@@ -194,6 +194,7 @@ def stream_video(runtime: Runtime, session: SessionControl, job: StreamJob, note
                     node = session.runs.start_branch(number, branch_of, job.branch) if job.branch is not None else \
                         session.runs.start(number, job, event.prompt)
                     started_at = time.perf_counter()
+                    num_blocks = run.blocks = event.num_blocks  # (as the backend resolved it: a video's length)
                     run.queue_wait_s, run.worker = started_at - sent, event.worker
                     note += event.note + (f" · worker {event.worker}" if runtime.backend.pooled else "")
                     box = gr.skip()

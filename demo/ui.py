@@ -40,6 +40,9 @@ def page_script(name: str, **values: object) -> str:
 PAGE_JS = (f"() => {{ ({page_script('browser_timing.js')})(); "
            f"({page_script('player_trim.js', KEEP=PLAYED_KEEP_S)})(); }}")
 CSS = ".sf-hidden { display: none !important; }"
+V2V_HELP = ("Restyles a video block by block: each block's frames (at the model's frame rate) are encoded, noised to "
+            "the strength and denoised under the prompt, with the earlier output blocks in memory. The run ends "
+            "with the video; Blocks caps its length.")
 POSE_HELP = ("Upload the character (reference image) and a driving video. DWPose (local ONNX files) extracts "
              "body, hand and face keypoints, aligns them to the character and renders the skeleton; or tick "
              "*already a pose video* to use a rendered skeleton video directly. The generator must have been "
@@ -72,9 +75,9 @@ class CheckedSlider(gr.Slider):
 class Controls:
     """The generation controls every tab shares, built inside the current tab."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, tab: str) -> None:
         cfg, info = runtime.config, runtime.info
-        self.prompt = gr.Textbox(label="Prompt", lines=1, max_lines=6,
+        self.prompt = gr.Textbox(label="Prompt", lines=1, max_lines=6, elem_id=f"prompt-{tab}",
                                  placeholder="Describe the video … (Enter generates)",
                                  info="Enter generates; long prompts wrap")
         with gr.Row():
@@ -110,7 +113,7 @@ class Controls:
         self.resolution = gr.Dropdown(cfg.resolution_choices, value=cfg.resolution_choices[0], allow_custom_value=True,
                                       label="Resolution (width x height)", info="presets; the pipeline checks others")
         with gr.Row():
-            self.generate = gr.Button("Generate", variant="primary")
+            self.generate = gr.Button("Generate", variant="primary", elem_id=f"generate-{tab}")
             self.stop = gr.Button("Stop", variant="stop")
         self.redecode = gr.Button("Re-decode the last fast-decoded video with the full VAE", size="sm", visible=fast)
         with gr.Row():
@@ -217,7 +220,7 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
             with gr.Tab("Text to Video", id="t2v"):
                 with gr.Row():
                     with gr.Column():
-                        t2v = Controls(runtime)
+                        t2v = Controls(runtime, "t2v")
                         gr.Examples([[p] for p in runtime.config.demo.prompts or EXAMPLE_PROMPTS],
                                     inputs=[t2v.prompt])
                         with gr.Accordion("Replay a run record", open=False):
@@ -231,7 +234,7 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
                     with gr.Column():
                         image = ImageUpload(label="First frame (resized and centre-cropped to the model size)",
                                             type="filepath", sources=["upload", "clipboard"])
-                        i2v = Controls(runtime)
+                        i2v = Controls(runtime, "i2v")
                         if images:
                             gr.Examples(images, inputs=[image, i2v.prompt])
                     with gr.Column():
@@ -243,18 +246,32 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
                         reference = ImageUpload(label="Reference image (the character)", type="filepath")
                         driving = gr.Video(label="Driving video or pose video")
                         is_pose_video = gr.Checkbox(label="The driving video is already a rendered pose video")
-                        pose = Controls(runtime)
+                        pose = Controls(runtime, "pose")
                         if pose_examples:
                             gr.Examples(pose_examples, inputs=[reference, driving, is_pose_video, pose.prompt])
                     with gr.Column():
                         pose_out = Outputs("pose", runtime.config.max_blocks)
+
+            with gr.Tab("Video to Video", id="v2v"):
+                gr.Markdown(V2V_HELP, elem_id="v2v-note")
+                with gr.Row():
+                    with gr.Column():
+                        source_video = gr.Video(label="Input video (a file, or record one with the camera)",
+                                                sources=["upload", "webcam"], elem_id="v2v-input")
+                        strength = CheckedSlider(0.05, 1, value=0.6, step=0.05, label="Strength",
+                                                 info="how much of each input block is replaced by noise: low keeps "
+                                                      "the input's colours and motion, 1 follows the prompt alone")
+                        v2v = Controls(runtime, "v2v")
+                    with gr.Column():
+                        v2v_out = Outputs("v2v", runtime.config.max_blocks)
 
         _stats_panel(runtime)
         for tab, controls, outputs, handler, extra, name in (
                 ("t2v", t2v, t2v_out, handlers.text_to_video, [], "text_to_video"),
                 ("i2v", i2v, i2v_out, handlers.image_to_video, [image], "image_to_video"),
                 ("pose", pose, pose_out, handlers.pose_animation, [reference, driving, is_pose_video],
-                 "pose_animation")):
+                 "pose_animation"),
+                ("v2v", v2v, v2v_out, handlers.video_to_video, [source_video, strength], "video_to_video")):
             generate = dict(inputs=extra + controls.inputs + [session], outputs=outputs.all(controls),
                             concurrency_id="gpu", concurrency_limit=runtime.backend.concurrency)
             # The API endpoint: a refused request is an error for API callers.

@@ -62,6 +62,7 @@ class RunRecorder:
                       for c in request.loras],
             "branch_block": request.resume.block if request.resume is not None else None,
             "drift_guard": request.drift_guard,
+            "strength": request.strength if request.source is not None else None,
             "blocks": []}
 
     def add(self, result: BlockResult) -> None:
@@ -100,9 +101,9 @@ def replay_request(record: dict, pipeline: StreamingVideoPipeline, image: Image.
                    loras: list[str | Path] = ()) -> GenerationRequest:
     """The request that reproduces the recorded run on `pipeline` (RunRecordError when the model, the settings,
     the image or the LoRA files are not the recorded ones)."""
-    if record.get("tab") == "pose":
-        raise RunRecordError("Pose animation runs cannot be replayed from their record yet (it does not hold the "
-                             "driving video).")
+    if record.get("tab") in ("pose", "v2v"):
+        raise RunRecordError("Pose animation and video-to-video runs cannot be replayed from their record yet (it "
+                             "does not hold the input video).")
     differences = _differences("model", record["model"], model_identity(pipeline))
     differences += _differences("setting", record["settings"], frame_settings(pipeline, record["settings"]["fast_decode"]))
     if differences:

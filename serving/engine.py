@@ -29,6 +29,7 @@ from pipelines.pose.animation import PoseAnimator, make_pose_animator
 from pipelines.registry import REGISTRY, KnownModel, load_registry, present_models
 from pipelines.run_record import RunRecorder, RunRecordError, parse_record, replay_request
 from pipelines.steering import PromptSteering
+from pipelines.video_input import FrameList
 from pipelines.weights_inspector import Report, inspect_folder
 
 from .encoding import BlockEncoder
@@ -289,6 +290,8 @@ class Engine:
                 note = f" · prompt extension failed ({err}); used the prompt as typed"
         if job.tab == "pose":
             request = self._pose_request(job, request)
+        if job.tab == "v2v":
+            request = self._video_request(job, request)
         if job.branch is not None:
             request = job.branch.request(request, steering)
             note += f" · branch from block {job.branch.block + 1}"
@@ -325,6 +328,16 @@ class Engine:
             video.flush()
             frames = read_video(video.name)
         return poser.request(reference, frames, job.is_pose_video, base)
+
+    def _video_request(self, job: StreamJob, base: GenerationRequest) -> GenerationRequest:
+        """Video-to-video: the input file's frames at the model's frame rate, block by block."""
+        if not job.source_video:
+            raise RequestError("Please upload an input video.")
+        with tempfile.NamedTemporaryFile(suffix=".mp4") as video:
+            video.write(job.source_video)
+            video.flush()
+            frames = read_video(video.name, fps=self.config.fps)
+        return dataclasses.replace(base, source=FrameList(frames), strength=float(job.strength))
 
     def _truncation_note(self, prompt: str) -> str:
         encoder = self.pipeline.prompt_encoder

@@ -14,7 +14,7 @@ from pipelines.branch import Branch
 
 @dataclass
 class StreamJob:
-    tab: str = "t2v"  # t2v | i2v | pose
+    tab: str = "t2v"  # t2v | i2v | pose | v2v
     prompt: str = ""
     negative_prompt: str | None = None
     seed: int = 0
@@ -32,6 +32,8 @@ class StreamJob:
     reference: bytes | None = field(default=None, repr=False)  # pose: the character
     driving_video: bytes | None = field(default=None, repr=False)  # pose: the driving (or pose) video file
     is_pose_video: bool = False
+    source_video: bytes | None = field(default=None, repr=False)  # video-to-video: the input video file
+    strength: float = 0.6  # video-to-video: how much of each input block is replaced by noise (1: text-to-video)
     replay: str | None = field(default=None, repr=False)  # a run record's JSON: that run again (its own prompt,
     # seed, size, LoRAs and prompt switches; the fields above only describe it to the front end)
     branch: Branch | None = field(default=None, repr=False)  # go on from a block of the run the fields above

@@ -273,6 +273,38 @@ def test_branch_from_a_block_of_the_streaming_run_and_see_both_in_the_tree(page)
     assert page.locator("#branch-run-t2v input").first.input_value().startswith(f"run {int(parent[4:]) + 1} ← {parent}")
 
 
+def test_video_to_video_tab_restyles_an_uploaded_video_and_refuses_a_broken_one(page, tmp_path):
+    from pipelines.loading.video_io import write_video
+    from training.synthetic import SyntheticWorld, render
+
+    scene = SyntheticWorld(0, frames=33).held_out_scene(0, size=(64, 96))
+    video, broken = tmp_path / "input.mp4", tmp_path / "broken.mp4"
+    write_video(video, [render(scene)], 16)
+    broken.write_bytes(b"not a video" * 100)
+    page.get_by_role("tab", name="Video to Video").click()
+    upload = page.locator("#v2v-input input[type=file]")
+    upload.set_input_files(str(broken))
+    page.wait_for_timeout(1500)
+    page.locator("#prompt-v2v textarea").fill("a green square moves up on a black background")
+    generate = page.locator("#generate-v2v")
+    generate.click()
+    deadline = time.monotonic() + 60
+    while "Not started" not in _status(page, "v2v") and not _status(page, "v2v").startswith("Done."):
+        assert time.monotonic() < deadline, _status(page, "v2v")
+        time.sleep(0.1)
+    assert "Could not read the upload as a video" in _status(page, "v2v"), _status(page, "v2v")
+    page.locator("#v2v-input button[aria-label='Clear']").first.click()
+    page.locator("#v2v-input input[type=file]").set_input_files(str(video))
+    page.wait_for_timeout(1500)
+    generate.click()
+    deadline = time.monotonic() + 90
+    while not _status(page, "v2v").startswith(("Done.", "**Not started")):
+        assert time.monotonic() < deadline, _status(page, "v2v")
+        time.sleep(0.1)
+    assert _status(page, "v2v").startswith("Done. Block"), _status(page, "v2v")
+    page.get_by_role("tab", name="Text to Video").click()
+
+
 def test_closing_the_tab_removes_the_session_folder(page, app_server):
     sessions = Path(os.environ["SF_OUTPUTS_DIR"]) / "sessions"  # (conftest: the tests' own outputs folder)
     before = set(sessions.glob("server-*/sf-session-*"))

@@ -91,7 +91,8 @@ def test_api_lists_only_public_endpoints_with_named_outputs(client):
     assert sorted(api["named_endpoints"]) == sorted(
         ["/text_to_video", "/image_to_video", "/pose_animation", "/stop_text_to_video", "/stop_image_to_video",
          "/stop_pose_animation", "/steer_text_to_video", "/steer_image_to_video", "/steer_pose_animation",
-         "/replay_run", "/branch", "/rewind"])  # no /SessionControl, no /set_memory_profile without an admin token
+         "/replay_run", "/branch", "/rewind", "/video_to_video", "/stop_video_to_video",
+         "/steer_video_to_video"])  # no /SessionControl, no /set_memory_profile without an admin token
     assert not api["unnamed_endpoints"]
     returns = [r["label"] for r in api["named_endpoints"]["/text_to_video"]["returns"]]
     assert returns == ["Live stream", "Latest frame", "Status", "Download mp4", "Seed used", "Extended prompt",

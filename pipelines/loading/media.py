@@ -29,10 +29,11 @@ def load_image(path: str | Path) -> Image.Image:
     return image
 
 
-def read_video(path: str | Path, max_frames: int = MAX_VIDEO_FRAMES) -> list[np.ndarray]:
-    """All frames (RGB uint8) of an uploaded video; refuses unreadable or empty videos."""
+def read_video(path: str | Path, max_frames: int = MAX_VIDEO_FRAMES, fps: float | None = None) -> list[np.ndarray]:
+    """All frames (RGB uint8) of an uploaded video (resampled to `fps` when given); refuses unreadable or empty
+    videos."""
     try:
-        reader = imageio_ffmpeg.read_frames(str(path))
+        reader = imageio_ffmpeg.read_frames(str(path), output_params=["-vf", f"fps={fps:g}"] if fps else None)
         meta = next(reader)
         width, height = meta["size"]
         frames = []
