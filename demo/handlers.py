@@ -111,20 +111,27 @@ class Handlers:
 
         yield from self._run(session, browser, fps, job, (extend, extended, lora, lora_strength))
 
-    def video_to_video(self, video, strength, prompt, negative, seed, randomize, blocks, fps, resolution, extend,
-                       extended, lora, lora_strength, continuous, fast_decode, drift_guard, session: SessionControl,
-                       browser: gr.Request):
+    def video_to_video(self, video, strength, use_camera, prompt, negative, seed, randomize, blocks, fps, resolution,
+                       extend, extended, lora, lora_strength, continuous, fast_decode, drift_guard,
+                       session: SessionControl, browser: gr.Request):
         """Each block of the input video (at the model's frame rate) restyled under the prompt: `strength` is how much
-        of it is replaced by noise (1: the prompt alone). The run ends with the video."""
+        of it is replaced by noise (1: the prompt alone). The run ends with the video; with `use_camera` the input is
+        the browser's camera, until Stop."""
         def job() -> StreamJob:
-            if not video:
-                raise UserError("Please upload an input video.")
             try:
                 value = float(strength)
             except (TypeError, ValueError):
                 raise UserError(f"Strength must be a number above 0 and at most 1, got {strength!r}.") from None
             if not 0 < value <= 1:
                 raise UserError(f"Strength must be a number above 0 and at most 1, got {strength!r}.")
+            if use_camera:
+                if self.runtime.backend.pooled:
+                    raise UserError("The live camera runs in the app's own process; this server streams from a "
+                                    "worker pool: upload a video instead.")
+                return make_job("v2v", prompt, negative, seed, randomize, blocks, resolution, True, fast_decode,
+                                drift_guard, strength=value, camera=session.open_camera())
+            if not video:
+                raise UserError("Please upload an input video, or tick the camera.")
             try:  # (checked here, before it queues)
                 read_video(video, max_frames=1)
             except MediaError as err:
@@ -240,6 +247,8 @@ class Handlers:
                 built = dataclasses.replace(built, lora=lora, lora_strength=float(strength))
                 built = choose_extension(runtime, session, built, bool(extend), extended)
             yield from stream_video(runtime, session, built, branch_of=branch_of)
+            if built.camera is not None and built.camera.ended_early:
+                yield StreamUpdate.status_only("**The camera stopped sending frames**; the video made so far is kept.")
         except UserError as err:  # (said without the server's paths)
             public = runtime.public(err.message)
             if public == err.message:
@@ -247,6 +256,12 @@ class Handlers:
             raise UserError(public) from err
         finally:
             session.request_done()
+            session.close_camera()
+
+    @staticmethod
+    def camera_frame(frame, session: SessionControl) -> None:
+        """A frame of the browser's camera stream (the live video-to-video input)."""
+        session.camera_frame(frame)
 
     @staticmethod
     def calm(handler: Callable) -> Callable:

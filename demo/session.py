@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 from pipelines.steering import PromptSteering
+from pipelines.video_input import LiveFrames
 
 from .branches import RunTree
 from .outputs import OutputStore
@@ -36,6 +37,8 @@ class SessionControl:
     # How long a new prompt waits for a run that was just submitted (an API client's steer right after
     # submit() can arrive before its queued request has started).
     STEER_GRACE_S = 1.0
+    # How long a live run waits for the next camera frame before it ends (the camera stopped sending).
+    CAMERA_TIMEOUT_S = 10.0
 
     def __init__(self, store: OutputStore | None = None, branch_memory_mb: float = DEFAULT_BRANCH_MEMORY_MB) -> None:
         self.stop_requested = threading.Event()
@@ -50,6 +53,7 @@ class SessionControl:
         self.steering = PromptSteering()  # prompt switches for the current run
         self.fast_run: FastRun | None = None  # the last fast-decoded run, for a full-VAE re-decode
         self.runs = RunTree(int(branch_memory_mb * 2**20))  # this visitor's runs and the blocks kept for branches
+        self.camera: LiveFrames | None = None  # the camera frames of a live video-to-video run, while it runs
 
     def __deepcopy__(self, memo: dict) -> "SessionControl":
         # Gradio deep-copies state values between events; the stop flag must stay the same object
@@ -105,7 +109,25 @@ class SessionControl:
         state = "running" if self.is_running else "waiting" if self.is_waiting else None
         if state is not None:
             self.stop_requested.set()
+        if self.camera is not None:  # (a run waiting for camera frames stops at once)
+            self.camera.close()
         return state
+
+    def open_camera(self) -> LiveFrames:
+        """A fresh feed for a live run; camera frames sent before it are dropped."""
+        self.close_camera()
+        self.camera = LiveFrames(self.CAMERA_TIMEOUT_S)
+        return self.camera
+
+    def close_camera(self) -> None:
+        if self.camera is not None:
+            self.camera.close()
+            self.camera = None
+
+    def camera_frame(self, frame) -> None:
+        """A frame from the browser's camera, for the live run if one is reading."""
+        if self.camera is not None and frame is not None:
+            self.camera.push(frame)
 
     def new_run_dir(self) -> Path:
         if self.store is not None:

@@ -114,7 +114,7 @@ class Controls:
                                       label="Resolution (width x height)", info="presets; the pipeline checks others")
         with gr.Row():
             self.generate = gr.Button("Generate", variant="primary", elem_id=f"generate-{tab}")
-            self.stop = gr.Button("Stop", variant="stop")
+            self.stop = gr.Button("Stop", variant="stop", elem_id=f"stop-{tab}")
         self.redecode = gr.Button("Re-decode the last fast-decoded video with the full VAE", size="sm", visible=fast)
         with gr.Row():
             self.apply = gr.Button("Apply new prompt", size="sm")
@@ -258,6 +258,12 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
                     with gr.Column():
                         source_video = gr.Video(label="Input video (a file, or record one with the camera)",
                                                 sources=["upload", "webcam"], elem_id="v2v-input")
+                        with gr.Row():
+                            camera = gr.Image(label="Camera (live input)", sources=["webcam"], streaming=True,
+                                              type="numpy", elem_id="v2v-camera", height=200)
+                            use_camera = gr.Checkbox(label="Use the camera (live, until Stop)", value=False,
+                                                     elem_id="v2v-use-camera",
+                                                     info="start the camera's stream, then Generate")
                         strength = CheckedSlider(0.05, 1, value=0.6, step=0.05, label="Strength",
                                                  info="how much of each input block is replaced by noise: low keeps "
                                                       "the input's colours and motion, 1 follows the prompt alone")
@@ -271,7 +277,7 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
                 ("i2v", i2v, i2v_out, handlers.image_to_video, [image], "image_to_video"),
                 ("pose", pose, pose_out, handlers.pose_animation, [reference, driving, is_pose_video],
                  "pose_animation"),
-                ("v2v", v2v, v2v_out, handlers.video_to_video, [source_video, strength], "video_to_video")):
+                ("v2v", v2v, v2v_out, handlers.video_to_video, [source_video, strength, use_camera], "video_to_video")):
             generate = dict(inputs=extra + controls.inputs + [session], outputs=outputs.all(controls),
                             concurrency_id="gpu", concurrency_limit=runtime.backend.concurrency)
             # The API endpoint: a refused request is an error for API callers.
@@ -298,6 +304,8 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
             outputs.report.change(handlers.report_browser_timing, inputs=[outputs.report, session],
                                   outputs=[outputs.timing], queue=False, api_name=False)
             _wire_branch_panel(handlers, session, tab, controls, outputs, generate)
+        camera.stream(handlers.camera_frame, inputs=[camera, session], outputs=None, stream_every=1 / runtime.config.fps,
+                      concurrency_limit=None, show_progress="hidden", api_name=False)
         replaying = dict(inputs=[record_file, t2v.fps, session], outputs=t2v_out.all(t2v), concurrency_id="gpu",
                          concurrency_limit=runtime.backend.concurrency)
         gr.Button(visible=False).click(handlers.replay_run, api_name="replay_run", **replaying)

@@ -46,6 +46,7 @@ class LiveFrames:
         self.timeout_s = timeout_s
         self._frames: queue.Queue = queue.Queue()
         self._closed = threading.Event()
+        self.ended_early = False  # the feed went silent for timeout_s (not closed)
 
     def push(self, frame: np.ndarray) -> None:
         if not self._closed.is_set():
@@ -61,6 +62,7 @@ class LiveFrames:
             try:
                 frame = self._frames.get(timeout=self.timeout_s)
             except queue.Empty:
+                self.ended_early = True
                 return None
             if frame is None:
                 return None

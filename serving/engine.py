@@ -331,6 +331,8 @@ class Engine:
 
     def _video_request(self, job: StreamJob, base: GenerationRequest) -> GenerationRequest:
         """Video-to-video: the input file's frames at the model's frame rate, block by block."""
+        if job.camera is not None:
+            return dataclasses.replace(base, source=job.camera, strength=float(job.strength))
         if not job.source_video:
             raise RequestError("Please upload an input video.")
         with tempfile.NamedTemporaryFile(suffix=".mp4") as video:

@@ -34,6 +34,8 @@ class StreamJob:
     is_pose_video: bool = False
     source_video: bytes | None = field(default=None, repr=False)  # video-to-video: the input video file
     strength: float = 0.6  # video-to-video: how much of each input block is replaced by noise (1: text-to-video)
+    camera: object = field(default=None, repr=False)  # video-to-video from the browser's camera: the session's
+    # pipelines.video_input.LiveFrames (the app's own process only: a pool worker cannot read it)
     replay: str | None = field(default=None, repr=False)  # a run record's JSON: that run again (its own prompt,
     # seed, size, LoRAs and prompt switches; the fields above only describe it to the front end)
     branch: Branch | None = field(default=None, repr=False)  # go on from a block of the run the fields above

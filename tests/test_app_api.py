@@ -137,13 +137,13 @@ def test_video_to_video_endpoint_restyles_an_uploaded_video(client, tmp_path):
     scene = SyntheticWorld(0, frames=33).held_out_scene(0, size=(64, 96))
     path = tmp_path / "input.mp4"
     write_video(path, [render(scene)], 16)
-    result = client.predict(handle_file(str(path)), 0.3, "a green square moves up on a black background", *T2V_ARGS,
-                            api_name="/video_to_video")
+    result = client.predict(handle_file(str(path)), 0.3, False, "a green square moves up on a black background",
+                            *T2V_ARGS, api_name="/video_to_video")
     assert result[2].startswith("Done. Block 2/2") and count_frames(result[3]) == 21
     # An input that is not a video, and a strength out of range: one clear message each.
     fake = tmp_path / "not_a_video.mp4"
     fake.write_bytes(b"not a video at all" * 50)
     with pytest.raises(AppError, match="Could not read the upload as a video"):
-        client.predict(handle_file(str(fake)), 0.3, "x", *T2V_ARGS, api_name="/video_to_video")
+        client.predict(handle_file(str(fake)), 0.3, False, "x", *T2V_ARGS, api_name="/video_to_video")
     with pytest.raises(AppError, match="Strength must be a number above 0 and at most 1"):
-        client.predict(handle_file(str(path)), 1.5, "x", *T2V_ARGS, api_name="/video_to_video")
+        client.predict(handle_file(str(path)), 1.5, False, "x", *T2V_ARGS, api_name="/video_to_video")

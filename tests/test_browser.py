@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -303,6 +304,37 @@ def test_video_to_video_tab_restyles_an_uploaded_video_and_refuses_a_broken_one(
         time.sleep(0.1)
     assert _status(page, "v2v").startswith("Done. Block"), _status(page, "v2v")
     page.get_by_role("tab", name="Text to Video").click()
+
+
+def test_the_camera_drives_video_to_video_live_until_stop(page, app_server):
+    """A fake camera (Chromium's test pattern) streams into the Video to Video tab; the run restyles it block by block
+    and stops with Stop."""
+    browser = page.context.browser.browser_type.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS + [
+        "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"])
+    try:
+        page = browser.new_context(viewport={"width": 1400, "height": 1000}, permissions=["camera"]).new_page()
+        page.goto(app_server.url, wait_until="domcontentloaded")
+        page.wait_for_selector("#banner", timeout=60_000)
+        page.get_by_role("tab", name="Video to Video").click()
+        page.get_by_text("Click to Access Webcam").click()
+        page.locator("#v2v-camera button[aria-label='capture photo']").click()  # (starts the camera's stream)
+        page.locator("#v2v-use-camera input").check()
+        page.locator("#prompt-v2v textarea").fill("a green square moves up on a black background")
+        page.locator("#generate-v2v").click()
+        deadline = time.monotonic() + 90
+        made = set()
+        while len(made) < 3:  # (three different frame counts: blocks keep coming from the camera)
+            status = _status(page, "v2v")
+            assert time.monotonic() < deadline and not status.startswith(("Done", "**", "Stopped")), status
+            made.update(re.findall(r"(\d+) frames", status))
+            time.sleep(0.1)
+        page.locator("#stop-v2v").click()
+        deadline = time.monotonic() + 30
+        while not _status(page, "v2v").startswith("Stopped."):
+            assert time.monotonic() < deadline, _status(page, "v2v")
+            time.sleep(0.1)
+    finally:
+        browser.close()
 
 
 def test_closing_the_tab_removes_the_session_folder(page, app_server):

@@ -91,3 +91,38 @@ def test_bad_video_to_video_requests_are_refused(tiny_pipeline):
     with pytest.raises(RequestError, match="Strength must be above 0"):
         tiny_pipeline.validate(GenerationRequest("x", source=FrameList(frames), strength=0))
     assert tiny_pipeline.validate(GenerationRequest("x", source=FrameList(frames[:21]))).num_blocks == 2
+
+
+def test_the_camera_drives_a_live_run_until_stop_and_a_silent_camera_ends_it(tiny_pipeline, tiny_config):
+    import time
+
+    from demo.handlers import Handlers
+
+    from runtimes import local_runtime
+
+    handlers = Handlers(local_runtime(tiny_config, tiny_pipeline))
+    frames = render(_scenes(1)[0][0])
+
+    def visitor(stop_after: int | None):
+        session = handlers.runtime.new_session()
+        session.CAMERA_TIMEOUT_S = 1.0
+
+        def camera() -> None:  # (the page's camera stream: frames at about the model's rate, then silence)
+            while session.camera is None:
+                time.sleep(0.01)
+            for index, frame in enumerate(frames):
+                session.camera_frame(frame)
+                if stop_after is not None and index == stop_after:
+                    handlers.request_stop(session)
+                time.sleep(0.02)
+
+        threading.Thread(target=camera, daemon=True).start()
+        return list(handlers.video_to_video(None, 0.3, True, "a green square moves up on a black background", "", 3,
+                                            False, 4, 16, "96x64", False, "", None, 1.0, False, False, 0.0, session,
+                                            None)), session
+
+    updates, session = visitor(None)
+    assert "**The camera stopped sending frames**" in updates[-1][2]
+    assert session.runs.runs[1].made == 3  # (all the frames the camera sent)
+    updates, _ = visitor(20)  # (Stop while the camera streams: the run ends at once, its video kept)
+    assert updates[-1][2].startswith("Stopped.") and updates[-1][3]
