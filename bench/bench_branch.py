@@ -8,7 +8,6 @@ generates), and the alternative that was not chosen, keeping KV-cache snapshots 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -19,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.bench_streaming import build_components  # noqa: E402
+from bench.report import write_report  # noqa: E402
 from pipelines.branch import Branch, KeptBlock  # noqa: E402
 from pipelines.config import CONFIG_DIR, load_config  # noqa: E402
 from pipelines.core import GenerationRequest, StreamingVideoPipeline  # noqa: E402
@@ -103,9 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         "resolution": f"{config.width}x{config.height}", "blocks": config.num_blocks, "mode": "eager bf16, full VAE",
         "keep_per_block": per_block, "kv_snapshot_alternative": kv_snapshot, "fresh_run": fresh,
         "branch_from": branches}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    print(json.dumps(report, indent=1))
+    write_report(args.out, report)
     return 0
 
 

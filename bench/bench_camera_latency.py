@@ -9,7 +9,6 @@ segment download) comes on top.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import threading
@@ -18,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.report import write_report  # noqa: E402
 from pipelines.config import load_config  # noqa: E402
 from pipelines.core import GenerationRequest, StreamingVideoPipeline  # noqa: E402
 from pipelines.loading.weights import load_components  # noqa: E402
@@ -64,9 +64,7 @@ def main(argv: list[str] | None = None) -> int:
               "latency_s": {"median": round(statistics.median(latencies), 3), "max": round(max(latencies), 3),
                             "block_first_frame_median": round(statistics.median(block_first), 3),
                             "block_last_frame_median": round(statistics.median(block_last), 3)}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    print(json.dumps(report, indent=1))
+    write_report(args.out, report)
     return 0
 
 

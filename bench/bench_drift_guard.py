@@ -10,7 +10,6 @@ pixel step across a re-cache against the step between other blocks (a visible ju
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pipelines.core as core  # noqa: E402
+from bench.report import write_report  # noqa: E402
 from pipelines.config import load_config  # noqa: E402
 from pipelines.core import GenerationRequest, StreamingVideoPipeline  # noqa: E402
 from pipelines.loading.weights import load_components  # noqa: E402
@@ -66,8 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"command": "python " + " ".join(["bench/bench_drift_guard.py", *(argv or sys.argv[1:])]),
               "model": config.name, "device": "cpu", "blocks": args.blocks, "threshold": args.threshold,
               "results": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    write_report(args.out, report)
     return 0
 
 
