@@ -64,7 +64,9 @@ class RunTree:
 
     def start(self, number: int, job: StreamJob, prompt: str) -> RunNode:
         """A new run of `job`, whose first block ran under `prompt` (the extended one when it was extended)."""
-        node = RunNode(number, dataclasses.replace(job, prompt=prompt, branch=None, extend=False, replay=None), prompt)
+        kept_job = dataclasses.replace(job, prompt=prompt, branch=None, extend=False, replay=None,
+                                       source_video=None, camera=None)  # (video-to-video runs are not branched)
+        node = RunNode(number, kept_job, prompt)
         with self._lock:
             self.runs[number] = node
         return node

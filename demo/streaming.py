@@ -141,8 +141,8 @@ def waiting_status(event: Waiting) -> str:
 
 def stream_video(runtime: Runtime, session: SessionControl, job: StreamJob, note: str = "",
                  branch_of: int | None = None) -> Iterator[tuple]:
-    """Yields (segment, preview, status, final mp4, seed, extended prompt, timeline, run menu) as each block arrives
-    from the backend, stores the video in the session's folder, keeps its blocks for branches (a branch job of
+    """Yields (segment, preview, status, final mp4, seed, extended prompt, timeline, run number, drift rows) as each
+    block arrives from the backend, stores the video in the session's folder, keeps its blocks for branches (a branch job of
     run `branch_of` starts with that run's kept blocks) and appends the run's metrics when it ends (done, stopped,
     failed or its worker lost)."""
     info = runtime.info
