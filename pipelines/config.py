@@ -144,6 +144,16 @@ class PipelineConfig:
     def video_frames_per_block(self) -> int:
         return self.vae_scale_factor_temporal * self.frames_per_block
 
+    def block_video_frames(self, index: int) -> int:
+        """Video frames block `index` covers: a run's first latent frame is one video frame, every later one
+        vae_scale_factor_temporal."""
+        return self.video_frames_per_block - (self.vae_scale_factor_temporal - 1 if index == 0 else 0)
+
+    def input_blocks(self, video_frames: int) -> int:
+        """Whole blocks a video of `video_frames` frames fills (video-to-video)."""
+        first = self.block_video_frames(0)
+        return 0 if video_frames < first else 1 + (video_frames - first) // self.block_video_frames(1)
+
     def latent_size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
         stride = self.vae_scale_factor_spatial
         return (height or self.height) // stride, (width or self.width) // stride

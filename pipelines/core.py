@@ -147,10 +147,10 @@ def validate_request(request: GenerationRequest, config: PipelineConfig, fast_de
         if not 0 < request.strength <= 1:
             raise RequestError(f"Strength must be above 0 and at most 1, got {request.strength}.")
         if source.total_frames is not None and not request.continuous:
-            fitting = input_blocks(source.total_frames, config.frames_per_block)
+            fitting = config.input_blocks(source.total_frames)
             if fitting < 1:
                 raise RequestError(f"The input video is too short: it needs at least "
-                                   f"{block_video_frames(0, config.frames_per_block)} frames.")
+                                   f"{config.block_video_frames(0)} frames.")
             num_blocks = min(num_blocks, fitting) if request.num_blocks is not None else min(fitting, config.max_blocks)
     if request.continuous:
         num_blocks = config.continuous_blocks
@@ -179,17 +179,6 @@ def validate_request(request: GenerationRequest, config: PipelineConfig, fast_de
         if resume.block and resume.rng_state is None and resume.block not in request.reseeds:
             raise RequestError("A branch that keeps its noise needs the random state kept with its blocks.")
     return ValidatedRequest(request, num_blocks, height, width)
-
-
-def block_video_frames(index: int, frames_per_block: int) -> int:
-    """Video frames block `index` covers: the first latent frame is one video frame, every later one four."""
-    return 4 * frames_per_block - (3 if index == 0 else 0)
-
-
-def input_blocks(video_frames: int, frames_per_block: int) -> int:
-    """Whole blocks a video of `video_frames` frames fills."""
-    first = block_video_frames(0, frames_per_block)
-    return 0 if video_frames < first else 1 + (video_frames - first) // block_video_frames(1, frames_per_block)
 
 
 def still_cached(written: list["ContextWrite"], window: AttentionWindow, end_frame: int) -> list["ContextWrite"]:
@@ -508,7 +497,7 @@ class BlockRun:
 
     def next_input(self, index: int) -> torch.Tensor | None:
         """Video-to-video: block `index`'s input frames through the streaming encoder (None: the input ended)."""
-        frames = self.request.source.read(block_video_frames(index, self.frames_per_block))
+        frames = self.request.source.read(self.pipeline.config.block_video_frames(index))
         if frames is None:
             return None
         pixels = torch.cat([prepare_image(Image.fromarray(frame), *self.size) for frame in frames], dim=2)
