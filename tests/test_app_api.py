@@ -9,7 +9,9 @@ from PIL import Image
 
 from pipelines.loading.video_io import count_frames, write_video
 
-ROOT_EXAMPLE = "assets/examples/clouds_drifting_over_mountains.png"
+from conftest import ROOT
+
+ROOT_EXAMPLE = str(ROOT / "assets/examples/clouds_drifting_over_mountains.png")
 T2V_ARGS = ("", 7, False, 2, 16, "96x64")  # negative, seed, randomize, blocks, fps, resolution
 
 

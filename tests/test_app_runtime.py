@@ -36,7 +36,7 @@ def test_runtime_loads_real_layout_from_a_local_weights_folder(tmp_path, tiny_co
     """The path a user (or a Space after download) takes: auto layout + Self-Forcing checkpoint."""
     weights = tmp_path / "weights"
     write_original_layout(tiny_components, weights)
-    config = OmegaConf.load("configs/tiny.yaml")
+    config = OmegaConf.load(ROOT / "configs/tiny.yaml")
     config.weights = {"layout": "auto", "generator_ckpt": "checkpoints/self_forcing_dmd.pt"}
     config.pop("demo")  # the random model's note
     OmegaConf.save(config, tmp_path / "tiny_from_files.yaml")

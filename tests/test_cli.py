@@ -6,6 +6,8 @@ import logging
 from pipelines.cli import main
 from pipelines.loading.video_io import count_frames
 
+from conftest import ROOT
+
 
 def test_cli_writes_mp4_with_all_frames(tmp_path):
     out = tmp_path / "out.mp4"
@@ -16,7 +18,7 @@ def test_cli_writes_mp4_with_all_frames(tmp_path):
 def test_cli_image_to_video_and_low_memory_profile(tmp_path):
     out = tmp_path / "i2v.mp4"
     args = ["--prompt", "clouds", "--blocks", "1", "--device", "cpu", "--memory-profile", "low",
-            "--image", "assets/examples/clouds_drifting_over_mountains.png", "--out", str(out)]
+            "--image", str(ROOT / "assets/examples/clouds_drifting_over_mountains.png"), "--out", str(out)]
     assert main(args) == 0
     assert count_frames(out) == 13
 

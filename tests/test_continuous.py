@@ -83,7 +83,7 @@ def test_progressive_mp4_survives_a_killed_writer(tmp_path, progressive):
         print(ffmpeg.pid, flush=True)
         time.sleep(60)
     """)
-    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     ffmpeg_pid = int(child.stdout.readline())
     time.sleep(2)  # let ffmpeg encode what it was given
     for pid in (ffmpeg_pid, child.pid):  # the app and its encoder die without closing the file

@@ -370,7 +370,7 @@ def test_full_training_writes_a_generator_the_app_loads(prepared, tmp_path, tiny
     from tiny_checkpoints import write_original_layout
     write_original_layout(tiny_components, weights)
     (weights / "checkpoints" / "mine.safetensors").write_bytes(saved.read_bytes())
-    config = OmegaConf.load("configs/tiny.yaml")
+    config = OmegaConf.load(ROOT / "configs/tiny.yaml")
     config.weights = {"layout": "auto", "generator_ckpt": "checkpoints/mine.safetensors"}
     OmegaConf.save(config, tmp_path / "mine.yaml")
     loaded = load_components(load_config(tmp_path / "mine.yaml"), weights)

@@ -16,6 +16,7 @@ from pipelines.loading.prompt_extender import ExtenderError, PromptExtender, fin
 from pipelines.loading.video_io import count_frames
 from serving.jobs import StreamJob
 
+from conftest import ROOT
 from runtimes import local_runtime
 from tiny_checkpoints import write_original_layout, write_self_forcing_checkpoint, write_tiny_causal_lm
 
@@ -33,7 +34,7 @@ def ema_weights(tmp_path_factory, tiny_components):
     weights = root / "weights"
     write_original_layout(tiny_components, weights)
     write_self_forcing_checkpoint(tiny_components, weights / "checkpoints" / "self_forcing_dmd.pt", ema_offset=0.5)
-    config = OmegaConf.load("configs/tiny.yaml")
+    config = OmegaConf.load(ROOT / "configs/tiny.yaml")
     config.weights = {"layout": "auto", "generator_ckpt": "checkpoints/self_forcing_dmd.pt", "use_ema": True}
     OmegaConf.save(config, root / "tiny_ema.yaml")
     return root / "tiny_ema.yaml", weights
