@@ -78,6 +78,8 @@ class PipelineConfig:
     frames_per_block: int = 3
     local_attn_size: int = -1
     sink_size: int = 0
+    relative_positions: bool = False  # keys placed by their slot in the rolling window, not their frame (Reward Forcing)
+    sink_momentum: float | None = None  # the sink as a running average of evicted frames (Reward Forcing: 0.999)
     height: int = 480
     width: int = 832
     num_blocks: int = 7
@@ -104,7 +106,8 @@ class PipelineConfig:
     @property
     def attention_window(self) -> "AttentionWindow":
         from .model.kv_cache import AttentionWindow
-        return AttentionWindow.from_config(self.local_attn_size, self.sink_size)
+        return AttentionWindow.from_config(self.local_attn_size, self.sink_size, self.relative_positions,
+                                           self.sink_momentum)
 
     @property
     def continuous_blocks(self) -> int:

@@ -61,6 +61,10 @@ class KnownModel:
         cfg, sampler = self.config, self.config.sampler
         window = "all past frames" if cfg.local_attn_size == -1 else \
             f"rolling window of {cfg.local_attn_size} latent frames ({cfg.sink_size} sink)"
+        if cfg.relative_positions:
+            window += ", positions within the window"
+        if cfg.sink_momentum is not None:
+            window += f", the sink a running average of evicted frames ({cfg.sink_momentum:g})"
         warp = "warped" if sampler.warp_denoising_step else "as given"
         first = sampler.first_block_steps
         first = f" (the first block {_steps(first)})" if first else ""

@@ -17,26 +17,12 @@ from pipelines.loading.weights import load_components
 from pipelines.model.kv_cache import AttentionWindow, block_causal_mask
 from pipelines.registry import load_registry
 
+from published import published_steps, sigma_at
 from tiny_checkpoints import dit_key_to_original, write_original_layout
 
 TINY = yaml.safe_load((CONFIG_DIR / "tiny.yaml").read_text())
 KEYS = ("causal_forcing_chunkwise", "causal_forcing_framewise", "causal_forcing_framewise_2step",
         "causal_forcing_framewise_1step")
-
-
-def published_steps(steps: list[int], shift: float = 5.0) -> list[float]:
-    """The project's warp_denoising_step: timesteps = 1000 * shift*s / (1 + (shift-1)*s) over s = linspace(1, 0, 1001)
-    without its last entry, a 0 appended, indexed by 1000 - step."""
-    sigmas = torch.linspace(1.0, 0.0, 1001)[:-1]
-    table = torch.cat([1000 * shift * sigmas / (1 + (shift - 1) * sigmas), torch.zeros(1)])
-    return [float(table[1000 - step]) for step in steps]
-
-
-def sigma_at(timestep: float, shift: float = 5.0) -> float:
-    """The scheduler's sigma of the training table entry nearest to `timestep` (float64)."""
-    sigmas = torch.linspace(1.0, 0.0, 1001)[:-1].double()
-    sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
-    return float(sigmas[torch.argmin((sigmas * 1000 - timestep).abs())])
 
 
 def published_inference(pipeline: StreamingVideoPipeline, prompt: str, seed: int, num_blocks: int,

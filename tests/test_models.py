@@ -26,7 +26,7 @@ def test_registry_holds_the_published_settings():
     models = load_registry()
     assert list(models) == ["self_forcing_dmd", "self_forcing_sid", "causvid", "longlive", "causal_forcing_chunkwise",
                             "causal_forcing_framewise", "causal_forcing_framewise_2step",
-                            "causal_forcing_framewise_1step"]
+                            "causal_forcing_framewise_1step", "reward_forcing"]
     published = {  # steps, warped, shift, frames per block, window, sink, checkpoint, EMA, LoRA
         "self_forcing_dmd": ([1000, 750, 500, 250], True, 5.0, 3, -1, 0, "checkpoints/self_forcing_dmd.pt", True, None),
         "self_forcing_sid": ([1000, 750, 500, 250], True, 5.0, 3, -1, 0, "checkpoints/self_forcing_sid.pt", True, None),
@@ -41,6 +41,8 @@ def test_registry_holds_the_published_settings():
                                            "checkpoints/causal-forcing++/framewise-2step.pt", True, None),
         "causal_forcing_framewise_1step": ([1000], True, 5.0, 1, -1, 0,
                                            "checkpoints/causal-forcing++/framewise-1step.pt", True, None),
+        "reward_forcing": ([1000, 750, 500, 250], True, 5.0, 3, 9, 3,
+                           "checkpoints/Reward-Forcing-T2V-1.3B/rewardforcing.pt", False, None),
     }
     first_blocks = {"causal_forcing_framewise_2step": [1000, 750, 500, 250],
                     "causal_forcing_framewise_1step": [1000, 750, 500, 250]}
@@ -100,9 +102,12 @@ def _write_checkpoints(components, weights: Path) -> dict[str, float]:
     for name, offset in (("framewise-2step.pt", 1.5), ("framewise-1step.pt", 1.75)):
         torch.save({"generator": _original_state(components, -1.0), "generator_ema": _original_state(components, offset)},
                    weights / "checkpoints" / "causal-forcing++" / name)
+    # Reward Forcing: the generator wrapper's state dict itself, no {generator, generator_ema} around it.
+    (weights / "checkpoints" / "Reward-Forcing-T2V-1.3B").mkdir()
+    torch.save(_original_state(components, 2.0), weights / "checkpoints" / "Reward-Forcing-T2V-1.3B" / "rewardforcing.pt")
     return {"self_forcing_dmd": 0.0, "self_forcing_sid": 0.25, "causvid": 0.5, "longlive": 0.75,
             "causal_forcing_chunkwise": 1.0, "causal_forcing_framewise": 1.25, "causal_forcing_framewise_2step": 1.5,
-            "causal_forcing_framewise_1step": 1.75}
+            "causal_forcing_framewise_1step": 1.75, "reward_forcing": 2.0}
 
 
 def _longlive_lora(components, path: Path) -> torch.Tensor:
@@ -173,11 +178,12 @@ def test_models_command_says_what_is_present_and_what_to_download(tiny_weights, 
     assert models_main(["--weights", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "longlive: LongLive-1.3B" in out and "rolling window of 12 latent frames (3 sink)" in out
+    assert "positions within the window, the sink a running average of evicted frames (0.999)" in out
     assert "missing: wan_models/Wan2.1-T2V-1.3B/" in out and "hf download tianweiy/CausVid" in out
     assert "get it: hf download Wan-AI/Wan2.1-T2V-1.3B --local-dir <weights>/wan_models/Wan2.1-T2V-1.3B" in out
     assert "GPU memory: high 24.2 GiB" in out
     assert models_main(["--weights", str(weights)]) == 0
-    assert capsys.readouterr().out.count("present in the weights folder") == 8
+    assert capsys.readouterr().out.count("present in the weights folder") == 9
 
 
 def test_app_switches_models_one_resident_at_a_time(tiny_weights):

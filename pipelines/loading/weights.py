@@ -123,6 +123,9 @@ def generator_state_from_checkpoint(path: Path, use_ema: bool) -> dict[str, torc
     if path.suffix == ".safetensors":
         return read_state(path)
     checkpoint = read_state(path)
+    if not {"generator", "generator_ema"} & set(checkpoint) and all(str(k).startswith("model.") for k in checkpoint):
+        checkpoint = {"generator": checkpoint}  # one set of weights saved as the wrapper's state dict (Reward Forcing)
+        use_ema = False
     key = "generator_ema" if use_ema else "generator"
     if key not in checkpoint:
         raise WeightsError(f"{path} has no '{key}' weights (it has: {', '.join(map(str, checkpoint))}). "

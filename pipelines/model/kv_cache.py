@@ -5,34 +5,49 @@ again (the denoising steps and the final clean pass) overwrites it in place; a b
 the end is appended; with a rolling window the oldest non-sink frames are evicted so that
 the cache always holds the sink frames plus the most recent frames.
 
+Reward Forcing (JaydenLyh/Reward-Forcing) changes two things about a rolling window, both chosen by
+the AttentionWindow: keys are stored without their rotary position and placed by their slot in the
+attended window at each pass (the block's queries right after them), so positions stay bounded however
+long the video; and the sink becomes a running average of the frames the window evicts
+(sink = m * sink + (1 - m) * evicted) instead of staying the video's first frames.
+
 For small GPUs the stored frames can be kept in FP8 (e4m3) with one power-of-two scale per token
 and head: half the memory of bf16. The block being written is always attended to at full
 precision; only earlier frames go through FP8 (relative error <= 2**-4 per element).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from .fp8 import FP8, quantize_fp8
+from .rope import apply_rotary
 
 
 @dataclass(frozen=True)
 class AttentionWindow:
-    """Which past frames a block may attend to. window_frames=None means all of them."""
+    """Which past frames a block may attend to (window_frames=None: all of them), and how they are presented:
+    relative_positions places the keys by their slot in the window instead of their frame in the video;
+    sink_momentum (with a sink) folds each evicted frame group into the sink by that running average."""
 
     window_frames: int | None = None
     sink_frames: int = 0
+    relative_positions: bool = False
+    sink_momentum: float | None = None
 
     def __post_init__(self) -> None:
         if self.window_frames is not None and not 0 <= self.sink_frames < self.window_frames:
             raise ValueError("sink_frames must be smaller than window_frames")
+        if self.sink_momentum is not None and not (self.sink_frames and 0 <= self.sink_momentum <= 1):
+            raise ValueError("sink_momentum needs sink frames and a value in [0, 1]")
 
     @classmethod
-    def from_config(cls, local_attn_size: int, sink_size: int) -> "AttentionWindow":
+    def from_config(cls, local_attn_size: int, sink_size: int, relative_positions: bool = False,
+                    sink_momentum: float | None = None) -> "AttentionWindow":
         """The configs' convention: local_attn_size -1 means full attention."""
-        return cls(None if local_attn_size == -1 else local_attn_size, sink_size)
+        return cls(None if local_attn_size == -1 else local_attn_size, sink_size, relative_positions, sink_momentum)
 
     def frames_needed(self, latent_frames: int) -> int:
         """How many latent frames the cache must hold for a video of latent_frames."""
@@ -42,7 +57,7 @@ class AttentionWindow:
         """A rolling window of whole blocks (at least two) no longer than fitting_frames, keeping
         as many sink frames as still leave room for one block of recent frames."""
         frames = max(2 * frames_per_block, fitting_frames // frames_per_block * frames_per_block)
-        return AttentionWindow(frames, min(self.sink_frames, frames - frames_per_block))
+        return dataclasses.replace(self, window_frames=frames, sink_frames=min(self.sink_frames, frames - frames_per_block))
 
 
 class KVCache:
@@ -57,6 +72,10 @@ class KVCache:
         self.capacity = capacity_frames * frame_tokens
         self.rolling = window.window_frames is not None
         self.sink_tokens = window.sink_frames * frame_tokens
+        self.relative_positions = window.relative_positions
+        self.sink_momentum = window.sink_momentum
+        self.key_rope: tuple[torch.Tensor, torch.Tensor] | None = None  # relative positions: cos/sin of the window's
+        # slots, set by the model for each pass (window_frames() tells how many)
         self.fp8 = fp8
         shape = (num_layers, batch, self.capacity, num_heads, head_dim)
         self._settings = (num_layers, batch, capacity_frames, frame_tokens, num_heads, head_dim, window, dtype,
@@ -97,6 +116,12 @@ class KVCache:
         local_end = self.local_end + (end - self.global_end) - self._evict
         self._write = (local_end - num_tokens, local_end)
 
+    def window_frames(self) -> tuple[int, int]:
+        """After begin(): (the attended frames, the first frame of the block being written) as slots of the window,
+        the positions a relative-position cache gives its keys and the block's queries."""
+        assert self._write is not None, "begin() must be called first"
+        return self._write[1] // self.frame_tokens, self._write[0] // self.frame_tokens
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stores this layer's new keys/values and returns the keys/values to attend to."""
         assert self._write is not None, "begin() must be called before update()"
@@ -106,20 +131,49 @@ class KVCache:
             buffers += [self.key_scales[layer], self.value_scales[layer]]
         if self._evict:
             sink, evict = self.sink_tokens, self._evict
+            if self.sink_momentum is not None:
+                self._fold_into_sink(layer, evict)
             keep = self.local_end - evict - sink
             for buffer in buffers:
                 buffer[:, sink:sink + keep] = buffer[:, sink + evict:sink + evict + keep].clone()
         if not self.fp8:
             buffers[0][:, local_start:local_end] = k
             buffers[1][:, local_start:local_end] = v
-            return buffers[0][:, :local_end], buffers[1][:, :local_end]
+            return self._positioned(buffers[0][:, :local_end]), buffers[1][:, :local_end]
         attended = []
         for fresh, stored, scales, out in zip((k, v), buffers[:2], buffers[2:], self._dequantised):
             stored[:, local_start:local_end], scales[:, local_start:local_end] = quantize_fp8(fresh)
             out[:, :local_start].copy_(stored[:, :local_start]).mul_(scales[:, :local_start])
             out[:, local_start:local_end] = fresh
             attended.append(out[:, :local_end])
-        return attended[0], attended[1]
+        return self._positioned(attended[0]), attended[1]
+
+    def _positioned(self, keys: torch.Tensor) -> torch.Tensor:
+        """The attended keys with their rotary positions: already applied when written (absolute positions), else
+        applied now by slot (the model set key_rope for this pass)."""
+        if not self.relative_positions:
+            return keys
+        assert self.key_rope is not None, "a relative-position cache needs key_rope for each pass"
+        return apply_rotary(keys, *self.key_rope)
+
+    def _fold_into_sink(self, layer: int, evict: int) -> None:
+        """Reward Forcing's sink update, before the eviction: the running average of the sink and the evicted group
+        when the group is as long as the sink; otherwise (their code's other branch) the group's first tokens
+        replace the sink's."""
+        sink = self.sink_tokens
+        for index, stored in enumerate((self.keys[layer], self.values[layer])):
+            scales = (self.key_scales, self.value_scales)[index][layer] if self.fp8 else None
+            evicted = stored[:, sink:sink + evict].to(scales.dtype) * scales[:, sink:sink + evict] if self.fp8 \
+                else stored[:, sink:sink + evict]
+            if evict == sink:
+                current = stored[:, :sink].to(scales.dtype) * scales[:, :sink] if self.fp8 else stored[:, :sink]
+                merged = self.sink_momentum * current + (1 - self.sink_momentum) * evicted
+            else:
+                merged = evicted[:, :min(evict, sink)]
+            if self.fp8:
+                stored[:, :merged.shape[1]], scales[:, :merged.shape[1]] = quantize_fp8(merged)
+            else:
+                stored[:, :merged.shape[1]] = merged
 
     def commit(self, start_token: int, num_tokens: int) -> None:
         """Moves the end markers after every layer has written."""

@@ -111,8 +111,13 @@ class _Proj(nn.Module):
 
 @dataclass
 class RopeTables:
+    """Rotary cos/sin for the queries and for the keys as they are written (the same tables, or no rotation when
+    the KV cache positions its keys itself: relative positions)."""
+
     cos: torch.Tensor
     sin: torch.Tensor
+    key_cos: torch.Tensor
+    key_sin: torch.Tensor
 
 
 class CausalWanBlock(nn.Module):
@@ -133,18 +138,19 @@ class CausalWanBlock(nn.Module):
                 kv_cache: KVCache | None, mask: torch.Tensor | BlockCausalLayout | None) -> torch.Tensor:
         """x [B, F*S, C]; frame_mod [B, F, 6, C] (one modulation per latent frame)."""
         mods = (self.scale_shift_table.unsqueeze(1) + frame_mod).chunk(6, dim=2)
-        q, k, v = self.project_self(x, mods[0], mods[1], rope.cos, rope.sin)
+        q, k, v = self.project_self(x, mods[0], mods[1], rope.cos, rope.sin, rope.key_cos, rope.key_sin)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)
         return self.finish(x, attention(q, k, v, mask, self.self_attention_kernel), mods, context_kv)
 
     def project_self(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, cos: torch.Tensor,
-                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     sin: torch.Tensor, key_cos: torch.Tensor,
+                     key_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Static-shape part before self-attention: adaLN, q/k/v, qk-norm, RoPE."""
         h = _modulate(self.norm1(x), shift, scale)
         attn = self.attn1
         q = apply_rotary(attn.heads(attn.norm_q(attn.to_q(h))), cos, sin)
-        k = apply_rotary(attn.heads(attn.norm_k(attn.to_k(h))), cos, sin)
+        k = apply_rotary(attn.heads(attn.norm_k(attn.to_k(h))), key_cos, key_sin)
         return q, k, attn.heads(attn.to_v(h))
 
     def finish(self, x: torch.Tensor, attended: torch.Tensor, mods: tuple[torch.Tensor, ...],
@@ -262,11 +268,17 @@ class CausalWanModel(ModelMixin, ConfigMixin):
             sinusoidal_embedding(self.config.freq_dim, timesteps.flatten()).to(dtype))
         frame_mod = self.condition_embedder.time_proj(F.silu(time_emb)).unflatten(1, (6, -1))
         frame_mod = frame_mod.unflatten(0, (batch, frames))
-        cos, sin = self.rope.cos_sin(*grid, start_frame=start_frame, device=x.device)
-        rope = RopeTables(cos, sin)
-
         if kv_cache is not None:
             kv_cache.begin(start_frame * grid[1] * grid[2], x.shape[1])
+        if kv_cache is not None and kv_cache.relative_positions:
+            # Keys are stored unrotated and placed by their slot in the window; the block's queries follow them.
+            window_frames, query_frame = kv_cache.window_frames()
+            kv_cache.key_rope = self.rope.cos_sin(window_frames, *grid[1:], start_frame=0, device=x.device)
+            cos, sin = self.rope.cos_sin(*grid, start_frame=query_frame, device=x.device)
+            rope = RopeTables(cos, sin, torch.ones_like(cos), torch.zeros_like(sin))
+        else:
+            cos, sin = self.rope.cos_sin(*grid, start_frame=start_frame, device=x.device)
+            rope = RopeTables(cos, sin, cos, sin)
         for layer, block in enumerate(self.blocks):
             recompute = self.checkpointed_blocks is None or layer < self.checkpointed_blocks
             if self.gradient_checkpointing and recompute and torch.is_grad_enabled():
