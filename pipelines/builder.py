@@ -115,7 +115,9 @@ def warm_up(pipeline: StreamingVideoPipeline) -> None:
     start = time.perf_counter()
     config = pipeline.config
     image = Image.new("RGB", (config.width, config.height), (128, 128, 128))
-    requests = [GenerationRequest("warm-up"), GenerationRequest("warm-up", image=image)]
+    requests = [GenerationRequest("warm-up")]
+    if not config.text_to_video_only:
+        requests.append(GenerationRequest("warm-up", image=image))
     if pipeline.fast_decoder is not None:
         requests.append(GenerationRequest("warm-up", num_blocks=min(2, config.max_blocks), fast_decode=True))
     for request in requests:

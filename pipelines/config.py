@@ -29,7 +29,8 @@ def display_path(path: str | Path) -> str:
 
 @dataclass
 class SamplerConfig:
-    kind: str = "few_step"  # "few_step" (distilled, Self-Forcing) or "multi_step" (CFG + solver)
+    kind: str = "few_step"  # "few_step" (distilled, Self-Forcing), "multi_step" (CFG + solver) or "rolling"
+    # (Rolling Forcing: a window of len(denoising_steps) blocks at staggered steps, one block finished per pass)
     denoising_steps: list[int] = field(default_factory=lambda: [1000, 750, 500, 250])
     first_block_steps: list[int] | None = None  # the first generated block's own list (Causal Forcing++'s 1- and
     # 2-step frame-wise models take 4 steps there); None: the same list as every block
@@ -99,6 +100,13 @@ class PipelineConfig:
     demo: DemoConfig = field(default_factory=DemoConfig)
     source: str = ""
 
+    def __post_init__(self) -> None:
+        if self.sampler.kind == "rolling":  # the anchor is the first block; a pass sees anchor + window (+ recent)
+            window = len(self.sampler.denoising_steps) * self.frames_per_block
+            if self.sink_size != self.frames_per_block or self.local_attn_size < window + self.sink_size:
+                raise ValueError(f"{self.name}: a rolling sampler needs sink_size = frames_per_block (the anchor) and "
+                                 f"local_attn_size >= {window + self.frames_per_block} (anchor + window)")
+
     @property
     def resolution_choices(self) -> list[str]:
         return self.resolutions or [f"{self.width}x{self.height}"]
@@ -122,6 +130,12 @@ class PipelineConfig:
     @property
     def uses_cfg(self) -> bool:
         return self.sampler.kind == "multi_step"
+
+    @property
+    def text_to_video_only(self) -> bool:
+        """A rolling-window sampler denoises several blocks at once: no image or pose first frame, no branch of a run
+        (its blocks in flight are not kept)."""
+        return self.sampler.kind == "rolling"
 
     @property
     def is_distilled(self) -> bool:

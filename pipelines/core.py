@@ -24,7 +24,8 @@ from .loading.lora import LoraChoice, LoraError, LoraMerger
 from .loading.vae import to_uint8_frames
 from .loading.weights import Components
 from .model.kv_cache import AttentionWindow, KVCache, kv_bytes_per_frame
-from .scheduler import make_sampler, reference_noise
+from .model.rolling_cache import RollingForcingCache
+from .scheduler import RollingWindowSampler, make_sampler, reference_noise
 from .settings import RuntimeSettings
 from .steering import PromptSteering, PromptSwitch
 from .video_input import VideoSource
@@ -172,6 +173,10 @@ def validate_request(request: GenerationRequest, config: PipelineConfig, fast_de
     for block, seed in request.reseeds.items():
         if not (0 <= block < num_blocks and 0 <= seed <= MAX_SEED):
             raise RequestError(f"A new seed must be a whole number from 0 to {MAX_SEED}, for a block of the run.")
+    if config.text_to_video_only and (request.image is not None or request.reference_latent is not None
+                                             or request.resume is not None or request.reseeds):
+        raise RequestError("This model denoises several blocks at once (a rolling window): it makes text-to-video "
+                           "only, and its runs cannot be branched or reseeded.")
     resume = request.resume
     if resume is not None:
         if not 0 <= resume.block < num_blocks:
@@ -383,9 +388,17 @@ class BlockRun:
         self.window, self.window_forced = pipeline.attention_window_for(total_frames, frame_tokens,
                                                                         request.continuous)
         settings = pipeline.settings
-        self.caches = [KVCache(model.config.num_layers, 1, total_frames, frame_tokens, model.config.num_heads,
-                               model.head_dim, self.window, dtype, device, fp8=settings.kv_cache_fp8)
-                       for _ in self.contexts]
+        self.rolling = None  # Rolling Forcing: the blocks in flight, and its own cache (no FP8: it holds 21 frames)
+        if isinstance(pipeline.sampler, RollingWindowSampler):
+            self.rolling = pipeline.sampler.start(self.num_blocks, self.frames_per_block)
+            self.window, self.window_forced = AttentionWindow(cfg.local_attn_size, self.frames_per_block), False
+            self.caches = [RollingForcingCache(model.config.num_layers, 1, frame_tokens, model.config.num_heads,
+                                               model.head_dim, cfg.local_attn_size, self.frames_per_block, dtype,
+                                               device)]
+        else:
+            self.caches = [KVCache(model.config.num_layers, 1, total_frames, frame_tokens, model.config.num_heads,
+                                   model.head_dim, self.window, dtype, device, fp8=settings.kv_cache_fp8)
+                           for _ in self.contexts]
         self.decoder = settings.fast_decoder.stream() if request.fast_decode else \
             pipeline.vae.stream(settings.decode_frame_by_frame)
         self.prompt, self.switch_ms, self.switch_mode, self.reseeded = request.prompt, None, None, None
@@ -507,10 +520,13 @@ class BlockRun:
         """(block `index`'s clean latents, its token bias) from its noise (and its input's latents in video-to-video)
         through the sampler."""
         pipeline, fpb = self.pipeline, self.frames_per_block
+        if self.rolling is not None:
+            clean = self.rolling.finish(index, self.block_noise, self.predict_window, self.rng)
+            self.rng_state = self.rng.get_state()
+            return clean, None
         start_frame = self.start_frame(index)
         bias = self.token_bias(start_frame, fpb)
-        noisy = reference_noise(self.block_shape, self.rng, pipeline.device, pipeline.dtype) if self.noise is None \
-            else self.noise[:, :, index * fpb:(index + 1) * fpb]
+        noisy = self.block_noise(index)
 
         def predict(latents: torch.Tensor, timestep: float, context_index: int) -> torch.Tensor:
             return pipeline.generator(latents, pipeline.timesteps(timestep, latents.shape[2]),
@@ -521,6 +537,21 @@ class BlockRun:
                                          strength=self.request.strength)
         self.rng_state = self.rng.get_state()  # (a CPU tensor on every device)
         return clean, bias
+
+    def block_noise(self, index: int) -> torch.Tensor:
+        """Block `index`'s starting noise: its part of the run's noise, or drawn now (continuous runs)."""
+        fpb = self.frames_per_block
+        if self.noise is None:
+            return reference_noise(self.block_shape, self.rng, self.pipeline.device, self.pipeline.dtype)
+        return self.noise[:, :, index * fpb:(index + 1) * fpb]
+
+    def predict_window(self, latents: torch.Tensor, timesteps: torch.Tensor, start_frame: int) -> torch.Tensor:
+        """A Rolling Forcing window pass: the window's frames at their own timesteps, attending through the cache's
+        read-only window view."""
+        model = self.pipeline.generator
+        grid = (latents.shape[3] // model.patch[1], latents.shape[4] // model.patch[2])
+        view = self.caches[0].window_pass(model.rope, *grid)
+        return model(latents, timesteps, self.contexts[0], start_frame=start_frame, kv_cache=view)
 
     def decoded_block(self, index: int, clean: torch.Tensor, denoise_s: float) -> Iterator[BlockResult]:
         # The Wan VAE decodes a run's first latent frame to one video frame and every later one to four. A block of

@@ -70,8 +70,10 @@ class KnownModel:
         first = f" (the first block {_steps(first)})" if first else ""
         frames = "1 latent frame per block (frame-wise)" if cfg.frames_per_block == 1 else \
             f"{cfg.frames_per_block} latent frames per block"
+        rolling = f", a window of {len(sampler.denoising_steps)} blocks at staggered steps (one leaves per pass)" \
+            if sampler.kind == "rolling" else ""
         return (f"{_steps(sampler.denoising_steps)} ({warp}){first}, shift "
-                f"{sampler.timestep_shift:g}, {frames}, {window}")
+                f"{sampler.timestep_shift:g}, {frames}{rolling}, {window}")
 
 
 def _steps(steps: list[int]) -> str:

@@ -1,4 +1,5 @@
-"""Samplers for one block of latent frames: Self-Forcing's few-step list and multi-step CFG solvers.
+"""Samplers for one block of latent frames: Self-Forcing's few-step list and multi-step CFG solvers; and Rolling
+Forcing's window of blocks at staggered noise levels.
 
 The pipeline core owns the block loop and the KV caches; a BlockSampler owns the maths of
 denoising one block, calling back into the generator through a FlowPredictor.
@@ -11,7 +12,7 @@ block, 4 for the first one, whose frame has no past to lean on).
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
@@ -139,9 +140,78 @@ class MultiStepCFGSampler:
         return latents
 
 
-def make_sampler(config: SamplerConfig) -> BlockSampler:
+class WindowPredictor(Protocol):
+    """The generator on a window of blocks: velocity for `latents` [B, C, F, H, W] whose frames are at `timesteps`
+    [1, F], the window starting at video frame `start_frame`."""
+
+    def __call__(self, latents: torch.Tensor, timesteps: torch.Tensor, start_frame: int) -> torch.Tensor: ...
+
+
+class RollingWindowSampler:
+    """Rolling Forcing (TencentARC/RollingForcing, pipeline/rolling_forcing_inference.py): a window of as many blocks
+    as there are listed steps is denoised in one pass, each block one step further than the block after it, so
+    one block leaves clean per pass. Block b takes its step i in pass b + i: its first pass starts it from its
+    noise, each pass predicts x0 and re-noises it to its next step, its last pass gives its clean latents."""
+
+    num_contexts = 1
+
+    def __init__(self, config: SamplerConfig) -> None:
+        self.schedule = FewStepSchedule(config.denoising_steps, config.timestep_shift, config.warp_denoising_step)
+
+    @property
+    def window_blocks(self) -> int:
+        return len(self.schedule.steps)
+
+    def start(self, num_blocks: int, frames_per_block: int) -> "RollingWindow":
+        """One run's blocks in flight (per run: the sampler itself is shared)."""
+        return RollingWindow(self.schedule, num_blocks, frames_per_block)
+
+
+class RollingWindow:
+    """The blocks of one run that have started and not finished, each at its current step's input."""
+
+    def __init__(self, schedule: FewStepSchedule, num_blocks: int, frames_per_block: int) -> None:
+        self.schedule, self.num_blocks, self.frames_per_block = schedule, num_blocks, frames_per_block
+        self.steps = schedule.steps.tolist()
+        self.inputs: dict[int, torch.Tensor] = {}
+        self.finished: dict[int, torch.Tensor] = {}
+        self.next_pass = 0
+
+    def finish(self, block: int, noise: Callable[[int], torch.Tensor], predict: WindowPredictor,
+               rng: torch.Generator) -> torch.Tensor:
+        """Runs window passes until `block` is clean and returns it. noise(b): block b's starting noise."""
+        while block not in self.finished:
+            self._window_pass(noise, predict, rng)
+        return self.finished.pop(block)
+
+    def _window_pass(self, noise: Callable[[int], torch.Tensor], predict: WindowPredictor,
+                     rng: torch.Generator) -> None:
+        index, last_step = self.next_pass, len(self.steps) - 1
+        if index < self.num_blocks:
+            self.inputs[index] = noise(index)
+        blocks = list(range(max(0, index - last_step), min(self.num_blocks - 1, index) + 1))
+        fpb = self.frames_per_block
+        latents = torch.cat([self.inputs[b] for b in blocks], dim=2)
+        timesteps = torch.tensor([[self.steps[index - b] for b in blocks for _ in range(fpb)]],
+                                 dtype=torch.float32, device=latents.device)
+        flow = predict(latents, timesteps, blocks[0] * fpb)
+        for slot, b in enumerate(blocks):  # the oldest block first
+            step, noisy = index - b, self.inputs[b]
+            clean = self.schedule.to_x0(flow[:, :, slot * fpb:(slot + 1) * fpb], noisy, self.steps[step])
+            if step == last_step:
+                self.finished[b] = clean
+                del self.inputs[b]
+            else:
+                fresh = reference_noise(clean.shape, rng, clean.device, clean.dtype)
+                self.inputs[b] = self.schedule.add_noise(clean, fresh, self.steps[step + 1])
+        self.next_pass += 1
+
+
+def make_sampler(config: SamplerConfig) -> BlockSampler | RollingWindowSampler:
     if config.kind == "few_step":
         return FewStepSampler(config)
     if config.kind == "multi_step":
         return MultiStepCFGSampler(config)
-    raise ValueError(f"unknown sampler kind {config.kind!r}; choose 'few_step' or 'multi_step'")
+    if config.kind == "rolling":
+        return RollingWindowSampler(config)
+    raise ValueError(f"unknown sampler kind {config.kind!r}; choose 'few_step', 'multi_step' or 'rolling'")

@@ -26,7 +26,8 @@ def test_registry_holds_the_published_settings():
     models = load_registry()
     assert list(models) == ["self_forcing_dmd", "self_forcing_sid", "causvid", "longlive", "causal_forcing_chunkwise",
                             "causal_forcing_framewise", "causal_forcing_framewise_2step",
-                            "causal_forcing_framewise_1step", "reward_forcing"]
+                            "causal_forcing_framewise_1step", "reward_forcing",
+                            "rolling_forcing"]
     published = {  # steps, warped, shift, frames per block, window, sink, checkpoint, EMA, LoRA
         "self_forcing_dmd": ([1000, 750, 500, 250], True, 5.0, 3, -1, 0, "checkpoints/self_forcing_dmd.pt", True, None),
         "self_forcing_sid": ([1000, 750, 500, 250], True, 5.0, 3, -1, 0, "checkpoints/self_forcing_sid.pt", True, None),
@@ -43,6 +44,8 @@ def test_registry_holds_the_published_settings():
                                            "checkpoints/causal-forcing++/framewise-1step.pt", True, None),
         "reward_forcing": ([1000, 750, 500, 250], True, 5.0, 3, 9, 3,
                            "checkpoints/Reward-Forcing-T2V-1.3B/rewardforcing.pt", False, None),
+        "rolling_forcing": ([1000, 800, 600, 400, 200], True, 5.0, 3, 21, 3, "checkpoints/rolling_forcing_dmd.pt",
+                            True, None),
     }
     first_blocks = {"causal_forcing_framewise_2step": [1000, 750, 500, 250],
                     "causal_forcing_framewise_1step": [1000, 750, 500, 250]}
@@ -105,9 +108,12 @@ def _write_checkpoints(components, weights: Path) -> dict[str, float]:
     # Reward Forcing: the generator wrapper's state dict itself, no {generator, generator_ema} around it.
     (weights / "checkpoints" / "Reward-Forcing-T2V-1.3B").mkdir()
     torch.save(_original_state(components, 2.0), weights / "checkpoints" / "Reward-Forcing-T2V-1.3B" / "rewardforcing.pt")
+    torch.save({"generator": _original_state(components, -1.0), "generator_ema": _original_state(components, 2.25)},
+               weights / "checkpoints" / "rolling_forcing_dmd.pt")
     return {"self_forcing_dmd": 0.0, "self_forcing_sid": 0.25, "causvid": 0.5, "longlive": 0.75,
             "causal_forcing_chunkwise": 1.0, "causal_forcing_framewise": 1.25, "causal_forcing_framewise_2step": 1.5,
-            "causal_forcing_framewise_1step": 1.75, "reward_forcing": 2.0}
+            "causal_forcing_framewise_1step": 1.75, "reward_forcing": 2.0,
+            "rolling_forcing": 2.25}
 
 
 def _longlive_lora(components, path: Path) -> torch.Tensor:
@@ -183,7 +189,7 @@ def test_models_command_says_what_is_present_and_what_to_download(tiny_weights, 
     assert "get it: hf download Wan-AI/Wan2.1-T2V-1.3B --local-dir <weights>/wan_models/Wan2.1-T2V-1.3B" in out
     assert "GPU memory: high 24.2 GiB" in out
     assert models_main(["--weights", str(weights)]) == 0
-    assert capsys.readouterr().out.count("present in the weights folder") == 9
+    assert capsys.readouterr().out.count("present in the weights folder") == 10
 
 
 def test_app_switches_models_one_resident_at_a_time(tiny_weights):

@@ -48,6 +48,17 @@ class RotaryEmbedding3D:
         return grid.cos().float(), grid.sin().float()
 
 
+    def temporal_shift(self, frames: int, height: int, width: int, shift: int,
+                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin that move keys already rotated for frames [0, frames) to [shift, shift + frames): the temporal
+        angles of `shift`, no spatial rotation (rotations of disjoint channel pairs commute; frame 0's is none)."""
+        t_ang = self._angles_on(device)[0]
+        temporal = t_ang[shift].expand(frames * height * width, -1)
+        spatial = temporal.new_zeros(frames * height * width, sum(a.shape[1] for a in self.angles[1:]))
+        grid = torch.cat([temporal, spatial], dim=-1)[:, None]
+        return grid.cos().float(), grid.sin().float()
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotates adjacent channel pairs of x [B, L, H, D] (interleaved complex layout, as in Wan)."""
     pairs = x.float().unflatten(-1, (-1, 2))
