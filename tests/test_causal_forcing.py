@@ -17,7 +17,7 @@ from pipelines.loading.weights import load_components
 from pipelines.model.kv_cache import AttentionWindow, block_causal_mask
 from pipelines.registry import load_registry
 
-from published import published_steps, sigma_at
+from published import published_block, published_steps
 from tiny_checkpoints import dit_key_to_original, write_original_layout
 
 TINY = yaml.safe_load((CONFIG_DIR / "tiny.yaml").read_text())
@@ -45,15 +45,12 @@ def published_inference(pipeline: StreamingVideoPipeline, prompt: str, seed: int
         done = prefix + block * frames_per_block
         mask = block_causal_mask(([prefix] if prefix else []) + [frames_per_block] * (block + 1), tokens,
                                  AttentionWindow())
-        for index, t in enumerate(listed):
-            latents = torch.cat(past + [noisy], dim=2)
+
+        def flow_at(noisy: torch.Tensor, t: float) -> torch.Tensor:
             times = torch.tensor([[0.0] * done + [t] * frames_per_block])
-            flow = model(latents, times, context, attn_mask=mask)[:, :, done:]
-            clean = (noisy.double() - sigma_at(t) * flow.double()).float()
-            if index + 1 < len(listed):
-                fresh = torch.randn((frames_per_block, 16, h, w), generator=rng)[None].permute(0, 2, 1, 3, 4)
-                sigma = sigma_at(listed[index + 1])
-                noisy = (1 - sigma) * clean + sigma * fresh
+            return model(torch.cat(past + [noisy], dim=2), times, context, attn_mask=mask)[:, :, done:]
+
+        clean = published_block(flow_at, noisy, listed, rng)
         past.append(clean)
         outputs.append(clean)
     return outputs

@@ -19,7 +19,7 @@ from pipelines.loading.weights import load_components
 from pipelines.registry import load_registry
 from pipelines.steering import PromptSwitch, ScriptedSteering
 
-from published import published_steps, sigma_at
+from published import published_block, published_steps
 from tiny_checkpoints import dit_key_to_original, write_original_layout
 
 TINY = yaml.safe_load((CONFIG_DIR / "tiny.yaml").read_text())
@@ -112,14 +112,8 @@ def published_inference(pipeline: StreamingVideoPipeline, prompt: str, seed: int
     outputs = []
     for block in range(num_blocks):
         start = block * fpb
-        noisy = noise[:, :, start:start + fpb]
-        for index, t in enumerate(steps):
-            flow = model(noisy, torch.full((1, fpb), t), context, start_frame=start, kv_cache=cache)
-            clean = (noisy.double() - sigma_at(t) * flow.double()).float()
-            if index + 1 < len(steps):
-                fresh = torch.randn((fpb, 16, h, w), generator=rng)[None].permute(0, 2, 1, 3, 4)
-                sigma = sigma_at(steps[index + 1])
-                noisy = (1 - sigma) * clean + sigma * fresh
+        clean = published_block(lambda noisy, t: model(noisy, torch.full((1, fpb), t), context, start_frame=start,
+                                                       kv_cache=cache), noise[:, :, start:start + fpb], steps, rng)
         outputs.append(clean)
         model(clean, torch.zeros((1, fpb)), context, start_frame=start, kv_cache=cache)
     return outputs
