@@ -1,6 +1,7 @@
 """ODE-regression distillation (training/distill.py): the teacher's recorded paths and the student's loss."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -18,6 +19,30 @@ from training.distill import (
 SIGMAS = (1.0, 0.75, 0.5, 0.25)
 
 
+class FullSequenceContext:
+    """The sampling context without a KV cache: at every step one pass of `teacher` (a FlowStep-like forward) over
+    the clean frames so far and the noisy block, with classifier-free guidance against `empty`. The reference for
+    the teacher's KV-cached context, and the context of the toy teachers below."""
+
+    def __init__(self, teacher, prompts, empty, guidance, prefix_frames, condition, total_frames) -> None:
+        self.teacher, self.prompts, self.empty, self.guidance = teacher, prompts, empty, guidance
+        self.prefix_frames, self.condition = prefix_frames, condition
+
+    def follow(self, clean: torch.Tensor) -> None:
+        self.clean = clean
+
+    def flow(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        start = self.clean.shape[2]
+        noisy = torch.cat([self.clean, x], dim=2)
+        timesteps = torch.zeros(x.shape[0], noisy.shape[2], device=x.device)
+        timesteps[:, start:] = sigma * 1000
+        flow = self.teacher(noisy, timesteps, self.prompts, self.prefix_frames, pose_condition=self.condition)
+        if self.guidance == 1.0:
+            return flow[:, :, start:]
+        empty = self.teacher(noisy, timesteps, self.empty, self.prefix_frames, pose_condition=self.condition)
+        return (empty + self.guidance * (flow - empty))[:, :, start:]
+
+
 class PointMassTeacher(nn.Module):
     """The exact velocity field of a world whose only video is `target`: (x_t - x0) / sigma. Records
     the clean context it was shown, to check that earlier blocks arrive clean."""
@@ -32,6 +57,9 @@ class PointMassTeacher(nn.Module):
 
     def pose_condition(self, latents, prefix_frames, poses, reference_poses):
         return None
+
+    def sampling_context(self, *args):
+        return FullSequenceContext(self, *args)
 
     def forward(self, noisy, timesteps, prompts, prefix_frames, poses=None, reference_poses=None,
                 pose_condition=None):
@@ -81,6 +109,51 @@ def test_guidance_extrapolates_from_the_empty_prompt():
     generator = torch.Generator().manual_seed(0)
     guided, _ = teacher_trajectories(PromptShift(target), target, torch.ones(1, 4, 4), 0, SIGMAS, 4, 3.0, generator)
     torch.testing.assert_close(plain - guided, torch.full_like(plain, 2.0))  # x -= 1 * flow over sigma 1 -> 0
+
+
+@pytest.mark.parametrize("prefix,guidance,posed", [(0, 3.0, False), (1, 1.0, False), (1, 3.0, True)])
+def test_the_kv_cached_teacher_records_the_paths_of_full_passes(random_components, prefix, guidance, posed):
+    """The teacher's sampling context (KV caches of the clean frames, the noisy block alone at each step) against
+    one full block-causal pass per step: the same paths up to rounding, on the tiny model with random weights
+    (text-to-video with guidance, image-to-video, pose animation)."""
+    from pipelines.pose.condition import PoseEncoders
+    from training.train import FlowStep
+
+    generator = random_components.generator.float()
+    torch.manual_seed(0)
+    teacher = FlowStep(generator, frames_per_block=3, text_len=8,
+                       pose_encoders=PoseEncoders(generator.config.dim) if posed else None)
+    latents = torch.randn(2, 16, prefix + 9, 8, 12, generator=torch.Generator().manual_seed(0))
+    prompts = torch.randn(2, 8, generator.config.text_dim, generator=torch.Generator().manual_seed(1))
+    unconditional = torch.randn(8, generator.config.text_dim, generator=torch.Generator().manual_seed(2))
+    rng = np.random.default_rng(0)
+    poses = [rng.integers(0, 255, (33, 64, 96, 3), dtype=np.uint8) for _ in range(2)] if posed else None
+    references = [rng.integers(0, 255, (64, 96, 3), dtype=np.uint8) for _ in range(2)] if posed else None
+
+    def paths(full_passes: bool):
+        if full_passes:
+            teacher.sampling_context = lambda *args: FullSequenceContext(teacher, *args)
+        try:
+            return teacher_trajectories(teacher, latents, prompts, prefix, SIGMAS, 6, guidance,
+                                        torch.Generator().manual_seed(3), poses, references, unconditional)
+        finally:
+            teacher.__dict__.pop("sampling_context", None)
+
+    (cached, cached_paths), (full, full_paths) = paths(False), paths(True)
+    torch.testing.assert_close(cached, full, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(cached_paths, full_paths, atol=2e-5, rtol=1e-4)
+    # Control: a context that never receives the clean frames makes another video after the first block.
+    from training.distill import TeacherContext
+
+    class Forgetful(TeacherContext):
+        def follow(self, clean: torch.Tensor) -> None:
+            if not self.caches:
+                self._make_caches(clean)
+
+    teacher.sampling_context = lambda *args: Forgetful(generator, 3, *args)
+    forgetful, _ = paths(False)
+    assert torch.allclose(forgetful[:, :, :prefix + 3], cached[:, :, :prefix + 3], atol=2e-5) or prefix
+    assert not torch.allclose(forgetful[:, :, prefix + 3:], cached[:, :, prefix + 3:], atol=1e-3)
 
 
 def test_the_student_loss_is_zero_only_on_the_teachers_paths():

@@ -68,31 +68,78 @@ def teacher_trajectories(teacher: nn.Module, latents: torch.Tensor, prompts: tor
     prompts = prompts.to(device)
     empty = torch.zeros_like(prompts) if unconditional is None else unconditional.to(prompts).expand_as(prompts)
     condition = teacher.pose_condition(latents.to(device), prefix_frames, poses, reference_poses)
+    context = teacher.sampling_context(prompts, empty, guidance, prefix_frames, condition,
+                                       prefix_frames + blocks * frames_per_block)
     for block in range(blocks):
         start = prefix_frames + block * frames_per_block
+        context.follow(clean)
         x = torch.randn(batch, channels, frames_per_block, height, width, generator=generator).to(device)
         for sigma, sigma_next in zip(grid[:-1].tolist(), grid[1:].tolist()):
             for slot, recorded in enumerate(record_sigmas):
                 if abs(sigma - recorded) < 1e-9:
                     trajectory[:, slot, :, start:start + frames_per_block] = x.float().cpu()
-            x = x + (sigma_next - sigma) * guided_flow(teacher, clean, x, sigma, prompts, empty, prefix_frames,
-                                                       guidance, condition)
+            x = x + (sigma_next - sigma) * context.flow(x, sigma)
         clean = torch.cat([clean, x], dim=2)
     return clean.float().cpu(), trajectory
 
 
-def guided_flow(teacher: nn.Module, clean: torch.Tensor, x: torch.Tensor, sigma: float, prompts: torch.Tensor,
-                empty: torch.Tensor, prefix_frames: int, guidance: float, condition=None) -> torch.Tensor:
-    """The teacher's classifier-free-guided velocity for the noisy block `x` at `sigma` after the clean frames."""
-    start = clean.shape[2]
-    noisy = torch.cat([clean, x], dim=2)
-    timesteps = torch.zeros(x.shape[0], noisy.shape[2], device=x.device)
-    timesteps[:, start:] = sigma * 1000
-    flow = teacher(noisy, timesteps, prompts, prefix_frames, pose_condition=condition)[:, :, start:]
-    if guidance != 1.0:
-        flow_empty = teacher(noisy, timesteps, empty, prefix_frames, pose_condition=condition)[:, :, start:]
-        flow = flow_empty + guidance * (flow - flow_empty)
-    return flow
+class TeacherContext:
+    """A teacher's block-by-block sampling context (what FlowStep.sampling_context returns): the clean frames so far
+    in KV caches, one per prompt set (the prompts and, with guidance, the empty prompt), so each Euler step runs the
+    noisy block alone against them. A full pass over the clip at every step would compute every earlier block
+    again (tests/test_distill.py checks both give the same paths)."""
+
+    def __init__(self, generator: nn.Module, frames_per_block: int, prompts: torch.Tensor, empty: torch.Tensor,
+                 guidance: float, prefix_frames: int, condition: tuple[torch.Tensor, torch.Tensor] | None,
+                 total_frames: int) -> None:
+        self.generator, self.frames_per_block, self.guidance = generator, frames_per_block, guidance
+        self.prefix_frames, self.condition, self.total_frames = prefix_frames, condition, total_frames
+        self.contexts = [generator.encode_context(prompts)]
+        if guidance != 1.0:
+            self.contexts.append(generator.encode_context(empty))
+        self.caches: list = []
+        self.written = 0  # frames in the caches
+
+    def follow(self, clean: torch.Tensor) -> None:
+        """Writes the frames of `clean` [B, C, F, h, w] not yet in the caches (the prefix, then whole blocks), at
+        timestep 0 as inference writes its finished blocks."""
+        if not self.caches:
+            self._make_caches(clean)
+        while self.written < clean.shape[2]:
+            frames = self.prefix_frames if self.written == 0 and self.prefix_frames else self.frames_per_block
+            block = clean[:, :, self.written:self.written + frames]
+            if self.written == 0 and self.prefix_frames and self.condition is not None:
+                block = block + self.condition[0]  # the reference frame carries the reference pose's features
+            timesteps = torch.zeros(block.shape[0], frames, device=block.device)
+            for context, cache in zip(self.contexts, self.caches):
+                self.generator(block, timesteps, context, start_frame=self.written, kv_cache=cache,
+                               token_bias=self._bias(self.written, frames))
+            self.written += frames
+
+    def flow(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        """The classifier-free-guided velocity of the noisy block `x` at `sigma` after the frames written."""
+        timesteps = torch.full((x.shape[0], x.shape[2]), sigma * 1000, device=x.device)
+        bias = self._bias(self.written, x.shape[2])
+        flows = [self.generator(x, timesteps, context, start_frame=self.written, kv_cache=cache, token_bias=bias)
+                 for context, cache in zip(self.contexts, self.caches)]
+        return flows[0] if len(flows) == 1 else flows[1] + self.guidance * (flows[0] - flows[1])
+
+    def _bias(self, start_frame: int, frames: int) -> torch.Tensor | None:
+        """The pose tokens of generated frames [start, start + frames) (none for the reference frame)."""
+        if self.condition is None or start_frame < self.prefix_frames:
+            return None
+        tokens, frame_tokens = self.condition[1], self.caches[0].frame_tokens
+        first = (start_frame - self.prefix_frames) * frame_tokens
+        return tokens[:, first:first + frames * frame_tokens]
+
+    def _make_caches(self, like: torch.Tensor) -> None:
+        from pipelines.model.kv_cache import AttentionWindow, KVCache
+
+        model, (batch, _, _, height, width) = self.generator, like.shape
+        dtype = next(model.parameters()).dtype
+        self.caches = [KVCache(model.config.num_layers, batch, self.total_frames, model.frame_tokens(height, width),
+                               model.config.num_heads, model.head_dim, AttentionWindow(), dtype, like.device)
+                       for _ in self.contexts]
 
 
 @torch.no_grad()
@@ -156,11 +203,15 @@ def on_policy_paths(student: nn.Module, teacher: nn.Module, latents: torch.Tenso
     grid = euler_grid(steps, sigmas).tolist()
     prompts = prompts.to(next(teacher.parameters()).device)
     empty = unconditional.to(prompts).expand_as(prompts)
+    blocks = (latents.shape[2] - prefix_frames) // teacher.frames_per_block
+    context = teacher.sampling_context(prompts, empty, guidance, prefix_frames, None,
+                                       prefix_frames + blocks * teacher.frames_per_block)
 
     def teacher_answer(clean: torch.Tensor, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        context.follow(clean)
         points = [sigma] + [g for g in grid if g < sigma - 1e-9]
         for now, after in zip(points[:-1], points[1:]):
-            x = x + (after - now) * guided_flow(teacher, clean, x, now, prompts, empty, prefix_frames, guidance)
+            x = x + (after - now) * context.flow(x, now)
         return x
 
     return student_trajectories(student, latents, prompts, prefix_frames, sigmas, generator, teacher_answer)

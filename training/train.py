@@ -112,6 +112,14 @@ class FlowStep(nn.Module):
         return generator(noisy, timesteps, context, attn_mask=BlockCausalLayout.of(blocks, frame_tokens),
                          token_bias=bias)
 
+    def sampling_context(self, prompts: torch.Tensor, empty: torch.Tensor, guidance: float, prefix_frames: int,
+                         condition: tuple[torch.Tensor, torch.Tensor] | None, total_frames: int):
+        """A KV-cached context for sampling this model block by block (distill.TeacherContext)."""
+        from .distill import TeacherContext
+
+        return TeacherContext(self.generator, self.frames_per_block, prompts, empty, guidance, prefix_frames,
+                              condition, total_frames)
+
     def pose_condition(self, latents: torch.Tensor, prefix_frames: int, poses: list | None,
                        reference_poses: list | None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(features added to the clean reference frame [B, C, 1, h, w], pose tokens of the frames after it
