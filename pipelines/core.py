@@ -44,9 +44,12 @@ class RequestError(ValueError):
 
 
 class BlockConditioning(Protocol):
-    """Extra per-block input (pose): token_bias(start_frame, num_frames) -> [1, tokens, dim] or None."""
+    """Extra per-block input (pose): token_bias(start_frame, num_frames) -> [1, tokens, dim] or None; frames_ready
+    is False when a live input ended before those frames (the run then ends)."""
 
     def token_bias(self, start_frame: int, num_frames: int) -> torch.Tensor | None: ...
+
+    def frames_ready(self, start_frame: int, num_frames: int) -> bool: ...
 
 
 @dataclass
@@ -306,7 +309,7 @@ class StreamingVideoPipeline:
             run.begin_block(index)
             block_start = time.perf_counter()
             source = run.next_input(index) if request.source is not None else None
-            if request.source is not None and source is None:
+            if request.source is not None and source is None or not run.conditioning_ready(index):
                 log.info("the input video ended before block %d", index + 1)
                 return
             clean, bias = run.denoise(index, source)
@@ -450,6 +453,11 @@ class BlockRun:
 
     def start_frame(self, index: int) -> int:
         return self.prefix_frames + index * self.frames_per_block
+
+    def conditioning_ready(self, index: int) -> bool:
+        """Whether block `index`'s conditioning input arrived (a live pose input may have ended before it)."""
+        conditioning = self.request.conditioning
+        return conditioning is None or conditioning.frames_ready(self.start_frame(index), self.frames_per_block)
 
     def token_bias(self, start_frame: int, num_frames: int) -> torch.Tensor | None:
         conditioning = self.request.conditioning

@@ -7,6 +7,7 @@ block adds its own slice of the pose tokens.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 from pathlib import Path
 
@@ -14,12 +15,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..core import GenerationRequest, StreamingVideoPipeline, prepare_image
+from ..core import GenerationRequest, RequestError, StreamingVideoPipeline, prepare_image
 from ..loading.vae import frames_for_latents
+from ..video_input import VideoSource
 from .align import align_sequence, resample_indices
 from .condition import LazyPoseEncoders, PoseConditioning
 from .draw import draw_pose
 from .extract import PoseDetector, load_dwpose, missing_dwpose_message
+from .live import LivePoseFrames, StreamingPoseConditioning
 
 
 class PoseAnimator:
@@ -79,6 +82,34 @@ class PoseAnimator:
         frame_tokens = self.pipeline.generator.frame_tokens(*self.pipeline.config.latent_size(height, width))
         return dataclasses.replace(base, num_blocks=num_blocks, height=height, width=width,
                                    conditioning=PoseConditioning(tokens, frame_tokens, prefix_frames=1),
+                                   reference_latent=reference_latent)
+
+
+    @torch.no_grad()
+    def live_request(self, reference: Image.Image, source: VideoSource, is_pose_video: bool,
+                     base: GenerationRequest) -> GenerationRequest:
+        """`base` plus pose conditioning read from `source` as the run goes (live.StreamingPoseConditioning). Its
+        first frame sets the reference pose (a pose video) or the alignment to the character (DWPose)."""
+        validated = self.pipeline.validate(base)
+        height, width = validated.height, validated.width
+        fit = functools.partial(_fit, height=height, width=width)
+        reference_pixels = _fit(np.asarray(reference.convert("RGB")), height, width)
+        if is_pose_video:
+            frames = LivePoseFrames(source, fit)
+        else:
+            detect = self.detector()
+            frames = LivePoseFrames(source, fit, detect, detect(reference_pixels), (height, width))
+        first = frames.next()
+        if first is None:
+            raise RequestError("The driving video sent no frames.")
+        reference_pose = first if is_pose_video else draw_pose(frames.reference_pose, width, height)
+        encoders = self.encoders.get()
+        vae = self.pipeline.vae
+        reference_latent = vae.encode(prepare_image(reference, height, width))
+        reference_latent = reference_latent + encoders.reference_features(reference_pose).to(reference_latent)
+        frame_tokens = self.pipeline.generator.frame_tokens(*self.pipeline.config.latent_size(height, width))
+        conditioning = StreamingPoseConditioning(encoders, frames, first, frame_tokens, prefix_frames=1)
+        return dataclasses.replace(base, height=height, width=width, conditioning=conditioning,
                                    reference_latent=reference_latent)
 
 

@@ -89,6 +89,9 @@ class PoseConditioning:
     def latent_frames(self) -> int:
         return self.tokens.shape[1] // self.frame_tokens
 
+    def frames_ready(self, start_frame: int, num_frames: int) -> bool:
+        return start_frame + num_frames - self.prefix_frames <= self.latent_frames
+
     def token_bias(self, start_frame: int, num_frames: int) -> torch.Tensor | None:
         if start_frame < self.prefix_frames:
             return None  # the reference frame carries its pose through reference_features
