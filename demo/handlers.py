@@ -33,6 +33,10 @@ from .streaming import (
 MIN_FPS, MAX_FPS = 8, 30
 
 
+NO_CAMERA_FRAMES = ("**No frames came from the camera.** Allow this page to use it (the browser asks), start its "
+                    "stream (*Click to Access Webcam*, then *Record*), then Generate.")
+
+
 def make_job(tab, prompt, negative, seed, randomize, blocks, resolution, continuous=False, fast_decode=False,
              drift_guard=0.0, **extra) -> StreamJob:
     """The job the shared controls describe (a UserError for values no control can give)."""
@@ -87,16 +91,29 @@ class Handlers:
 
         yield from self._run(session, browser, fps, job, (extend, extended, lora, lora_strength))
 
-    def pose_animation(self, reference, driving_video, is_pose_video, prompt, negative, seed, randomize, blocks, fps,
-                       resolution, extend, extended, lora, lora_strength, continuous, fast_decode, drift_guard,
-                       session: SessionControl, browser: gr.Request):
+    def pose_animation(self, reference, driving_video, is_pose_video, use_camera, prompt, negative, seed, randomize,
+                       blocks, fps, resolution, extend, extended, lora, lora_strength, continuous, fast_decode,
+                       drift_guard, session: SessionControl, browser: gr.Request):
+        """The character of `reference` moved by the driving video's poses; with `use_camera` the poses come from the
+        browser's camera as the blocks need them (through DWPose, or as they are when it shows a skeleton), until
+        Stop."""
         info = self.runtime.info
 
         def job() -> StreamJob:
             if info.pose_missing:
                 raise UserError(info.pose_missing)
+            if use_camera:
+                if not reference:
+                    raise UserError("Please upload a reference image (the character).")
+                try:
+                    load_image(reference)
+                except MediaError as err:
+                    raise UserError(str(err)) from err
+                return make_job("pose", prompt, negative, seed, randomize, blocks, resolution, True, fast_decode,
+                                drift_guard, reference=upload_bytes(reference), is_pose_video=bool(is_pose_video),
+                                camera=session.open_camera())
             if not reference or not driving_video:
-                raise UserError("Please upload a reference image and a driving video.")
+                raise UserError("Please upload a reference image and a driving video, or tick the camera.")
             if continuous:
                 raise UserError("Continuous mode is for text and image to video: a pose animation lasts as long as "
                                 "its driving video.")
@@ -125,9 +142,6 @@ class Handlers:
             if not 0 < value <= 1:
                 raise UserError(f"Strength must be a number above 0 and at most 1, got {strength!r}.")
             if use_camera:
-                if self.runtime.backend.pooled:
-                    raise UserError("The live camera runs in the app's own process; this server streams from a "
-                                    "worker pool: upload a video instead.")
                 return make_job("v2v", prompt, negative, seed, randomize, blocks, resolution, True, fast_decode,
                                 drift_guard, strength=value, camera=session.open_camera())
             if not video:
@@ -248,7 +262,8 @@ class Handlers:
                 built = choose_extension(runtime, session, built, bool(extend), extended)
             yield from stream_video(runtime, session, built, branch_of=branch_of)
             if built.camera is not None and built.camera.ended_early:
-                yield StreamUpdate.status_only("**The camera stopped sending frames**; the video made so far is kept.")
+                yield StreamUpdate.status_only(NO_CAMERA_FRAMES if not built.camera.received else
+                                               "**The camera stopped sending frames**; the video made so far is kept.")
         except UserError as err:  # (said without the server's paths)
             public = runtime.public(err.message)
             if public == err.message:

@@ -246,6 +246,13 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
                         reference = ImageUpload(label="Reference image (the character)", type="filepath")
                         driving = gr.Video(label="Driving video or pose video")
                         is_pose_video = gr.Checkbox(label="The driving video is already a rendered pose video")
+                        with gr.Row():
+                            pose_camera = gr.Image(label="Camera (live driving)", sources=["webcam"], streaming=True,
+                                                   type="numpy", elem_id="pose-camera", height=200)
+                            pose_use_camera = gr.Checkbox(label="Drive with the camera (live, until Stop)", value=False,
+                                                          elem_id="pose-use-camera",
+                                                          info="start the camera's stream, then Generate; the first "
+                                                               "frames set the alignment to the character")
                         pose = Controls(runtime, "pose")
                         if pose_examples:
                             gr.Examples(pose_examples, inputs=[reference, driving, is_pose_video, pose.prompt])
@@ -275,7 +282,7 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
         for tab, controls, outputs, handler, extra, name in (
                 ("t2v", t2v, t2v_out, handlers.text_to_video, [], "text_to_video"),
                 ("i2v", i2v, i2v_out, handlers.image_to_video, [image], "image_to_video"),
-                ("pose", pose, pose_out, handlers.pose_animation, [reference, driving, is_pose_video],
+                ("pose", pose, pose_out, handlers.pose_animation, [reference, driving, is_pose_video, pose_use_camera],
                  "pose_animation"),
                 ("v2v", v2v, v2v_out, handlers.video_to_video, [source_video, strength, use_camera], "video_to_video")):
             generate = dict(inputs=extra + controls.inputs + [session], outputs=outputs.all(controls),
@@ -304,8 +311,9 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
             outputs.report.change(handlers.report_browser_timing, inputs=[outputs.report, session],
                                   outputs=[outputs.timing], queue=False, api_name=False)
             _wire_branch_panel(handlers, session, tab, controls, outputs, generate)
-        camera.stream(handlers.camera_frame, inputs=[camera, session], outputs=None, stream_every=1 / runtime.config.fps,
-                      concurrency_limit=None, show_progress="hidden", api_name=False)
+        for feed in (camera, pose_camera):  # (a session runs one stream at a time: one camera feed)
+            feed.stream(handlers.camera_frame, inputs=[feed, session], outputs=None, stream_every=1 / runtime.config.fps,
+                        concurrency_limit=None, show_progress="hidden", api_name=False)
         replaying = dict(inputs=[record_file, t2v.fps, session], outputs=t2v_out.all(t2v), concurrency_id="gpu",
                          concurrency_limit=runtime.backend.concurrency)
         gr.Button(visible=False).click(handlers.replay_run, api_name="replay_run", **replaying)

@@ -47,14 +47,29 @@ class LiveFrames:
         self._frames: queue.Queue = queue.Queue()
         self._closed = threading.Event()
         self.ended_early = False  # the feed went silent for timeout_s (not closed)
+        self.received = 0  # frames pushed: none means the camera never sent (no permission, or its stream not started)
 
     def push(self, frame: np.ndarray) -> None:
         if not self._closed.is_set():
+            self.received += 1
             self._frames.put(frame)
 
     def close(self) -> None:
         self._closed.set()
         self._frames.put(None)
+
+    def drain(self) -> tuple[list[np.ndarray], bool]:
+        """(the frames waiting now, whether the feed was closed), without waiting: for a relay that forwards them."""
+        frames, closed = [], False
+        while True:
+            try:
+                frame = self._frames.get_nowait()
+            except queue.Empty:
+                return frames, closed
+            if frame is None:
+                closed = True
+            else:
+                frames.append(frame)
 
     def read(self, count: int) -> list[np.ndarray] | None:
         frames = []

@@ -317,6 +317,8 @@ class Engine:
             raise RequestError(self.load_error or "The model is not loaded.")
         if not poser.encoders.available:
             raise RequestError(poser.encoders.missing_message())
+        if job.camera is not None and job.reference:  # live: the poses as the blocks need them, until Stop
+            return poser.live_request(load_image(io.BytesIO(job.reference)), job.camera, job.is_pose_video, base)
         if not job.reference or not job.driving_video:
             raise RequestError("Please upload a reference image and a driving video.")
         if job.continuous:

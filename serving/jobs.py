@@ -34,8 +34,9 @@ class StreamJob:
     is_pose_video: bool = False
     source_video: bytes | None = field(default=None, repr=False)  # video-to-video: the input video file
     strength: float = 0.6  # video-to-video: how much of each input block is replaced by noise (1: text-to-video)
-    camera: object = field(default=None, repr=False)  # video-to-video from the browser's camera: the session's
-    # pipelines.video_input.LiveFrames (the app's own process only: a pool worker cannot read it)
+    camera: object = field(default=None, repr=False)  # video-to-video or pose from the browser's camera: the session's
+    # pipelines.video_input.LiveFrames (in the front end's process; a pool relays its frames instead: camera_relay)
+    camera_relay: bool = False  # a pool worker: the camera's frames come through the control board
     replay: str | None = field(default=None, repr=False)  # a run record's JSON: that run again (its own prompt,
     # seed, size, LoRAs and prompt switches; the fields above only describe it to the front end)
     branch: Branch | None = field(default=None, repr=False)  # go on from a block of the run the fields above

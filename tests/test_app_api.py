@@ -52,20 +52,20 @@ def pose_video(tmp_path_factory):
 
 
 def test_pose_video_endpoint_streams_reference_plus_blocks(client, pose_video):
-    result = client.predict(handle_file(ROOT_EXAMPLE), handle_file(pose_video), True, "dance",
+    result = client.predict(handle_file(ROOT_EXAMPLE), handle_file(pose_video), True, False, "dance",
                             *T2V_ARGS, api_name="/pose_animation")
     assert count_frames(result[3]) == 25  # reference frame + 2 blocks x 12 frames
 
 
 def test_pose_extraction_names_missing_dwpose_files(client, pose_video):
     with pytest.raises(AppError, match="yolox_l.onnx"):
-        client.predict(handle_file(ROOT_EXAMPLE), handle_file(pose_video), False, "dance", *T2V_ARGS,
+        client.predict(handle_file(ROOT_EXAMPLE), handle_file(pose_video), False, False, "dance", *T2V_ARGS,
                        api_name="/pose_animation")
 
 
 def test_pose_tab_requires_both_uploads(client):
     with pytest.raises(AppError, match="reference image and a driving video"):
-        client.predict(None, None, True, "dance", *T2V_ARGS, api_name="/pose_animation")
+        client.predict(None, None, True, False, "dance", *T2V_ARGS, api_name="/pose_animation")
 
 
 @pytest.mark.parametrize("prompt", ["", "   "])

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import ROOT
+
 CHROMIUM = os.environ.get("CHROMIUM_PATH", shutil.which("chromium") or "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
@@ -316,7 +318,7 @@ def test_the_camera_drives_video_to_video_live_until_stop(page, app_server):
         page.goto(app_server.url, wait_until="domcontentloaded")
         page.wait_for_selector("#banner", timeout=60_000)
         page.get_by_role("tab", name="Video to Video").click()
-        page.get_by_text("Click to Access Webcam").click()
+        page.locator("#v2v-camera").get_by_text("Click to Access Webcam").click()
         page.locator("#v2v-camera button[aria-label='capture photo']").click()  # (starts the camera's stream)
         page.locator("#v2v-use-camera input").check()
         page.locator("#prompt-v2v textarea").fill("a green square moves up on a black background")
@@ -332,6 +334,77 @@ def test_the_camera_drives_video_to_video_live_until_stop(page, app_server):
         deadline = time.monotonic() + 30
         while not _status(page, "v2v").startswith("Stopped."):
             assert time.monotonic() < deadline, _status(page, "v2v")
+            time.sleep(0.1)
+    finally:
+        browser.close()
+
+
+def test_a_camera_the_page_may_not_use_gives_one_message(page, app_server):
+    """Camera permission denied (no fake device, no permission): the live run says what to do, and the page and the
+    server go on (a text-to-video run afterwards works)."""
+    browser = page.context.browser.browser_type.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+    try:
+        page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+        page.goto(app_server.url, wait_until="domcontentloaded")
+        page.wait_for_selector("#banner", timeout=60_000)
+        page.get_by_role("tab", name="Video to Video").click()
+        page.locator("#v2v-camera").get_by_text("Click to Access Webcam").click()  # (denied: nothing streams)
+        page.locator("#v2v-use-camera input").check()
+        page.locator("#prompt-v2v textarea").fill("a green square moves up on a black background")
+        page.locator("#generate-v2v").click()
+        deadline = time.monotonic() + 60
+        while "No frames came from the camera" not in _status(page, "v2v"):
+            assert time.monotonic() < deadline, _status(page, "v2v")
+            time.sleep(0.2)
+        assert "Allow this page to use it" in _status(page, "v2v")
+        page.get_by_role("tab", name="Text to Video").click()
+        _set_blocks(page, 1)
+        page.get_by_label("Prompt").first.fill("a red circle moves to the right on a dark blue background")
+        page.get_by_role("button", name="Generate").first.click()
+        deadline = time.monotonic() + 60
+        while not _status(page).startswith("Done."):
+            assert time.monotonic() < deadline and "Not started" not in _status(page), _status(page)
+            time.sleep(0.2)
+    finally:
+        browser.close()
+
+
+def test_the_camera_drives_the_pose_animation_live_until_stop(page, app_server, tmp_path):
+    """A fake camera that shows a dancing stick figure (the pose example as a .y4m file) drives the Pose Animation
+    tab as a rendered pose video: blocks keep coming while it sends, and Stop ends the run."""
+    import subprocess
+
+    import imageio_ffmpeg
+
+    figure = tmp_path / "figure.y4m"
+    example = ROOT / "assets/examples/shapes/pose/an_orange_stick_figure_dances_on_a_dark_blue_background.mp4"
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-i", str(example), "-pix_fmt", "yuv420p",
+                    str(figure)], check=True)
+    browser = page.context.browser.browser_type.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS + [
+        "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+        f"--use-file-for-fake-video-capture={figure}"])
+    try:
+        page = browser.new_context(viewport={"width": 1400, "height": 1000}, permissions=["camera"]).new_page()
+        page.goto(app_server.url, wait_until="domcontentloaded")
+        page.wait_for_selector("#banner", timeout=60_000)
+        page.get_by_role("tab", name="Pose Animation").click()
+        panel = page.locator("#status-pose").locator("xpath=ancestor::div[contains(@class,'tabitem')]").first
+        panel.locator(".gallery-item, tr.tr-body, button.gallery-item").first.click()  # the character, ticked as a pose
+        page.locator("#pose-camera").get_by_text("Click to Access Webcam").click()
+        page.locator("#pose-camera button[aria-label='capture photo']").click()  # (starts the camera's stream)
+        page.locator("#pose-use-camera input").check()
+        page.locator("#generate-pose").click()
+        deadline = time.monotonic() + 120
+        made = set()
+        while len(made) < 3:  # (three different frame counts: blocks keep coming from the camera)
+            status = _status(page, "pose")
+            assert time.monotonic() < deadline and not status.startswith(("Done", "**", "Stopped", "Not")), status
+            made.update(re.findall(r"(\d+) frames", status))
+            time.sleep(0.1)
+        page.locator("#stop-pose").click()
+        deadline = time.monotonic() + 30
+        while not _status(page, "pose").startswith("Stopped."):
+            assert time.monotonic() < deadline, _status(page, "pose")
             time.sleep(0.1)
     finally:
         browser.close()

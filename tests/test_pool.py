@@ -346,6 +346,42 @@ def test_loras_fast_decoding_redecoding_extension_and_continuous_runs_work_on_wo
     assert endless.final()[2].startswith("Stopped.")
 
 
+def test_the_camera_reaches_the_worker_for_video_to_video_and_pose(pool_app):
+    """Live input in pool mode: the visitor's camera frames travel to the worker through the control board, for
+    restyling and for driving the pose animation, and the run ends when the camera does."""
+    from pipelines.loading.media import read_video
+    from pipelines.video_input import LiveFrames
+    from training.synthetic import SyntheticWorld, render
+
+    from conftest import ROOT
+
+    pool_app.wait_for_workers()
+
+    def camera(frames) -> LiveFrames:
+        feed = LiveFrames()
+
+        def send() -> None:
+            for frame in frames:
+                feed.push(frame)
+                time.sleep(1 / 16)
+            feed.close()
+
+        threading.Thread(target=send, daemon=True).start()
+        return feed
+
+    world = render(SyntheticWorld(0, frames=33).held_out_scene(0, size=(64, 96)))
+    restyled = Visitor(pool_app, 61, 1, OTHER, tab="v2v", strength=0.5, continuous=True,
+                       camera=camera(list(world) * 2)).start()
+    example = ROOT / "assets/examples/shapes/pose/an_orange_stick_figure_dances_on_a_dark_blue_background"
+    posed = Visitor(pool_app, 62, 1, "an orange stick figure dances", tab="pose", continuous=True,
+                    reference=example.with_suffix(".png").read_bytes(), is_pose_video=True,
+                    camera=camera(read_video(example.with_suffix(".mp4")))).start()
+    for visitor in (restyled, posed):
+        visitor.wait_for_blocks(2)
+        status = visitor.final()[2]
+        assert visitor.error is None and status.startswith("Done."), status
+
+
 def test_pool_mode_refuses_server_wide_changes_with_a_reason(pool_app):
     with pytest.raises(PermissionError, match="not offered in pool mode"):
         pool_app.runtime.set_memory_profile("low", "any token")

@@ -101,7 +101,8 @@ class PoseAnimator:
             frames = LivePoseFrames(source, fit, detect, detect(reference_pixels), (height, width))
         first = frames.next()
         if first is None:
-            raise RequestError("The driving video sent no frames.")
+            raise RequestError("No frames came from the driving video or camera (a camera: allow the page to use it "
+                               "and start its stream before Generate).")
         reference_pose = first if is_pose_video else draw_pose(frames.reference_pose, width, height)
         encoders = self.encoders.get()
         vae = self.pipeline.vae

@@ -11,6 +11,7 @@ import time
 import ray
 
 FORGET_AFTER_S = 3600  # messages for a stream nobody picked up (it never started) go after this
+MAX_WAITING_FRAMES = 32  # camera frames kept for a stream whose worker has not taken them (2 s at 16 fps)
 
 
 @ray.remote(num_cpus=0)
@@ -24,8 +25,14 @@ class StreamBoard:
         return self._signals.setdefault(run_id, asyncio.Event())
 
     async def post(self, run_id: str, message: tuple) -> None:
-        """('stop',) or ('steer', prompt, mode) for the stream run_id."""
-        self._inbox.setdefault(run_id, []).append(message)
+        """('stop',), ('steer', prompt, mode), ('frame', image) or ('frames_end',) for the stream run_id. Only the
+        latest MAX_WAITING_FRAMES frames wait: a stream still queued does not pile up its camera's frames."""
+        inbox = self._inbox.setdefault(run_id, [])
+        inbox.append(message)
+        if message[0] == "frame":
+            frames = [index for index, queued in enumerate(inbox) if queued[0] == "frame"]
+            for index in reversed(frames[:-MAX_WAITING_FRAMES]):
+                del inbox[index]
         self._posted[run_id] = time.monotonic()
         self._signal(run_id).set()
         self._expire()

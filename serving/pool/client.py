@@ -7,6 +7,7 @@ and new prompts relayed to the worker running their stream, and a clear message 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -184,6 +185,9 @@ class PoolStream:
 
     def __init__(self, pool: PoolBackend, job: StreamJob, ticket: int, cancel: Callable[[], bool],
                  steering: PromptSteering) -> None:
+        self.camera = job.camera  # the visitor's camera feed: its frames go to the worker through the board
+        if job.camera is not None:
+            job = dataclasses.replace(job, camera=None, camera_relay=True)
         self.pool, self.job, self.ticket, self.cancel, self.steering = pool, job, ticket, cancel, steering
         self.run_id = uuid.uuid4().hex
         self.started: Started | None = None
@@ -202,6 +206,16 @@ class PoolStream:
             self.inbox.put(err)
         self.inbox.put(_END)
 
+    def _relay_camera(self, board) -> None:
+        """The camera frames that arrived since the last call, to the worker (the board keeps the latest few while
+        the stream waits for one: a pose run reads its first frame before it starts), and the feed's end."""
+        frames, closed = self.camera.drain()
+        for frame in frames:
+            board.post.remote(self.run_id, ("frame", frame))
+        if closed:
+            board.post.remote(self.run_id, ("frames_end",))
+            self.camera = None
+
     def events(self) -> Iterator[StreamEvent]:
         pool, board = self.pool, self.pool.board
         stop_sent, finished = False, False
@@ -216,6 +230,8 @@ class PoolStream:
                     board.post.remote(self.run_id, ("stop",))
                 if (switch := self.steering.take()) is not None:
                     board.post.remote(self.run_id, ("steer", switch.prompt, switch.mode))
+                if self.camera is not None:
+                    self._relay_camera(board)
                 try:
                     item = self.inbox.get(timeout=0.05)
                 except queue.Empty:

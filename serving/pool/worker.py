@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 from typing import AsyncIterator, Callable
@@ -11,6 +12,7 @@ import torch
 from ray import serve
 
 from pipelines.steering import PromptSteering
+from pipelines.video_input import LiveFrames
 
 from ..engine import Engine, EngineInfo
 from ..jobs import Started, StreamEvent, StreamJob
@@ -43,6 +45,9 @@ class StreamWorker:
         checks); a cancelled request (the visitor left) or a Stop on the board stops it after its current block."""
         stop, done = threading.Event(), threading.Event()
         steering = PromptSteering()
+        camera = LiveFrames() if job.camera_relay else None  # the visitor's camera frames, relayed by the board
+        if camera is not None:
+            job = dataclasses.replace(job, camera=camera)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
@@ -57,8 +62,14 @@ class StreamWorker:
                 for message in messages:
                     if message[0] == "stop":
                         stop.set()
+                        if camera is not None:
+                            camera.close()  # (a run waiting for frames stops at once)
                     elif message[0] == "steer":
                         steering.post(message[1], message[2])
+                    elif message[0] == "frame" and camera is not None:
+                        camera.push(message[1])
+                    elif message[0] == "frames_end" and camera is not None:
+                        camera.close()
 
         def produce() -> None:
             try:
