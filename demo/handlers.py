@@ -39,14 +39,13 @@ NO_CAMERA_FRAMES = ("**No frames came from the camera.** Allow this page to use 
 
 def make_job(tab, prompt, negative, seed, randomize, blocks, resolution, continuous=False, fast_decode=False,
              drift_guard=0.0, **extra) -> StreamJob:
-    """The job the shared controls describe (a UserError for values no control can give)."""
+    """The job the shared controls describe (a UserError for values that are not numbers; ranges are checked with the
+    request, core.validate_request, before it queues)."""
     height, width = parse_resolution(resolution)
     try:
         guard = float(drift_guard or 0.0)
     except (TypeError, ValueError):
         raise UserError(f"The drift guard must be a number from 0 (off) to 1, got {drift_guard!r}.") from None
-    if not 0 <= guard <= 1:
-        raise UserError(f"The drift guard must be a number from 0 (off) to 1, got {drift_guard!r}.")
     return StreamJob(tab=tab, prompt=prompt or "", negative_prompt=negative, seed=pick_seed(seed, randomize),
                      num_blocks=whole_number(blocks, "Blocks"), height=height, width=width,
                      continuous=bool(continuous), fast_decode=bool(fast_decode), drift_guard=guard or None, **extra)
@@ -139,8 +138,6 @@ class Handlers:
                 value = float(strength)
             except (TypeError, ValueError):
                 raise UserError(f"Strength must be a number above 0 and at most 1, got {strength!r}.") from None
-            if not 0 < value <= 1:
-                raise UserError(f"Strength must be a number above 0 and at most 1, got {strength!r}.")
             if use_camera:
                 return make_job("v2v", prompt, negative, seed, randomize, blocks, resolution, True, fast_decode,
                                 drift_guard, strength=value, camera=session.open_camera())

@@ -152,7 +152,8 @@ def stream_video(runtime: Runtime, session: SessionControl, job: StreamJob, note
         session.request_sent()
     loras = (LoraChoice(job.lora, job.lora_strength),) if job.lora else ()
     request = GenerationRequest(job.prompt, seed=job.seed, num_blocks=job.num_blocks, height=job.height,
-                                width=job.width, loras=loras, continuous=job.continuous, fast_decode=job.fast_decode)
+                                width=job.width, loras=loras, continuous=job.continuous, fast_decode=job.fast_decode,
+                                strength=job.strength, drift_guard=job.drift_guard)
     try:  # (before it queues: the backend checks again with the model itself)
         validated = validate_request(request, info.config, info.fast_decoder, info.fp8_linears)
         runtime.check_cost(validated.num_blocks, validated.height, validated.width, job.continuous)

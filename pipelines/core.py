@@ -141,6 +141,8 @@ def validate_request(request: GenerationRequest, config: PipelineConfig, fast_de
         raise RequestError(f"The drift guard's threshold must be above 0 and at most 1, got {request.drift_guard}.")
     if not 0 <= request.seed <= MAX_SEED:
         raise RequestError(f"Seed must be a whole number from 0 to {MAX_SEED}.")
+    if not 0 < request.strength <= 1:
+        raise RequestError(f"Strength must be above 0 and at most 1, got {request.strength}.")
     num_blocks = config.num_blocks if request.num_blocks is None else request.num_blocks
     source = request.source
     if source is not None:
@@ -148,8 +150,6 @@ def validate_request(request: GenerationRequest, config: PipelineConfig, fast_de
             raise RequestError("Video-to-video needs a few-step (distilled) model.")
         if request.image is not None or request.reference_latent is not None or request.resume is not None:
             raise RequestError("Video-to-video starts from its input video: no image, and no branch of it.")
-        if not 0 < request.strength <= 1:
-            raise RequestError(f"Strength must be above 0 and at most 1, got {request.strength}.")
         if source.total_frames is not None and not request.continuous:
             fitting = config.input_blocks(source.total_frames)
             if fitting < 1:

@@ -100,6 +100,12 @@ def test_too_many_blocks_is_rejected_and_app_keeps_serving(client):
     assert count_frames(result[3]) == 21
 
 
+def test_a_drift_guard_out_of_range_is_refused_before_it_queues(client):
+    # (after the shared controls: extend, extended prompt, LoRA, its strength, continuous, fast decoder, drift guard)
+    with pytest.raises(AppError, match="drift guard's threshold must be above 0 and at most 1, got 1.5"):
+        client.predict("x", *T2V_ARGS, False, "", None, 1.0, False, False, 1.5, api_name="/text_to_video")
+
+
 def test_preview_is_last_frame_of_stream(client):
     job = client.submit("a lighthouse", *T2V_ARGS, api_name="/text_to_video")
     outputs = list(job)
@@ -147,5 +153,5 @@ def test_video_to_video_endpoint_restyles_an_uploaded_video(client, tmp_path):
     fake.write_bytes(b"not a video at all" * 50)
     with pytest.raises(AppError, match="Could not read the upload as a video"):
         client.predict(handle_file(str(fake)), 0.3, False, "x", *T2V_ARGS, api_name="/video_to_video")
-    with pytest.raises(AppError, match="Strength must be a number above 0 and at most 1"):
+    with pytest.raises(AppError, match="Strength must be above 0 and at most 1"):
         client.predict(handle_file(str(path)), 1.5, False, "x", *T2V_ARGS, api_name="/video_to_video")
