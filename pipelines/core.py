@@ -309,8 +309,8 @@ class StreamingVideoPipeline:
             run.begin_block(index)
             block_start = time.perf_counter()
             source = run.next_input(index) if request.source is not None else None
-            if request.source is not None and source is None or not run.conditioning_ready(index):
-                log.info("the input video ended before block %d", index + 1)
+            if (request.source is not None and source is None) or not run.conditioning_ready(index):
+                log.info("the input (video or pose stream) ended before block %d", index + 1)
                 return
             clean, bias = run.denoise(index, source)
             denoise_s = run.carried_s + self._seconds_since(block_start)

@@ -30,6 +30,7 @@ class RollingForcingCache:
                              AttentionWindow(attend_frames, 0), dtype, device)
         self.frame_tokens, self.attend_frames, self.anchor_frames = frame_tokens, attend_frames, anchor_frames
         self.anchor: tuple[torch.Tensor, torch.Tensor] | None = None  # [layers, B, tokens, H, D], rotated at frame 0
+        self._writing_anchor = False  # the pass under way writes the first block
 
     def empty_like(self) -> "RollingForcingCache":
         return RollingForcingCache(*self._settings)
