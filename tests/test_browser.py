@@ -308,6 +308,24 @@ def test_video_to_video_tab_restyles_an_uploaded_video_and_refuses_a_broken_one(
     page.get_by_role("tab", name="Text to Video").click()
 
 
+def _live_run_until_stop(page, tab: str, timeout_s: float = 120) -> None:
+    """Generate in `tab` with its camera: blocks keep coming (three different frame counts in the status), then Stop
+    ends the run."""
+    page.locator(f"#generate-{tab}").click()
+    deadline = time.monotonic() + timeout_s
+    made = set()
+    while len(made) < 3:
+        status = _status(page, tab)
+        assert time.monotonic() < deadline and not status.startswith(("Done", "**", "Stopped", "Not")), status
+        made.update(re.findall(r"(\d+) frames", status))
+        time.sleep(0.1)
+    page.locator(f"#stop-{tab}").click()
+    deadline = time.monotonic() + 30
+    while not _status(page, tab).startswith("Stopped."):
+        assert time.monotonic() < deadline, _status(page, tab)
+        time.sleep(0.1)
+
+
 def test_the_camera_drives_video_to_video_live_until_stop(page, app_server):
     """A fake camera (Chromium's test pattern) streams into the Video to Video tab; the run restyles it block by block
     and stops with Stop."""
@@ -322,19 +340,7 @@ def test_the_camera_drives_video_to_video_live_until_stop(page, app_server):
         page.locator("#v2v-camera button[aria-label='capture photo']").click()  # (starts the camera's stream)
         page.locator("#v2v-use-camera input").check()
         page.locator("#prompt-v2v textarea").fill("a green square moves up on a black background")
-        page.locator("#generate-v2v").click()
-        deadline = time.monotonic() + 90
-        made = set()
-        while len(made) < 3:  # (three different frame counts: blocks keep coming from the camera)
-            status = _status(page, "v2v")
-            assert time.monotonic() < deadline and not status.startswith(("Done", "**", "Stopped")), status
-            made.update(re.findall(r"(\d+) frames", status))
-            time.sleep(0.1)
-        page.locator("#stop-v2v").click()
-        deadline = time.monotonic() + 30
-        while not _status(page, "v2v").startswith("Stopped."):
-            assert time.monotonic() < deadline, _status(page, "v2v")
-            time.sleep(0.1)
+        _live_run_until_stop(page, "v2v")
     finally:
         browser.close()
 
@@ -393,19 +399,7 @@ def test_the_camera_drives_the_pose_animation_live_until_stop(page, app_server, 
         page.locator("#pose-camera").get_by_text("Click to Access Webcam").click()
         page.locator("#pose-camera button[aria-label='capture photo']").click()  # (starts the camera's stream)
         page.locator("#pose-use-camera input").check()
-        page.locator("#generate-pose").click()
-        deadline = time.monotonic() + 120
-        made = set()
-        while len(made) < 3:  # (three different frame counts: blocks keep coming from the camera)
-            status = _status(page, "pose")
-            assert time.monotonic() < deadline and not status.startswith(("Done", "**", "Stopped", "Not")), status
-            made.update(re.findall(r"(\d+) frames", status))
-            time.sleep(0.1)
-        page.locator("#stop-pose").click()
-        deadline = time.monotonic() + 30
-        while not _status(page, "pose").startswith("Stopped."):
-            assert time.monotonic() < deadline, _status(page, "pose")
-            time.sleep(0.1)
+        _live_run_until_stop(page, "pose")
     finally:
         browser.close()
 
