@@ -326,11 +326,29 @@ def _live_run_until_stop(page, tab: str, timeout_s: float = 120) -> None:
         time.sleep(0.1)
 
 
-def test_the_camera_drives_video_to_video_live_until_stop(page, app_server):
-    """A fake camera (Chromium's test pattern) streams into the Video to Video tab; the run restyles it block by block
-    and stops with Stop."""
-    browser = page.context.browser.browser_type.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS + [
-        "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"])
+def _camera_browser(page, video: Path, folder: Path):
+    """A Chromium whose fake camera plays `video` (converted to the .y4m it reads), camera permission granted."""
+    import subprocess
+
+    import imageio_ffmpeg
+
+    feed = folder / f"{video.stem}.y4m"
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-y", "-i", str(video), "-pix_fmt",
+                    "yuv420p", str(feed)], check=True)
+    return page.context.browser.browser_type.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS + [
+        "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+        f"--use-file-for-fake-video-capture={feed}"])
+
+
+def test_the_camera_drives_video_to_video_live_until_stop(page, app_server, tmp_path):
+    """A fake camera that plays the synthetic world (a .y4m file) streams into the Video to Video tab; the run
+    restyles it block by block and stops with Stop."""
+    from pipelines.loading.video_io import write_video
+    from training.synthetic import SyntheticWorld, render
+
+    world = tmp_path / "world.mp4"
+    write_video(world, [render(SyntheticWorld(0, frames=33).held_out_scene(0, size=(64, 96)))], 16)
+    browser = _camera_browser(page, world, tmp_path)
     try:
         page = browser.new_context(viewport={"width": 1400, "height": 1000}, permissions=["camera"]).new_page()
         page.goto(app_server.url, wait_until="domcontentloaded")
@@ -378,17 +396,8 @@ def test_a_camera_the_page_may_not_use_gives_one_message(page, app_server):
 def test_the_camera_drives_the_pose_animation_live_until_stop(page, app_server, tmp_path):
     """A fake camera that shows a dancing stick figure (the pose example as a .y4m file) drives the Pose Animation
     tab as a rendered pose video: blocks keep coming while it sends, and Stop ends the run."""
-    import subprocess
-
-    import imageio_ffmpeg
-
-    figure = tmp_path / "figure.y4m"
     example = ROOT / "assets/examples/shapes/pose/an_orange_stick_figure_dances_on_a_dark_blue_background.mp4"
-    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-i", str(example), "-pix_fmt", "yuv420p",
-                    str(figure)], check=True)
-    browser = page.context.browser.browser_type.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS + [
-        "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
-        f"--use-file-for-fake-video-capture={figure}"])
+    browser = _camera_browser(page, example, tmp_path)
     try:
         page = browser.new_context(viewport={"width": 1400, "height": 1000}, permissions=["camera"]).new_page()
         page.goto(app_server.url, wait_until="domcontentloaded")
