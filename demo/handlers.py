@@ -272,7 +272,7 @@ class Handlers:
 
     @staticmethod
     def camera_frame(frame, session: SessionControl) -> None:
-        """A frame of the browser's camera stream (the live video-to-video input)."""
+        """A frame of the browser's camera stream (the live input of video-to-video or of the pose animation)."""
         session.camera_frame(frame)
 
     @staticmethod

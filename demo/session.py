@@ -53,7 +53,7 @@ class SessionControl:
         self.steering = PromptSteering()  # prompt switches for the current run
         self.fast_run: FastRun | None = None  # the last fast-decoded run, for a full-VAE re-decode
         self.runs = RunTree(int(branch_memory_mb * 2**20))  # this visitor's runs and the blocks kept for branches
-        self.camera: LiveFrames | None = None  # the camera frames of a live video-to-video run, while it runs
+        self.camera: LiveFrames | None = None  # the camera frames of a live run (video-to-video, pose), while it runs
 
     def __deepcopy__(self, memo: dict) -> "SessionControl":
         # Gradio deep-copies state values between events; the stop flag must stay the same object

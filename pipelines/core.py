@@ -388,17 +388,18 @@ class BlockRun:
         self.first_latent = first_latent
         self.prefix_frames = 0 if first_latent is None else first_latent.shape[2]
         total_frames = self.prefix_frames + self.num_blocks * self.frames_per_block
-        self.window, self.window_forced = pipeline.attention_window_for(total_frames, frame_tokens,
-                                                                        request.continuous)
         settings = pipeline.settings
-        self.rolling = None  # Rolling Forcing: the blocks in flight, and its own cache (no FP8: it holds 21 frames)
+        self.rolling = None  # Rolling Forcing: the blocks in flight, and its own cache (it holds local_attn_size
+        # frames whatever the video's length: not narrowed, no FP8)
         if isinstance(pipeline.sampler, RollingWindowSampler):
             self.rolling = pipeline.sampler.start(self.num_blocks, self.frames_per_block)
-            self.window, self.window_forced = AttentionWindow(cfg.local_attn_size, self.frames_per_block), False
+            self.window, self.window_forced = pipeline.window, False
             self.caches = [RollingForcingCache(model.config.num_layers, 1, frame_tokens, model.config.num_heads,
                                                model.head_dim, cfg.local_attn_size, self.frames_per_block, dtype,
                                                device)]
         else:
+            self.window, self.window_forced = pipeline.attention_window_for(total_frames, frame_tokens,
+                                                                            request.continuous)
             self.caches = [KVCache(model.config.num_layers, 1, total_frames, frame_tokens, model.config.num_heads,
                                    model.head_dim, self.window, dtype, device, fp8=settings.kv_cache_fp8)
                            for _ in self.contexts]

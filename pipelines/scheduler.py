@@ -158,10 +158,6 @@ class RollingWindowSampler:
     def __init__(self, config: SamplerConfig) -> None:
         self.schedule = FewStepSchedule(config.denoising_steps, config.timestep_shift, config.warp_denoising_step)
 
-    @property
-    def window_blocks(self) -> int:
-        return len(self.schedule.steps)
-
     def start(self, num_blocks: int, frames_per_block: int) -> "RollingWindow":
         """One run's blocks in flight (per run: the sampler itself is shared)."""
         return RollingWindow(self.schedule, num_blocks, frames_per_block)

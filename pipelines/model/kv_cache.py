@@ -163,11 +163,14 @@ class KVCache:
         sink = self.sink_tokens
         for index, stored in enumerate((self.keys[layer], self.values[layer])):
             scales = (self.key_scales, self.value_scales)[index][layer] if self.fp8 else None
-            evicted = stored[:, sink:sink + evict].to(scales.dtype) * scales[:, sink:sink + evict] if self.fp8 \
-                else stored[:, sink:sink + evict]
+
+            def read(start: int, end: int) -> torch.Tensor:
+                return stored[:, start:end] if scales is None else stored[:, start:end].to(scales.dtype) * \
+                    scales[:, start:end]
+
+            evicted = read(sink, sink + evict)
             if evict == sink:
-                current = stored[:, :sink].to(scales.dtype) * scales[:, :sink] if self.fp8 else stored[:, :sink]
-                merged = self.sink_momentum * current + (1 - self.sink_momentum) * evicted
+                merged = self.sink_momentum * read(0, sink) + (1 - self.sink_momentum) * evicted
             else:
                 merged = evicted[:, :min(evict, sink)]
             if self.fp8:

@@ -47,11 +47,11 @@ class RotaryEmbedding3D:
         ], dim=-1).reshape(frames * height * width, 1, -1)
         return grid.cos().float(), grid.sin().float()
 
-
     def temporal_shift(self, frames: int, height: int, width: int, shift: int,
                        device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin that move keys already rotated for frames [0, frames) to [shift, shift + frames): the temporal
-        angles of `shift`, no spatial rotation (rotations of disjoint channel pairs commute; frame 0's is none)."""
+        angles of `shift` and no spatial rotation (rotations of one channel pair add up, and the spatial pairs
+        already carry their positions)."""
         t_ang = self._angles_on(device)[0]
         temporal = t_ang[shift].expand(frames * height * width, -1)
         spatial = temporal.new_zeros(frames * height * width, sum(a.shape[1] for a in self.angles[1:]))

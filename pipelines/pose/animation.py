@@ -74,16 +74,11 @@ class PoseAnimator:
         num_blocks, height, width = validated.num_blocks, validated.height, validated.width
         latent_frames = num_blocks * self.pipeline.config.frames_per_block
         pose_frames, reference_pose = self.pose_video(reference, driving, is_pose_video, latent_frames, height, width)
-        encoders = self.encoders.get()
-        tokens = encoders.pose_tokens(pose_frames)
-        vae = self.pipeline.vae
-        reference_latent = vae.encode(prepare_image(reference, height, width))
-        reference_latent = reference_latent + encoders.reference_features(reference_pose).to(reference_latent)
-        frame_tokens = self.pipeline.generator.frame_tokens(*self.pipeline.config.latent_size(height, width))
+        tokens = self.encoders.get().pose_tokens(pose_frames)
+        reference_latent, frame_tokens = self._reference(reference, reference_pose, height, width)
         return dataclasses.replace(base, num_blocks=num_blocks, height=height, width=width,
                                    conditioning=PoseConditioning(tokens, frame_tokens, prefix_frames=1),
                                    reference_latent=reference_latent)
-
 
     @torch.no_grad()
     def live_request(self, reference: Image.Image, source: VideoSource, is_pose_video: bool,
@@ -93,25 +88,28 @@ class PoseAnimator:
         validated = self.pipeline.validate(base)
         height, width = validated.height, validated.width
         fit = functools.partial(_fit, height=height, width=width)
-        reference_pixels = _fit(np.asarray(reference.convert("RGB")), height, width)
         if is_pose_video:
             frames = LivePoseFrames(source, fit)
         else:
             detect = self.detector()
-            frames = LivePoseFrames(source, fit, detect, detect(reference_pixels), (height, width))
+            frames = LivePoseFrames(source, fit, detect, detect(fit(np.asarray(reference.convert("RGB")))),
+                                    (height, width))
         first = frames.next()
         if first is None:
             raise RequestError("No frames came from the driving video or camera (a camera: allow the page to use it "
                                "and start its stream before Generate).")
         reference_pose = first if is_pose_video else draw_pose(frames.reference_pose, width, height)
-        encoders = self.encoders.get()
-        vae = self.pipeline.vae
-        reference_latent = vae.encode(prepare_image(reference, height, width))
-        reference_latent = reference_latent + encoders.reference_features(reference_pose).to(reference_latent)
-        frame_tokens = self.pipeline.generator.frame_tokens(*self.pipeline.config.latent_size(height, width))
-        conditioning = StreamingPoseConditioning(encoders, frames, first, frame_tokens, prefix_frames=1)
+        reference_latent, frame_tokens = self._reference(reference, reference_pose, height, width)
+        conditioning = StreamingPoseConditioning(self.encoders.get(), frames, first, frame_tokens, prefix_frames=1)
         return dataclasses.replace(base, height=height, width=width, conditioning=conditioning,
                                    reference_latent=reference_latent)
+
+    def _reference(self, reference: Image.Image, reference_pose: np.ndarray, height: int,
+                   width: int) -> tuple[torch.Tensor, int]:
+        """(the reference image's latent with its pose's features added, tokens per latent frame) at this size."""
+        reference_latent = self.pipeline.vae.encode(prepare_image(reference, height, width))
+        reference_latent = reference_latent + self.encoders.get().reference_features(reference_pose).to(reference_latent)
+        return reference_latent, self.pipeline.generator.frame_tokens(*self.pipeline.config.latent_size(height, width))
 
 
 def make_pose_animator(pipeline: StreamingVideoPipeline, weights_dir: Path | None) -> PoseAnimator:

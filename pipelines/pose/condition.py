@@ -54,10 +54,15 @@ class PoseEncoders(nn.Module):
     def pose_tokens(self, pose_video: np.ndarray) -> torch.Tensor:
         """uint8 [F, H, W, 3] pose frames (F = 4n-3), or a batch [B, F, H, W, 3] of them ->
         tokens [B, n*(H/16)*(W/16), dim] (B = 1 for one video)."""
+        frames = np.asarray(pose_video)
+        frames = frames if frames.ndim == 5 else frames[None]
+        return self.padded_pose_tokens(np.concatenate([frames[:, :1].repeat(3, axis=1), frames], axis=1))
+
+    def padded_pose_tokens(self, padded_video: np.ndarray) -> torch.Tensor:
+        """pose_tokens of frames that already carry the first frame's three repeats in front, uint8 [B, 4n, H, W, 3]
+        (live.StreamingPoseConditioning encodes windows of a video that is still arriving)."""
         weight = self.dwpose_embedding[0].weight
-        frames = torch.from_numpy(np.asarray(pose_video)).to(weight.device, weight.dtype)
-        video = (frames if frames.ndim == 5 else frames[None]).permute(0, 4, 1, 2, 3) / 255.0
-        video = torch.cat([video[:, :, :1].repeat(1, 1, 3, 1, 1), video], dim=2)
+        video = torch.from_numpy(padded_video).to(weight.device, weight.dtype).permute(0, 4, 1, 2, 3) / 255.0
         tokens = self.dwpose_embedding(video).flatten(2).transpose(1, 2)
         return tokens if self.pose_proj is None else self.pose_proj(tokens)
 

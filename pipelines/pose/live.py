@@ -85,20 +85,12 @@ class StreamingPoseConditioning:
         if window_end > available:  # only once the input ended: the video's own end, as for the whole video
             window_end = available - available % STRIDE
         video = np.stack(self.padded[window_start - self.offset:window_end - self.offset])
-        tokens = self._encode(video)
+        tokens = self.encoders.padded_pose_tokens(video[None])
         skip = (first - window_start // STRIDE) * self.frame_tokens
         bias = tokens[:, skip:skip + num_frames * self.frame_tokens]
         self._cached = (start_frame, num_frames, bias)
         self._forget_before(max(0, STRIDE * (first + num_frames) - LOOK_BACK))  # where the next block's window starts
         return bias
-
-    def _encode(self, padded_video: np.ndarray) -> torch.Tensor:
-        """PoseEncoders.pose_tokens on frames that already carry the first frame's repeats."""
-        encoders = self.encoders
-        weight = encoders.dwpose_embedding[0].weight
-        video = torch.from_numpy(padded_video).to(weight.device, weight.dtype)[None].permute(0, 4, 1, 2, 3) / 255.0
-        tokens = encoders.dwpose_embedding(video).flatten(2).transpose(1, 2)
-        return tokens if encoders.pose_proj is None else encoders.pose_proj(tokens)
 
     def _read_until(self, padded_frames: int) -> None:
         while not self.ended and self.offset + len(self.padded) < padded_frames:
