@@ -326,6 +326,16 @@ def _live_run_until_stop(page, tab: str, timeout_s: float = 120) -> None:
         time.sleep(0.1)
 
 
+def _open_tab(browser, url: str, tab: str, camera: bool):
+    """A new page of the app in `browser`, on `tab`, with or without permission to use the camera."""
+    page = browser.new_context(viewport={"width": 1400, "height": 1000},
+                               permissions=["camera"] if camera else []).new_page()
+    page.goto(url, wait_until="domcontentloaded")
+    page.wait_for_selector("#banner", timeout=60_000)
+    page.get_by_role("tab", name=tab).click()
+    return page
+
+
 def _camera_browser(page, video: Path, folder: Path):
     """A Chromium whose fake camera plays `video` (converted to the .y4m it reads), camera permission granted."""
     import subprocess
@@ -350,10 +360,7 @@ def test_the_camera_drives_video_to_video_live_until_stop(page, app_server, tmp_
     write_video(world, [render(SyntheticWorld(0, frames=33).held_out_scene(0, size=(64, 96)))], 16)
     browser = _camera_browser(page, world, tmp_path)
     try:
-        page = browser.new_context(viewport={"width": 1400, "height": 1000}, permissions=["camera"]).new_page()
-        page.goto(app_server.url, wait_until="domcontentloaded")
-        page.wait_for_selector("#banner", timeout=60_000)
-        page.get_by_role("tab", name="Video to Video").click()
+        page = _open_tab(browser, app_server.url, "Video to Video", camera=True)
         page.locator("#v2v-camera").get_by_text("Click to Access Webcam").click()
         page.locator("#v2v-camera button[aria-label='capture photo']").click()  # (starts the camera's stream)
         page.locator("#v2v-use-camera input").check()
@@ -368,10 +375,7 @@ def test_a_camera_the_page_may_not_use_gives_one_message(page, app_server):
     server go on (a text-to-video run afterwards works)."""
     browser = page.context.browser.browser_type.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
     try:
-        page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
-        page.goto(app_server.url, wait_until="domcontentloaded")
-        page.wait_for_selector("#banner", timeout=60_000)
-        page.get_by_role("tab", name="Video to Video").click()
+        page = _open_tab(browser, app_server.url, "Video to Video", camera=False)
         page.locator("#v2v-camera").get_by_text("Click to Access Webcam").click()  # (denied: nothing streams)
         page.locator("#v2v-use-camera input").check()
         page.locator("#prompt-v2v textarea").fill("a green square moves up on a black background")
@@ -399,10 +403,7 @@ def test_the_camera_drives_the_pose_animation_live_until_stop(page, app_server, 
     example = ROOT / "assets/examples/shapes/pose/an_orange_stick_figure_dances_on_a_dark_blue_background.mp4"
     browser = _camera_browser(page, example, tmp_path)
     try:
-        page = browser.new_context(viewport={"width": 1400, "height": 1000}, permissions=["camera"]).new_page()
-        page.goto(app_server.url, wait_until="domcontentloaded")
-        page.wait_for_selector("#banner", timeout=60_000)
-        page.get_by_role("tab", name="Pose Animation").click()
+        page = _open_tab(browser, app_server.url, "Pose Animation", camera=True)
         panel = page.locator("#status-pose").locator("xpath=ancestor::div[contains(@class,'tabitem')]").first
         panel.locator(".gallery-item, tr.tr-body, button.gallery-item").first.click()  # the character, ticked as a pose
         page.locator("#pose-camera").get_by_text("Click to Access Webcam").click()

@@ -10,19 +10,14 @@ import dataclasses
 
 import pytest
 import torch
-import yaml
 
 from pipelines.branch import Branch, KeptBlock
-from pipelines.config import CONFIG_DIR
 from pipelines.core import GenerationRequest, StreamingVideoPipeline
-from pipelines.loading.weights import load_components
-from pipelines.registry import load_registry
 from pipelines.steering import PromptSwitch, ScriptedSteering
 
 from published import published_block, published_steps
-from tiny_checkpoints import dit_key_to_original, write_original_layout
+from tiny_checkpoints import registered_on_tiny
 
-TINY = yaml.safe_load((CONFIG_DIR / "tiny.yaml").read_text())
 PROMPT = "a red circle moves to the right on a dark blue background"
 
 
@@ -123,22 +118,8 @@ def published_inference(pipeline: StreamingVideoPipeline, prompt: str, seed: int
 def reward_forcing(tmp_path_factory, tiny_components) -> StreamingVideoPipeline:
     """The registry's entry on the tiny architecture, its checkpoint written as the project saves it: the generator
     wrapper's state dict itself, original Wan names under 'model.'."""
-    folder = tmp_path_factory.mktemp("reward_forcing")
-    weights = folder / "weights"
-    write_original_layout(tiny_components, weights)
-    model = load_registry()["reward_forcing"]
-    path = weights / model.config.weights.generator_ckpt
-    path.parent.mkdir(parents=True)
-    torch.save({"model." + dit_key_to_original(k): v.detach().clone()
-                for k, v in tiny_components.generator.state_dict().items()}, path)
-    config = folder / "reward_forcing.yaml"
-    config.write_text(yaml.safe_dump({"base": str(model.config_path), "model": TINY["model"], "vae": TINY["vae"],
-                                      "text_encoder": TINY["text_encoder"], "dtype": "float32", "height": 64,
-                                      "width": 96, "resolutions": ["96x64"]}))
-    (folder / "models.yaml").write_text(yaml.safe_dump({"models": {"reward_forcing": {"config": config.name}}}))
-    entry = load_registry(folder / "models.yaml")["reward_forcing"]
-    assert not entry.missing(weights)
-    return StreamingVideoPipeline(load_components(entry.config, weights), entry.config)
+    return registered_on_tiny(tiny_components, tmp_path_factory.mktemp("reward_forcing"), "reward_forcing",
+                              lambda state: state)
 
 
 def latents_of(pipeline: StreamingVideoPipeline, request: GenerationRequest) -> list[torch.Tensor]:

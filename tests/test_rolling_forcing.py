@@ -12,17 +12,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import yaml
 
-from pipelines.config import CONFIG_DIR
 from pipelines.core import GenerationRequest, RequestError, StreamingVideoPipeline
-from pipelines.loading.weights import load_components
-from pipelines.registry import load_registry
 
 from published import published_steps, sigma_at
-from tiny_checkpoints import dit_key_to_original, write_original_layout
+from tiny_checkpoints import registered_on_tiny
 
-TINY = yaml.safe_load((CONFIG_DIR / "tiny.yaml").read_text())
 PROMPT = "a red circle moves to the right on a dark blue background"
 H, W = 64 // 8, 96 // 8  # the latent grid at 96x64
 
@@ -156,23 +151,12 @@ def published_inference(pipeline: StreamingVideoPipeline, prompt: str, seed: int
 def rolling_forcing(tmp_path_factory, tiny_components) -> StreamingVideoPipeline:
     """The registry's entry on the tiny architecture, its checkpoint written as the project saves it:
     {'generator', 'generator_ema'} with FSDP's wrapper left in the EMA names (their inference strips it)."""
-    folder = tmp_path_factory.mktemp("rolling_forcing")
-    weights = folder / "weights"
-    write_original_layout(tiny_components, weights)
-    model = load_registry()["rolling_forcing"]
-    state = {"model." + dit_key_to_original(k): v.detach().clone()
-             for k, v in tiny_components.generator.state_dict().items()}
-    wrapped = {k.replace("model.", "model._fsdp_wrapped_module.", 1): v for k, v in state.items()}
-    torch.save({"generator": {k: v + 1 for k, v in state.items()}, "generator_ema": wrapped},
-               weights / model.config.weights.generator_ckpt)
-    config = folder / "rolling_forcing.yaml"
-    config.write_text(yaml.safe_dump({"base": str(model.config_path), "model": TINY["model"], "vae": TINY["vae"],
-                                      "text_encoder": TINY["text_encoder"], "dtype": "float32", "height": 64,
-                                      "width": 96, "resolutions": ["96x64"]}))
-    (folder / "models.yaml").write_text(yaml.safe_dump({"models": {"rolling_forcing": {"config": config.name}}}))
-    entry = load_registry(folder / "models.yaml")["rolling_forcing"]
-    assert not entry.missing(weights)
-    return StreamingVideoPipeline(load_components(entry.config, weights), entry.config)
+    def checkpoint(state: dict) -> dict:
+        wrapped = {k.replace("model.", "model._fsdp_wrapped_module.", 1): v for k, v in state.items()}
+        return {"generator": {k: v + 1 for k, v in state.items()}, "generator_ema": wrapped}
+
+    return registered_on_tiny(tiny_components, tmp_path_factory.mktemp("rolling_forcing"), "rolling_forcing",
+                              checkpoint)
 
 
 def latents_of(pipeline: StreamingVideoPipeline, request: GenerationRequest) -> list[torch.Tensor]:

@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Callable
 
 import torch
+import yaml
 from safetensors.torch import save_file
 
+from pipelines.config import CONFIG_DIR
 from pipelines.loading.weights import Components
 
 _DIT_TO_ORIGINAL = (
@@ -170,3 +173,30 @@ def write_tiny_causal_lm(folder: Path, seed: int = 0) -> Path:
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def registered_on_tiny(components: Components, folder: Path, key: str,
+                       checkpoint: Callable[[dict[str, torch.Tensor]], object]):
+    """The registry's entry `key` on the tiny architecture, loaded through the registry from files written in its
+    project's layout: the Wan base, and checkpoint(state) saved at the entry's generator_ckpt, where state holds the
+    tiny generator's weights under original Wan names prefixed 'model.' (as the projects' wrappers name them)."""
+    from pipelines.core import StreamingVideoPipeline
+    from pipelines.loading.weights import load_components
+    from pipelines.registry import load_registry
+
+    weights = folder / "weights"
+    write_original_layout(components, weights)
+    model = load_registry()[key]
+    path = weights / model.config.weights.generator_ckpt
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"model." + dit_key_to_original(k): v.detach().clone() for k, v in components.generator.state_dict().items()}
+    torch.save(checkpoint(state), path)
+    tiny = yaml.safe_load((CONFIG_DIR / "tiny.yaml").read_text())
+    config = folder / f"{key}.yaml"
+    config.write_text(yaml.safe_dump({"base": str(model.config_path), "model": tiny["model"], "vae": tiny["vae"],
+                                      "text_encoder": tiny["text_encoder"], "dtype": "float32", "height": 64,
+                                      "width": 96, "resolutions": ["96x64"]}))
+    (folder / "models.yaml").write_text(yaml.safe_dump({"models": {key: {"config": config.name}}}))
+    entry = load_registry(folder / "models.yaml")[key]
+    assert not entry.missing(weights)
+    return StreamingVideoPipeline(load_components(entry.config, weights), entry.config)
