@@ -103,10 +103,14 @@ def main(argv: list[str] | None = None) -> int:
                  prompt_extender=args.prompt_extender, kv_cache=args.kv_cache, compile_cache=args.compile_cache,
                  attention=args.attention, fp8=args.fp8)
     options = pool_options(args)
+    if options is not None and args.gpus > 1:
+        log.error("--gpus splits one stream over this process's GPUs; a pool gives each worker a GPU of its own: "
+                  "use one or the other.")
+        return 2
     if options is None:
         from demo.runtime import load_runtime
 
-        runtime = load_runtime(**model, outputs=store, admin_token=args.admin_token,
+        runtime = load_runtime(**model, gpus=args.gpus, split=args.split, outputs=store, admin_token=args.admin_token,
                                max_pixel_blocks=args.max_pixel_blocks, branch_memory_mb=args.branch_memory_mb)
     else:
         from serving.pool.client import PoolError

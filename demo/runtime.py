@@ -115,10 +115,11 @@ def load_runtime(config_path: str | Path | None, weights: str | None, device: st
                  outputs: OutputStore | None = None, admin_token: str | None = None,
                  kv_cache: str = "auto", registry: Path = REGISTRY, compile_cache: str | None = None,
                  attention: str = "auto", fp8: bool = False, max_pixel_blocks: int | None = None,
-                 branch_memory_mb: float = DEFAULT_BRANCH_MEMORY_MB) -> Runtime:
-    """The app without a pool: the model loaded into this process (a weights problem is kept for the UI)."""
+                 branch_memory_mb: float = DEFAULT_BRANCH_MEMORY_MB, gpus: int = 1, split: str = "auto") -> Runtime:
+    """The app without a pool: the model loaded into this process, split over `gpus` GPUs when asked (a weights
+    problem is kept for the UI)."""
     engine = load_engine(config_path, weights, device, compile_models, use_ema, memory_profile, vram_gb,
-                         prompt_extender, kv_cache, registry, compile_cache, attention, fp8)
+                         prompt_extender, kv_cache, registry, compile_cache, attention, fp8, gpus, split)
     return front_end(LocalBackend(engine), engine.weights_dir, outputs, admin_token, max_pixel_blocks, registry,
                      branch_memory_mb)
 

@@ -23,6 +23,7 @@ from .settings import RuntimeSettings
 
 if TYPE_CHECKING:
     from .loading.tiny_decoder import TinyVideoDecoder
+    from .parallel.group import ParallelGroup
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def build_pipeline(config: PipelineConfig, weights_dir: str | Path | None, devic
                    memory_profile: str = "auto", vram: int | None = None,
                    compile_models: bool = False, warm: bool = False, kv_cache: str = "auto",
                    compile_cache: str | Path | None = None, attention: str = "auto",
-                   fp8: bool = False) -> tuple[StreamingVideoPipeline, MemoryPlan]:
+                   fp8: bool = False, gpus: int = 1, split: str = "auto") -> tuple[StreamingVideoPipeline, MemoryPlan]:
     """Loads the weights (raising WeightsError with a user-facing message) and places them.
 
     warm: when the models were compiled or FlashAttention-4 is in use, run warm_up() so no user waits
@@ -48,9 +49,24 @@ def build_pipeline(config: PipelineConfig, weights_dir: str | Path | None, devic
     compile_cache: a folder that keeps compilation results between starts (pipelines/model/compile_cache.py).
     attention: inference attention kernels (memory_profiles.ATTENTION_CHOICES, attention_kernels.py).
     fp8: the experimental FP8 block linears (fp8.py; needs the generator resident on the GPU).
+    gpus, split: one stream over several GPUs (pipelines/parallel/group.py); this process is rank 0.
     """
-    components = load_components(config, weights_dir, "cpu")
     device = torch.device(device)
+    group = start_parallel(config, weights_dir, device, gpus, split, memory_profile, fp8, compile_models,
+                           attention) if gpus > 1 else None
+    try:
+        return _build(config, weights_dir, device, "high" if group else memory_profile, vram, compile_models, warm,
+                      kv_cache, compile_cache, attention, fp8, group)
+    except BaseException:
+        if group is not None:
+            group.close()
+        raise
+
+
+def _build(config: PipelineConfig, weights_dir: str | Path | None, device: torch.device, memory_profile: str,
+           vram: int | None, compile_models: bool, warm: bool, kv_cache: str, compile_cache: str | Path | None,
+           attention: str, fp8: bool, group: "ParallelGroup | None") -> tuple[StreamingVideoPipeline, MemoryPlan]:
+    components = load_components(config, weights_dir, "cpu")
     fast_decoder = load_tiny_decoder(Path(weights_dir) if weights_dir else None, device, config.torch_dtype)
     planned = RuntimeSettings(fp8_linears=fp8, fast_decoder=fast_decoder)  # FP8 weights stay resident
     compile_models = compile_models and device.type == "cuda"
@@ -69,13 +85,41 @@ def build_pipeline(config: PipelineConfig, weights_dir: str | Path | None, devic
     except (FP8Error, AttentionKernelError) as err:
         raise WeightsError(str(err)) from err
     compiled = accelerate(components, compile_models=compiling, fp8=fp8)
+    loras = group.attach(components, device) if group is not None else None
     pipeline = StreamingVideoPipeline(components, config, device,
-                                      dataclasses.replace(settings, attention=kernels, compiled=compiled))
+                                      dataclasses.replace(settings, attention=kernels, compiled=compiled),
+                                      loras=loras, parallel=group)
     if warm and (compiled or kernels != "sdpa"):  # FA4 compiles its kernels on first use
         warm_up(pipeline)
         if cache is not None:
             compile_cache_store.save(cache)
     return pipeline, plan
+
+
+def start_parallel(config: PipelineConfig, weights_dir: str | Path | None, device: torch.device, gpus: int,
+                   split: str, memory_profile: str, fp8: bool, compile_models: bool,
+                   attention: str) -> "ParallelGroup":
+    """Starts the other ranks of a split stream (WeightsError with what to change when this one cannot be)."""
+    from .parallel.group import HelperSpec, ParallelGroup, free_address
+    from .parallel.layout import ParallelError, ParallelLayout
+
+    try:
+        layout = ParallelLayout(gpus, split)
+        layout.check(config)
+        if memory_profile not in ("auto", "high"):
+            raise ParallelError("--gpus keeps every model resident on its GPU: use --memory-profile high (or auto).")
+        if fp8:
+            raise ParallelError("--fp8 is not available with --gpus.")
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            raise ParallelError("This process already runs a stream split over GPUs: close it first "
+                                "(pipeline.parallel.close()).")
+        if device.type == "cuda" and torch.cuda.device_count() < gpus:
+            raise ParallelError(f"--gpus {gpus}: this machine has {torch.cuda.device_count()} GPUs.")
+    except ParallelError as err:
+        raise WeightsError(str(err)) from err
+    spec = HelperSpec(layout, config, str(weights_dir) if weights_dir else None, device.type == "cuda",
+                      compile_models and device.type == "cuda", attention, free_address())
+    return ParallelGroup.start(spec)
 
 
 def enable_fast_kernels(generator, device: torch.device, attention: str, fp8: bool) -> str:

@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, **config_overrides(args), dtype=args.dtype)
         pipeline, plan = build_pipeline(config, args.weights, args.device or default_device(), args.memory_profile,
                                      vram_bytes(args.vram_gb), args.compile, kv_cache=args.kv_cache,
-                                     compile_cache=args.compile_cache, attention=args.attention, fp8=args.fp8)
+                                     compile_cache=args.compile_cache, attention=args.attention, fp8=args.fp8,
+                                     gpus=args.gpus, split=args.split)
         image = Image.open(args.image) if args.image else None
         if args.replay:
             record = read_record(args.replay)

@@ -10,6 +10,7 @@ import os
 
 from .config import DEFAULT_CONFIG
 from .memory.profiles import ATTENTION_CHOICES, KV_CACHE_CHOICES, PROFILE_CHOICES
+from .parallel.layout import SPLITS
 
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -74,6 +75,13 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                             "folder found there [SF_PROMPT_EXTENDER]")
     group.add_argument("--vram-gb", type=float, default=_float_env("SF_VRAM_GB"),
                        help="plan for this much GPU memory (GiB) instead of the free amount [SF_VRAM_GB]")
+    group.add_argument("--gpus", type=int, default=int(env("SF_GPUS", "1")),
+                       help="split one stream over this many GPUs of this machine (this process is rank 0 and starts "
+                            "the others; on a CPU-only machine, processes over gloo) [SF_GPUS]")
+    group.add_argument("--split", choices=SPLITS, default=env("SF_SPLIT", "auto"),
+                       help="with --gpus: sequence (every GPU takes a share of each generator pass), decode (2 GPUs: "
+                            "one generates, one decodes and encodes prompts), both (3+: all but the last split the "
+                            "passes, the last decodes); auto: decode on 2 GPUs, both on more [SF_SPLIT]")
 
 
 def _float_env(name: str) -> float | None:

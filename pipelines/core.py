@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol
 
@@ -91,7 +92,7 @@ class BlockResult:
 
     index: int
     num_blocks: int
-    frames: np.ndarray  # uint8 [T, H, W, 3]
+    frames: np.ndarray | None  # uint8 [T, H, W, 3] (None only while `pending`)
     latents: torch.Tensor | None  # clean latents of the whole block [1, C, F, h, w] (CPU) when complete, and
     # the image prefix's latent on the result that shows it
     denoise_s: float  # on a block's first result: its denoising plus the KV-cache write of the block before
@@ -110,6 +111,8 @@ class BlockResult:
     restored: bool = False  # a branch's block from before its branch point, decoded from kept latents
     drift: BlockDrift | None = None  # how far this block has drifted from the run's first blocks (complete results)
     refreshed: bool = False  # the drift guard re-cached before this block
+    pending: Callable[[], None] | None = field(default=None, repr=False)  # frames still decoding elsewhere: call it
+    # to wait for them (generate() does, before it yields the result)
 
     @property
     def block_s(self) -> float:
@@ -117,6 +120,32 @@ class BlockResult:
 
 
 CancelCheck = Callable[[], bool]
+
+
+class FramesDecoder(Protocol):
+    """A run's streaming decoder: submit() takes the next latent frames and returns a Future of (uint8 frames
+    [T, H, W, 3], decode seconds); frames_seen counts the latent frames submitted."""
+
+    frames_seen: int
+
+    def submit(self, latents: torch.Tensor) -> Future: ...
+
+
+class DecodeHere:
+    """A streaming decoder (Wan VAE or TAEHV) run where the generator runs: each block decoded when submitted."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+
+    @property
+    def frames_seen(self) -> int:
+        return self.stream.frames_seen
+
+    def submit(self, latents: torch.Tensor) -> Future:
+        start = time.perf_counter()
+        decoded: Future = Future()
+        decoded.set_result((to_uint8_frames(self.stream.decode_block(latents)), time.perf_counter() - start))
+        return decoded
 
 
 def prepare_image(image: Image.Image, height: int, width: int) -> torch.Tensor:
@@ -212,10 +241,13 @@ class StreamingVideoPipeline:
     """Self-Forcing inference: few-step (or multi-step CFG) denoising of 3-frame blocks.
 
     settings: how it runs (memory plan, kernels, compiled, fast decoder), fixed for the pipeline's life.
+    parallel: the other ranks' group (parallel/group.py, --gpus) when this is rank 0 of a split stream; with a
+    decoding rank, blocks decode there while the next one is generated.
     """
 
     def __init__(self, components: Components, config: PipelineConfig, device: torch.device | str = "cpu",
-                 settings: RuntimeSettings = RuntimeSettings(), loras: LoraMerger | None = None) -> None:
+                 settings: RuntimeSettings = RuntimeSettings(), loras: LoraMerger | None = None,
+                 parallel=None) -> None:
         self.components = components
         self.config = config
         self.device = torch.device(device)
@@ -226,10 +258,13 @@ class StreamingVideoPipeline:
         self.window = config.attention_window
         self.sampler = make_sampler(config.sampler)
         self.loras = loras or LoraMerger(self.generator)  # (shared with a pipeline made by with_settings)
+        self.parallel = parallel
+        self.remote_decoding = parallel.decoding if parallel is not None else None
 
     def with_settings(self, settings: RuntimeSettings) -> "StreamingVideoPipeline":
         """The same weights and merged LoRAs under new settings (a new memory profile)."""
-        return StreamingVideoPipeline(self.components, self.config, self.device, settings, self.loras)
+        return StreamingVideoPipeline(self.components, self.config, self.device, settings, self.loras,
+                                      self.parallel)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -272,6 +307,10 @@ class StreamingVideoPipeline:
                  cancel: CancelCheck | None = None) -> Iterator[BlockResult]:
         """Yields each block as soon as it is decoded; all per-run GPU memory is freed at the end."""
         blocks = self._generate(self.validate(request), cancel)
+        if self.remote_decoding is not None:
+            from .parallel.decode import ahead_of_decoding
+
+            blocks = ahead_of_decoding(blocks)
         try:
             yield from blocks
         finally:
@@ -400,11 +439,14 @@ class BlockRun:
         else:
             self.window, self.window_forced = pipeline.attention_window_for(total_frames, frame_tokens,
                                                                             request.continuous)
-            self.caches = [KVCache(model.config.num_layers, 1, total_frames, frame_tokens, model.config.num_heads,
-                                   model.head_dim, self.window, dtype, device, fp8=settings.kv_cache_fp8)
-                           for _ in self.contexts]
-        self.decoder = settings.fast_decoder.stream() if request.fast_decode else \
-            pipeline.vae.stream(settings.decode_frame_by_frame)
+            self.caches = [model.new_kv_cache(total_frames, frame_tokens, self.window, device,
+                                              fp8=settings.kv_cache_fp8) for _ in self.contexts]
+        self.decoder: FramesDecoder
+        if pipeline.remote_decoding is not None:
+            self.decoder = pipeline.remote_decoding.stream(request.fast_decode, settings.decode_frame_by_frame)
+        else:
+            self.decoder = DecodeHere(settings.fast_decoder.stream() if request.fast_decode else
+                                      pipeline.vae.stream(settings.decode_frame_by_frame))
         self.prompt, self.switch_ms, self.switch_mode, self.reseeded = request.prompt, None, None, None
         self.rng_state: torch.Tensor | None = None  # the generator's state after the last denoised block
         self.drift = DriftMonitor()
@@ -573,20 +615,29 @@ class BlockRun:
             yield self.decoded(index, clean, denoise_s, clean)
 
     def decoded(self, index: int, latents: torch.Tensor, denoise_s: float, clean: torch.Tensor | None) -> BlockResult:
-        decode_start = time.perf_counter()
-        frames = to_uint8_frames(self.decoder.decode_block(latents))
-        drift = None
+        """The result showing `latents`; when they decode elsewhere, its frames are pending (except under a drift
+        guard: its verdict must come before the next block)."""
+        frames = self.decoder.submit(latents)
+        result = BlockResult(index=index, num_blocks=self.num_blocks, frames=None,
+                             latents=None if clean is None else clean.float().cpu(), denoise_s=denoise_s,
+                             decode_s=0.0, elapsed_s=0.0, complete=clean is not None,
+                             window_frames=self.window.window_frames, window_forced=self.window_forced,
+                             prompt=self.prompt, switch_ms=self.switch_ms if clean is not None else None,
+                             switch_mode=self.switch_mode if clean is not None else None,
+                             reseed=self.reseeded if clean is not None else None,
+                             rng_state=self.rng_state if clean is not None else None,
+                             refreshed=self.refreshed if clean is not None else False)
+        result.pending = lambda: self.received(result, frames, clean)
+        if frames.done() or self.request.drift_guard is not None:
+            result.pending()
+        return result
+
+    def received(self, result: BlockResult, frames: Future, clean: torch.Tensor | None) -> None:
+        """Completes `result` with its decoded frames (waiting for them) and their drift."""
+        result.frames, result.decode_s = frames.result()
         if clean is not None:
-            drift = self.drift.add(frames, clean)
+            result.drift = self.drift.add(result.frames, clean)
             guard = self.request.drift_guard
-            self.refresh_due = guard is not None and drift.score > guard
-        now = time.perf_counter()
-        return BlockResult(index=index, num_blocks=self.num_blocks, frames=frames,
-                           latents=None if clean is None else clean.float().cpu(), denoise_s=denoise_s,
-                           decode_s=now - decode_start, elapsed_s=now - self.started, complete=clean is not None,
-                           window_frames=self.window.window_frames, window_forced=self.window_forced,
-                           prompt=self.prompt, switch_ms=self.switch_ms if clean is not None else None,
-                           switch_mode=self.switch_mode if clean is not None else None,
-                           reseed=self.reseeded if clean is not None else None,
-                           rng_state=self.rng_state if clean is not None else None, drift=drift,
-                           refreshed=self.refreshed if clean is not None else False)
+            self.refresh_due = guard is not None and result.drift.score > guard
+        result.elapsed_s = time.perf_counter() - self.started
+        result.pending = None

@@ -387,6 +387,8 @@ class Engine:
             raise ValueError(f"{key!r} is not a model present in the weights folder "
                              f"(present: {', '.join(choices) or 'none'}).")
         with self.gpu_lock:
+            if self.pipeline is not None and self.pipeline.parallel is not None:
+                self.pipeline.parallel.close()  # (the new model starts its own ranks)
             self.pipeline, self.poser, self.memory_plan = None, None, None
             gc.collect()
             if torch.cuda.is_available():
@@ -406,6 +408,9 @@ class Engine:
         """Re-plans and moves the weights (waits for a running generation to finish); the plan's summary."""
         if self.pipeline is None:
             return ""
+        if self.pipeline.parallel is not None:
+            raise ValueError("A stream split over GPUs (--gpus) keeps every model resident: its memory profile is "
+                             "high.")
         with self.gpu_lock:
             pipeline = self.pipeline
             self.memory_plan, settings = configure_memory(pipeline.components, pipeline.config, pipeline.device,
@@ -422,7 +427,7 @@ def load_engine(config_path: str | Path | None, weights: str | None, device: str
                 compile_models: bool = False, use_ema: bool | None = None, memory_profile: str = "auto",
                 vram_gb: float | None = None, prompt_extender: str | None = None, kv_cache: str = "auto",
                 registry: Path = REGISTRY, compile_cache: str | None = None, attention: str = "auto",
-                fp8: bool = False) -> Engine:
+                fp8: bool = False, gpus: int = 1, split: str = "auto") -> Engine:
     """Loads once at start-up; a weights problem is kept as a message for the UI, not raised.
 
     Weights are read into CPU memory first; the memory plan then decides what goes to the GPU.
@@ -431,7 +436,8 @@ def load_engine(config_path: str | Path | None, weights: str | None, device: str
     engine = Engine(config=config, device=device or default_device(), registry=load_registry(registry),
                     build_options=dict(memory_profile=memory_profile, vram=vram_bytes(vram_gb),
                                        compile_models=compile_models, kv_cache=kv_cache,
-                                       compile_cache=compile_cache, attention=attention, fp8=fp8))
+                                       compile_cache=compile_cache, attention=attention, fp8=fp8,
+                                       gpus=gpus, split=split))
     try:
         weights_dir = engine.weights_dir = resolve_weights_source(weights)
         engine.weights_report = inspect_weights(weights_dir)

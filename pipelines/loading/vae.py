@@ -165,8 +165,13 @@ def _cached_conv(conv: WanCausalConv3d, x: torch.Tensor, cache: list, index: lis
 
 def to_uint8_frames(pixels: torch.Tensor) -> np.ndarray:
     """[1, 3, T, H, W] in [-1, 1] -> uint8 [T, H, W, 3]."""
+    return uint8_frames_on_device(pixels).cpu().numpy()
+
+
+def uint8_frames_on_device(pixels: torch.Tensor) -> torch.Tensor:
+    """to_uint8_frames where the pixels are (a decoding rank sends them from its GPU)."""
     video = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return video.permute(1, 2, 3, 0).cpu().numpy()
+    return video.permute(1, 2, 3, 0).contiguous()
 
 
 def frames_psnr(got: np.ndarray, want: np.ndarray) -> float:

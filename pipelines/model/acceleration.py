@@ -29,18 +29,29 @@ def accelerate(components: Components, compile_models: bool = False, fp8: bool =
     """
     if components.generator.patch_embedding.weight.device.type != "cuda":
         return False
-    torch.backends.cudnn.benchmark = True
-    vae_to_channels_last(components.vae.model)
-    pad_vae_convs_in_kernel(components.vae.model)
+    accelerate_decoder(components.vae.model, compile_models)
     if compile_models:
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        components.generator.compile_blocks(options=FP8_BLOCK_COMPILE_OPTIONS if fp8 else BLOCK_COMPILE_OPTIONS,
-                                            dynamic=False)
-        # The decoder's many small norm/activation/pad/cat kernels fuse into few memory passes.
-        make_upsamplers_traceable(components.vae.model)
-        components.vae.model.decoder.compile(dynamic=False)
+        compile_generator(components.generator, fp8)
         log.info("torch.compile enabled for the generator blocks and VAE decoder (first generation compiles)")
     return compile_models
+
+
+def compile_generator(generator: torch.nn.Module, fp8: bool = False) -> None:
+    """torch.compile the generator blocks' static parts (a generator rank of its own runs it alone)."""
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    generator.compile_blocks(options=FP8_BLOCK_COMPILE_OPTIONS if fp8 else BLOCK_COMPILE_OPTIONS, dynamic=False)
+
+
+def accelerate_decoder(vae_model: torch.nn.Module, compile_models: bool) -> None:
+    """accelerate()'s part for the VAE (on CUDA; a decoding rank of its own runs it alone)."""
+    torch.backends.cudnn.benchmark = True
+    vae_to_channels_last(vae_model)
+    pad_vae_convs_in_kernel(vae_model)
+    if compile_models:
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        # The decoder's many small norm/activation/pad/cat kernels fuse into few memory passes.
+        make_upsamplers_traceable(vae_model)
+        vae_model.decoder.compile(dynamic=False)
 
 
 def vae_to_channels_last(model: torch.nn.Module) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +19,11 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .kv_cache import BlockCausalLayout, KVCache
+from .kv_cache import AttentionWindow, BlockCausalLayout, KVCache
 from .rope import RotaryEmbedding3D, apply_rotary
+
+if TYPE_CHECKING:
+    from ..parallel.sequence import SequenceShard
 
 
 def sinusoidal_embedding(dim: int, timesteps: torch.Tensor) -> torch.Tensor:
@@ -135,13 +138,21 @@ class CausalWanBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, frame_mod: torch.Tensor, rope: RopeTables,
                 context_kv: tuple[torch.Tensor, torch.Tensor], layer: int,
-                kv_cache: KVCache | None, mask: torch.Tensor | BlockCausalLayout | None) -> torch.Tensor:
-        """x [B, F*S, C]; frame_mod [B, F, 6, C] (one modulation per latent frame)."""
+                kv_cache: KVCache | None, mask: torch.Tensor | BlockCausalLayout | None,
+                shard: "SequenceShard | None" = None, frame_tokens: int = 0) -> torch.Tensor:
+        """x [B, F*S, C]; frame_mod [B, F, 6, C] (one modulation per latent frame). With a shard x holds this rank's
+        share of each frame's frame_tokens tokens, and self-attention runs on this rank's heads of all of them."""
         mods = (self.scale_shift_table.unsqueeze(1) + frame_mod).chunk(6, dim=2)
         q, k, v = self.project_self(x, mods[0], mods[1], rope.cos, rope.sin, rope.key_cos, rope.key_sin)
+        frames = frame_mod.shape[1]
+        if shard is not None:
+            q, k, v = (shard.heads_from_tokens(t, frames, frame_tokens) for t in (q, k, v))
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)
-        return self.finish(x, attention(q, k, v, mask, self.self_attention_kernel), mods, context_kv)
+        attended = attention(q, k, v, mask, self.self_attention_kernel)
+        if shard is not None:
+            attended = shard.tokens_from_heads(attended, frames, frame_tokens)
+        return self.finish(x, attended, mods, context_kv)
 
     def project_self(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, cos: torch.Tensor,
                      sin: torch.Tensor, key_cos: torch.Tensor,
@@ -211,6 +222,7 @@ class CausalWanModel(ModelMixin, ConfigMixin):
         self.weight_streamer = None  # a weight_streaming.BlockStreamer when blocks live in CPU memory
         self.gradient_checkpointing = False  # training: recompute blocks in the backward pass ...
         self.checkpointed_blocks: int | None = None  # ... only the first N of them (None: all)
+        self.sequence_shard: SequenceShard | None = None  # inference split over ranks (parallel/sequence.py)
 
     @property
     def head_dim(self) -> int:
@@ -224,6 +236,18 @@ class CausalWanModel(ModelMixin, ConfigMixin):
         """
         for block in self.blocks:
             block.self_attention_kernel = kernel
+
+    @property
+    def local_heads(self) -> int:
+        """Heads whose keys and values this rank's KV cache holds (all of them unless split over ranks)."""
+        shard = self.sequence_shard
+        return self.config.num_heads if shard is None else self.config.num_heads // shard.size
+
+    def new_kv_cache(self, max_frames: int, frame_tokens: int, window: AttentionWindow, device: torch.device,
+                     fp8: bool = False, batch: int = 1) -> KVCache:
+        """An empty KV cache for this model's inference passes (this rank's heads)."""
+        return KVCache(self.config.num_layers, batch, max_frames, frame_tokens, self.local_heads, self.head_dim,
+                       window, self.patch_embedding.weight.dtype, device, fp8=fp8)
 
     def compile_blocks(self, **options) -> None:
         for block in self.blocks:
@@ -268,8 +292,9 @@ class CausalWanModel(ModelMixin, ConfigMixin):
             sinusoidal_embedding(self.config.freq_dim, timesteps.flatten()).to(dtype))
         frame_mod = self.condition_embedder.time_proj(F.silu(time_emb)).unflatten(1, (6, -1))
         frame_mod = frame_mod.unflatten(0, (batch, frames))
+        frame_tokens, num_tokens = grid[1] * grid[2], x.shape[1]
         if kv_cache is not None:
-            kv_cache.begin(start_frame * grid[1] * grid[2], x.shape[1])
+            kv_cache.begin(start_frame * frame_tokens, num_tokens)
         if kv_cache is not None and kv_cache.relative_positions:
             # Keys are stored unrotated and placed by their slot in the window; the block's queries follow them.
             window_frames, query_frame = kv_cache.window_frames()
@@ -279,19 +304,26 @@ class CausalWanModel(ModelMixin, ConfigMixin):
         else:
             cos, sin = self.rope.cos_sin(*grid, start_frame=start_frame, device=x.device)
             rope = RopeTables(cos, sin, cos, sin)
+        shard = self.sequence_shard
+        if shard is not None:
+            x = shard.local_tokens(x, frames)
+            rope = RopeTables(*(shard.local_tokens(table, frames, dim=0) for table in
+                                (rope.cos, rope.sin, rope.key_cos, rope.key_sin)))
         for layer, block in enumerate(self.blocks):
             recompute = self.checkpointed_blocks is None or layer < self.checkpointed_blocks
             if self.gradient_checkpointing and recompute and torch.is_grad_enabled():
                 x = checkpoint(block, x, frame_mod, rope, context_kv[layer], layer, kv_cache, attn_mask,
                                use_reentrant=False)
             else:
-                x = block(x, frame_mod, rope, context_kv[layer], layer, kv_cache, attn_mask)
+                x = block(x, frame_mod, rope, context_kv[layer], layer, kv_cache, attn_mask, shard, frame_tokens)
         if kv_cache is not None:
-            kv_cache.commit(start_frame * grid[1] * grid[2], x.shape[1])
+            kv_cache.commit(start_frame * frame_tokens, num_tokens)
 
         shift, scale = (self.scale_shift_table.unsqueeze(1) + time_emb.unflatten(0, (batch, frames)).unsqueeze(2)).chunk(2, dim=2)
         x = (self.norm_out(x).unflatten(1, (frames, -1)) * (1 + scale) + shift).flatten(1, 2)
         x = self.proj_out(x)
+        if shard is not None:
+            x = shard.gather_tokens(x, frames, frame_tokens)
         return self._unpatchify(x, grid)
 
     def _unpatchify(self, x: torch.Tensor, grid: torch.Size) -> torch.Tensor:
