@@ -183,6 +183,9 @@ class Engine:
         text = f"**Model:** {self.pipeline.components.description} · **device:** {self.device}"
         if self.memory_plan is not None:
             text += f" · {self.memory_plan.summary()}"
+        if self.pipeline.parallel is not None:
+            layout = self.pipeline.parallel.layout
+            text += f" · **{layout.gpus} GPUs:** {layout.describe()}"
         if self.pipeline.settings.attention != "sdpa":
             text += " · attention: FlashAttention-4 or SDPA, the faster per shape"
         if self.pipeline.settings.fp8_linears:

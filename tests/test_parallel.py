@@ -155,6 +155,7 @@ def test_the_app_backend_streams_a_split_run_and_stop_ends_it_within_a_block(spl
     """The app's engine over the split pipeline: each block encoded for the browser; after Stop at most the block
     under way still arrives (with a decoding rank the core runs one block ahead of the stream), then the run ends."""
     engine = Engine(config, "cpu", pipeline=split)
+    assert "· **2 GPUs:** " in engine.banner()
     stop_after, blocks, stopped = 2, 0, False
     events = []
     for event in engine.run(StreamJob(prompt="a red circle moves up", continuous=True), lambda: stopped,

@@ -78,7 +78,10 @@ class RemoteDecoding:
 
     def stop(self) -> None:
         self._stopped = True
-        self._thread.submit(self.link.send_header, STOP).result()
+        try:
+            self._thread.submit(self.link.send_header, STOP).result()
+        except RuntimeError:  # at interpreter exit the executor has already finished its thread: send from here
+            self.link.send_header(STOP)
         self._thread.shutdown()
 
     def _decode(self, stream: int, latents: torch.Tensor, fast: bool,

@@ -8,6 +8,7 @@ config and weights folder, then serves rank 0 until told to stop or rank 0 goes 
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing
 import os
@@ -166,7 +167,9 @@ class ParallelGroup:
                 process.terminate()
             raise
         log.info("parallel: %d ranks (%s)", spec.layout.gpus, spec.layout.describe())
-        return cls(spec, processes, groups)
+        group = cls(spec, processes, groups)
+        atexit.register(group.close)
+        return group
 
     def attach(self, components, device: torch.device):
         """Makes rank 0's components (weights.Components, placed and compiled) its part of the group; returns the
@@ -188,7 +191,10 @@ class ParallelGroup:
         return MirroredLoras(self.mirror)
 
     def close(self) -> None:
-        """Stops the helpers and leaves the group (a new model starts a new one)."""
+        """Stops the helpers and leaves the group (a new model starts a new one); once."""
+        if not self.processes:
+            return
+        atexit.unregister(self.close)
         if self.mirror is not None:
             self.mirror.stop_helpers()
         if self.decoding is not None:
@@ -197,5 +203,6 @@ class ParallelGroup:
             process.join(timeout=30)
             if process.is_alive():
                 process.terminate()
+        self.processes = []
         dist.destroy_process_group()
         log.info("parallel group closed")
