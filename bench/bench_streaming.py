@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from diffusers import AutoencoderKLWan  # noqa: E402
 from transformers import UMT5EncoderModel  # noqa: E402
 
-from pipelines.builder import warm_up  # noqa: E402
+from pipelines.builder import build_pipeline, warm_up  # noqa: E402
 from pipelines.config import load_config  # noqa: E402
 from pipelines.core import GenerationRequest, StreamingVideoPipeline  # noqa: E402
 from pipelines.loading.text_encoder import PromptEncoder, umt5_config  # noqa: E402
@@ -40,6 +40,7 @@ from pipelines.model.acceleration import BLOCK_COMPILE_OPTIONS, accelerate  # no
 from pipelines.model.attention_kernels import enable_attention_kernels  # noqa: E402
 from pipelines.model.fp8 import quantize_blocks_fp8  # noqa: E402
 from pipelines.model.transformer import CausalWanModel  # noqa: E402
+from pipelines.parallel.layout import SPLITS  # noqa: E402
 from pipelines.settings import RuntimeSettings  # noqa: E402
 
 UMT5_XXL = dict(vocab=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64)
@@ -73,6 +74,16 @@ def build_components(config, device: torch.device, dtype: torch.dtype) -> Compon
     text_len = config.text_encoder.get("text_len", 512)
     return Components(generator.eval().requires_grad_(False), WanVAE(vae),
                       PromptEncoder(byte_tokenizer(), t5, text_len), "random full-size weights")
+
+
+def split_pipeline(args: argparse.Namespace) -> StreamingVideoPipeline:
+    """The app's --gpus build of the config with seeded random weights (every rank draws the same ones) and a
+    random UMT5-XXL-sized text encoder on the rank that encodes prompts."""
+    encoder = {f"text_encoder.{key}": value for key, value in UMT5_XXL.items() if key != "vocab"}
+    config = load_config(args.config, **{"weights.layout": "random"}, **encoder)
+    pipeline, _ = build_pipeline(config, None, "cuda", compile_models=args.compile, attention=args.attention,
+                                 gpus=args.gpus, split=args.split)
+    return pipeline
 
 
 class GarbageCollectionTimer:
@@ -169,6 +180,11 @@ def main() -> None:
     parser.add_argument("--save-reference", type=Path,
                         help="after the timed runs, save one fixed request's latents and every 10th frame here "
                              "(torch.save), to compare paths run in separate processes")
+    parser.add_argument("--gpus", type=int, default=1,
+                        help="split each stream over this many GPUs as the app's --gpus does (built by the app's "
+                             "builder: compiled with --compile, fast kernels always, seeded random weights on "
+                             "every rank)")
+    parser.add_argument("--split", choices=SPLITS, default="auto", help="with --gpus: as the app's --split")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -180,21 +196,24 @@ def main() -> None:
     if args.compile_cache:
         compile_cache.activate(args.compile_cache)
     torch.manual_seed(0)  # the same random weights in every process, so paths run apart compare
-    components = build_components(config, device, config.torch_dtype)
-    if args.fp8:
-        quantize_blocks_fp8(components.generator)
-    if args.fast_kernels:
-        accelerate(components, compile_models=args.compile, fp8=args.fp8)
-    elif args.compile:
-        components.generator.compile_blocks(options=BLOCK_COMPILE_OPTIONS, dynamic=False)
-    fast_decoder = None
-    if args.fast_decoder:
-        from pipelines.loading.tiny_decoder import TinyVideoDecoder
+    if args.gpus > 1:
+        pipeline = split_pipeline(args)
+    else:
+        components = build_components(config, device, config.torch_dtype)
+        if args.fp8:
+            quantize_blocks_fp8(components.generator)
+        if args.fast_kernels:
+            accelerate(components, compile_models=args.compile, fp8=args.fp8)
+        elif args.compile:
+            components.generator.compile_blocks(options=BLOCK_COMPILE_OPTIONS, dynamic=False)
+        fast_decoder = None
+        if args.fast_decoder:
+            from pipelines.loading.tiny_decoder import TinyVideoDecoder
 
-        fast_decoder = TinyVideoDecoder().to(device, config.torch_dtype).eval()
-    settings = RuntimeSettings(fp8_linears=args.fp8, compiled=args.compile, fast_decoder=fast_decoder,
-                               attention=enable_attention_kernels(components.generator, device, args.attention))
-    pipeline = StreamingVideoPipeline(components, config, device, settings)
+            fast_decoder = TinyVideoDecoder().to(device, config.torch_dtype).eval()
+        settings = RuntimeSettings(fp8_linears=args.fp8, compiled=args.compile, fast_decoder=fast_decoder,
+                                   attention=enable_attention_kernels(components.generator, device, args.attention))
+        pipeline = StreamingVideoPipeline(components, config, device, settings)
     logging.info("built in %.1fs; resident %.1f GiB", time.perf_counter() - build_start,
                  torch.cuda.memory_allocated() / 2**30)
 
@@ -217,7 +236,7 @@ def main() -> None:
     summary = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "config": args.config,
         "compile": args.compile, "fast_kernels": args.fast_kernels, "sdpa": args.sdpa, "attention": pipeline.settings.attention,
-        "fp8": args.fp8,
+        "fp8": args.fp8, "gpus": args.gpus, "split": args.split if args.gpus > 1 else None,
         "compile_cache": str(args.compile_cache) if args.compile_cache else None,
         "warm_up_s": round(warm_up_s, 1), "ready_after_process_start_s": round(ready_s, 1),
         "build_start_after_process_start_s": round(build_start - PROCESS_START, 1), "compilation": compilation,
