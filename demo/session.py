@@ -116,7 +116,7 @@ class SessionControl:
     def open_camera(self) -> LiveFrames:
         """A fresh feed for a live run; camera frames sent before it are dropped."""
         self.close_camera()
-        self.camera = LiveFrames(self.CAMERA_TIMEOUT_S)
+        self.camera = LiveFrames(self.CAMERA_TIMEOUT_S, keep_up=True)
         return self.camera
 
     def close_camera(self) -> None:

@@ -38,12 +38,18 @@ class FrameList:
 
 class LiveFrames:
     """Frames pushed as they arrive (a camera), read by the run; `close()` ends it. A read waits up to `timeout_s`
-    for its frames and then ends the input (a feed that stopped)."""
+    for its frames and then ends the input (a feed that stopped).
+
+    keep_up: a live camera. A run slower than the camera would otherwise fall further behind it with every block
+    (the delay to the screen growing without end); with keep_up a read that finds more frames waiting than it asks
+    for skips the oldest, so each block restyles the newest frames.
+    """
 
     total_frames = None
 
-    def __init__(self, timeout_s: float = 10.0) -> None:
-        self.timeout_s = timeout_s
+    def __init__(self, timeout_s: float = 10.0, keep_up: bool = False) -> None:
+        self.timeout_s, self.keep_up = timeout_s, keep_up
+        self.skipped = 0  # frames a keep_up read passed over
         self._frames: queue.Queue = queue.Queue()
         self._closed = threading.Event()
         self.ended_early = False  # the feed went silent for timeout_s (not closed)
@@ -73,6 +79,10 @@ class LiveFrames:
 
     def read(self, count: int) -> list[np.ndarray] | None:
         frames = []
+        while self.keep_up and self._frames.qsize() > count:
+            if self._frames.get_nowait() is None:
+                return None
+            self.skipped += 1
         while len(frames) < count:
             try:
                 frame = self._frames.get(timeout=self.timeout_s)

@@ -93,6 +93,24 @@ def test_bad_video_to_video_requests_are_refused(tiny_pipeline):
     assert tiny_pipeline.validate(GenerationRequest("x", source=FrameList(frames[:21]))).num_blocks == 2
 
 
+def test_a_live_camera_that_runs_ahead_of_the_model_gives_each_block_its_newest_frames():
+    """A run slower than its camera skips the stale frames (keep_up), so the delay to the screen does not grow;
+    a plain live feed (a pushed video that must arrive whole) keeps every frame."""
+    frames = [np.full((4, 4, 3), value, dtype=np.uint8) for value in range(30)]
+    for keep_up, first in ((True, 18), (False, 0)):
+        live = LiveFrames(timeout_s=1, keep_up=keep_up)
+        for frame in frames:
+            live.push(frame)
+        block = live.read(12)
+        assert [int(f[0, 0, 0]) for f in block] == list(range(first, first + 12))
+        assert live.skipped == (18 if keep_up else 0)
+    live = LiveFrames(timeout_s=1, keep_up=True)
+    for frame in frames[:20]:
+        live.push(frame)
+    live.close()
+    assert live.read(12) is None  # (the feed closed while the run was behind: the run ends)
+
+
 def test_the_camera_drives_a_live_run_until_stop_and_a_silent_camera_ends_it(tiny_pipeline, tiny_config):
     import time
 
@@ -114,7 +132,7 @@ def test_the_camera_drives_a_live_run_until_stop_and_a_silent_camera_ends_it(tin
                 session.camera_frame(frame)
                 if stop_after is not None and index == stop_after:
                     handlers.request_stop(session)
-                time.sleep(0.02)
+                time.sleep(1 / 16)  # (a camera keeping pace: a faster one would have its stale frames skipped)
 
         threading.Thread(target=camera, daemon=True).start()
         return list(handlers.video_to_video(None, 0.3, True, "a green square moves up on a black background", "", 3,

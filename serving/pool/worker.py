@@ -45,7 +45,7 @@ class StreamWorker:
         checks); a cancelled request (the visitor left) or a Stop on the board stops it after its current block."""
         stop, done = threading.Event(), threading.Event()
         steering = PromptSteering()
-        camera = LiveFrames() if job.camera_relay else None  # the visitor's camera frames, relayed by the board
+        camera = LiveFrames(keep_up=True) if job.camera_relay else None  # the visitor's camera frames, relayed by the board
         if camera is not None:
             job = dataclasses.replace(job, camera=camera)
         loop = asyncio.get_running_loop()
