@@ -277,6 +277,8 @@ class StreamingVideoPipeline:
     def validate(self, request: GenerationRequest) -> ValidatedRequest:
         """Checks the request (raising RequestError with a user-facing message) and resolves its length and size.
         LoRA files are read when the run starts (a bad one raises RequestError there)."""
+        if self.parallel is not None and (lost := self.parallel.lost()):
+            raise RequestError(lost)
         if isinstance(request, ValidatedRequest):
             return request
         return validate_request(request, self.config, self.fast_decoder is not None, self.settings.fp8_linears)
@@ -313,6 +315,11 @@ class StreamingVideoPipeline:
             blocks = ahead_of_decoding(blocks)
         try:
             yield from blocks
+        except Exception as err:
+            lost = self.parallel.lost() if self.parallel is not None else None
+            if lost is None or isinstance(err, RequestError):
+                raise
+            raise RequestError(lost) from err  # (a rank of a split stream died: said to the visitor)
         finally:
             blocks.close()  # drops the KV caches and the decoder state before releasing memory
             if self.device.type == "cuda":

@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from pipelines.builder import build_pipeline
-from pipelines.core import GenerationRequest, StreamingVideoPipeline
+from pipelines.core import GenerationRequest, RequestError, StreamingVideoPipeline
 from pipelines.loading.lora import LoraChoice
 from pipelines.loading.weights import WeightsError
 from pipelines.parallel.layout import ParallelError, ParallelLayout
@@ -127,6 +127,25 @@ def test_a_split_that_differs_from_one_rank_is_caught(config, lora_file, single,
         pipeline.parallel.close()
     want, _ = single["i2v"]
     assert relative_error(got[-1], want[-1]) > 1e-2
+
+
+@pytest.mark.parametrize("mode", ["sequence", "decode"])
+def test_a_rank_that_dies_mid_run_is_said_and_later_runs_are_refused(config, mode):
+    """A helper killed during a run: the visitor is told (one message, not a hang), a new request is refused with
+    the same message, and the app's process takes the group down."""
+    import os
+    import signal
+
+    pipeline, _ = build_pipeline(config, None, "cpu", gpus=2, split=mode)
+    try:
+        with pytest.raises(RequestError, match="of GPU 1 of this split stream stopped"):
+            for result in pipeline.generate(GenerationRequest("a red circle moves up", continuous=True)):
+                if result.complete and result.index == 1:
+                    os.kill(pipeline.parallel.processes[0].pid, signal.SIGKILL)
+        with pytest.raises(RequestError, match="restart the app"):
+            pipeline.validate(GenerationRequest("a blue square"))
+    finally:
+        pipeline.parallel.close()
 
 
 @pytest.fixture(scope="module", params=["sequence", "decode"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import socket
 import threading
@@ -156,6 +157,26 @@ class ParallelGroup:
         self.spec, self.layout, self.processes, self.groups = spec, spec.layout, processes, groups
         self.mirror = None  # a mirror.MirroredGenerator when the generator is split
         self.decoding = None  # a decode.RemoteDecoding when another rank decodes
+        self._closing = False
+        threading.Thread(target=self._watch, name="parallel-watch", daemon=True).start()
+
+    def lost(self) -> str | None:
+        """Why this split stream cannot go on (a rank's process ended), or None while every rank runs."""
+        for rank, process in enumerate(self.processes, start=1):
+            if process.exitcode is not None:
+                return (f"The process of GPU {rank} of this split stream stopped (exit code {process.exitcode}): "
+                        f"restart the app to stream again.")
+        return None
+
+    def _watch(self) -> None:
+        """Notices a rank that dies. Between GPUs rank 0 could wait for it forever inside a collective (NCCL does
+        not notice a dead peer before its timeout): the group is aborted, so that call fails and the run ends."""
+        multiprocessing.connection.wait([process.sentinel for process in self.processes])
+        if self._closing:
+            return
+        log.error("%s", self.lost())
+        if self.spec.cuda:
+            dist.distributed_c10d._abort_process_group()  # (torch's abort of a process group's communicators)
 
     @classmethod
     def start(cls, spec: HelperSpec) -> "ParallelGroup":
@@ -194,11 +215,13 @@ class ParallelGroup:
         """Stops the helpers and leaves the group (a new model starts a new one); once."""
         if not self.processes:
             return
+        self._closing = True
         atexit.unregister(self.close)
-        if self.mirror is not None:
-            self.mirror.stop_helpers()
-        if self.decoding is not None:
-            self.decoding.stop()
+        if self.lost() is None:  # (a broken group is only taken down)
+            if self.mirror is not None:
+                self.mirror.stop_helpers()
+            if self.decoding is not None:
+                self.decoding.stop()
         for process in self.processes:
             process.join(timeout=30)
             if process.is_alive():
