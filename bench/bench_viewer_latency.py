@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import shlex
+    import shutil
     import tempfile
 
     from playwright.sync_api import sync_playwright
@@ -223,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     server.should_exit = True
     serving.join(timeout=30)
     runtime.outputs.remove_sessions()
+    shutil.rmtree(folder, ignore_errors=True)
 
     if mirrored == {True}:  # the server received (and so restyled) the camera mirrored: the square's sides swap
         moves = [[t, "right" if side == "left" else "left"] for t, side in moves]

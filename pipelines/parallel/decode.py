@@ -115,16 +115,12 @@ class RemoteDecoderStream:
         return self.decoding.decode(self.stream, latents, self.fast, self.frame_by_frame)
 
 
-class RemotePromptEncoder:
-    """The prompt encoder as rank 0 sees it: its tokenizer here (counts, limits), its encoder on the decoding rank."""
+class RemotePromptEncoder(PromptEncoder):
+    """The prompt encoder as rank 0 sees it: its tokenizer here (token counts and limits), its encoder model only on
+    the decoding rank."""
 
-    def __init__(self, local: PromptEncoder, decoding: RemoteDecoding) -> None:
-        self.local, self.decoding = local, decoding
-        self.text_len, self.tokenizer = local.text_len, local.tokenizer
-        self.model = local.model  # (kept in CPU memory: the memory planner measures it)
-
-    def token_count(self, prompt: str) -> int:
-        return self.local.token_count(prompt)
+    def __init__(self, tokenizer, text_len: int, decoding: RemoteDecoding) -> None:  # (no model to hold here)
+        self.tokenizer, self.text_len, self.decoding, self.model = tokenizer, text_len, decoding, None
 
     def encode(self, prompt: str, device: torch.device | str | None = None) -> torch.Tensor:
         return self.decoding.encode_prompt(prompt).to(device or "cpu")

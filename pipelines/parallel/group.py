@@ -202,8 +202,8 @@ class ParallelGroup:
         layout, groups, dtype = self.layout, self.groups, self.spec.config.torch_dtype
         if layout.decode_rank is not None:
             self.decoding = RemoteDecoding(DecodeLink(layout.decode_rank, groups.pair, device), dtype)
-            components.prompt_encoder.model.to("cpu")  # (its tokenizer stays in use here)
-            components.prompt_encoder = RemotePromptEncoder(components.prompt_encoder, self.decoding)
+            local = components.prompt_encoder  # (its model is freed: only its tokenizer is used here)
+            components.prompt_encoder = RemotePromptEncoder(local.tokenizer, local.text_len, self.decoding)
         if layout.generator_ranks == 1:
             return None
         generator = components.generator
