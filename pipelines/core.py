@@ -316,7 +316,7 @@ class StreamingVideoPipeline:
         try:
             yield from blocks
         except Exception as err:
-            lost = self.parallel.lost() if self.parallel is not None else None
+            lost = self.parallel.lost(wait_s=5.0) if self.parallel is not None else None
             if lost is None or isinstance(err, RequestError):
                 raise
             raise RequestError(lost) from err  # (a rank of a split stream died: said to the visitor)

@@ -160,13 +160,18 @@ class ParallelGroup:
         self._closing = False
         threading.Thread(target=self._watch, name="parallel-watch", daemon=True).start()
 
-    def lost(self) -> str | None:
-        """Why this split stream cannot go on (a rank's process ended), or None while every rank runs."""
-        for rank, process in enumerate(self.processes, start=1):
-            if process.exitcode is not None:
-                return (f"The process of GPU {rank} of this split stream stopped (exit code {process.exitcode}): "
-                        f"restart the app to stream again.")
-        return None
+    def lost(self, wait_s: float = 0.0) -> str | None:
+        """Why this split stream cannot go on (a rank's process ended), or None while every rank runs. wait_s: after
+        a failed collective, how long to give a dying rank's exit to register (the error can come first)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            for rank, process in enumerate(self.processes, start=1):
+                if process.exitcode is not None:
+                    return (f"The process of GPU {rank} of this split stream stopped (exit code {process.exitcode}): "
+                            f"restart the app to stream again.")
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
 
     def _watch(self) -> None:
         """Notices a rank that dies. Between GPUs rank 0 could wait for it forever inside a collective (NCCL does
@@ -217,15 +222,19 @@ class ParallelGroup:
             return
         self._closing = True
         atexit.unregister(self.close)
-        if self.lost() is None:  # (a broken group is only taken down)
-            if self.mirror is not None:
-                self.mirror.stop_helpers()
-            if self.decoding is not None:
-                self.decoding.stop()
-        for process in self.processes:
-            process.join(timeout=30)
-            if process.is_alive():
-                process.terminate()
-        self.processes = []
-        dist.destroy_process_group()
-        log.info("parallel group closed")
+        try:
+            if self.lost() is None:  # (a broken group is only taken down)
+                if self.mirror is not None:
+                    self.mirror.stop_helpers()
+                if self.decoding is not None:
+                    self.decoding.stop()
+        except (RuntimeError, dist.DistError) as err:  # (a rank died just now)
+            log.warning("the other ranks could not be stopped in order: %s", err)
+        finally:
+            for process in self.processes:
+                process.join(timeout=30)
+                if process.is_alive():
+                    process.terminate()
+            self.processes = []
+            dist.destroy_process_group()
+            log.info("parallel group closed")
