@@ -17,10 +17,8 @@ import argparse
 import asyncio
 import json
 import platform
-import socket
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -30,20 +28,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # (the browser tests import their conftest)
 
-from bench.bench_viewer_latency import CELL, STAMP_BITS, upload_delay  # noqa: E402
+from bench.bench_viewer_latency import STAMP_JS, upload_delay  # noqa: E402
+from tests.app_server import free_port, serve_in_thread  # noqa: E402
 from tests.test_browser import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
 
 CANVAS = """
 (() => {
   const canvas = document.createElement('canvas'); canvas.width = %(width)d; canvas.height = %(height)d;
-  const ctx = canvas.getContext('2d');
+  const ctx = canvas.getContext('2d');%(stamp)s
   function draw() {
-    const stamp = Date.now() %% 4294967296;
     ctx.fillStyle = 'rgb(10,10,70)'; ctx.fillRect(0, 0, canvas.width, canvas.height);
-    for (let bit = 0; bit < %(bits)d; bit++) {
-      ctx.fillStyle = (Math.floor(stamp / 2 ** bit) %% 2) ? '#fff' : '#000';
-      ctx.fillRect((bit %% 16) * %(cell)d, Math.floor(bit / 16) * %(cell)d, %(cell)d, %(cell)d);
-    }
+    sfStamp(ctx, Date.now());
   }
   setInterval(draw, 33); draw();
   window.sfStream = canvas.captureStream(30);
@@ -67,21 +62,11 @@ start();
 </script></body></html>"""
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def serve(app, port: int):
     import uvicorn
 
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    return server, thread
+    return server, serve_in_thread(server)
 
 
 def gradio_app(delays: list[float]):
@@ -137,7 +122,7 @@ def measure(transport: str, seconds: float, width: int, height: int) -> list[flo
     delays: list[float] = []
     port = free_port()
     server, thread = serve(gradio_app(delays) if transport == "gradio" else webrtc_app(delays), port)
-    script = CANVAS % dict(width=width, height=height, bits=STAMP_BITS, cell=CELL)
+    script = CANVAS % dict(width=width, height=height, stamp=STAMP_JS)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS + [
             "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"])

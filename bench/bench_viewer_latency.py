@@ -20,10 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import socket
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -33,10 +31,21 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # (the browser tests import their conftest)
 
+from tests.app_server import free_port, serve_in_thread  # noqa: E402
 from tests.test_browser import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
 
 STAMP_BITS, CELL = 32, 20  # the capture time's low 32 bits of milliseconds, as 2 rows of 16 cells of 20 px
 WIDTH, HEIGHT = 320, 240
+
+# The stamp read_stamp reads: the capture time's bits as black or white cells at the frame's top left.
+STAMP_JS = """
+  function sfStamp(ctx, now) {
+    const stamp = now %% 4294967296;
+    for (let bit = 0; bit < %(bits)d; bit++) {
+      ctx.fillStyle = (Math.floor(stamp / 2 ** bit) %% 2) ? '#fff' : '#000';
+      ctx.fillRect((bit %% 16) * %(cell)d, Math.floor(bit / 16) * %(cell)d, %(cell)d, %(cell)d);
+    }
+  }""" % dict(bits=STAMP_BITS, cell=CELL)
 
 # The camera: a canvas stream. Frames are drawn at 30 fps with their capture time; the square's side flips every
 # period, and each flip's time is kept in window.sfMoves.
@@ -44,7 +53,7 @@ CANVAS_CAMERA = """
 (() => {
   const period = %(period)d;
   const canvas = document.createElement('canvas'); canvas.width = %(width)d; canvas.height = %(height)d;
-  const ctx = canvas.getContext('2d');
+  const ctx = canvas.getContext('2d');%(stamp)s
   window.sfMoves = []; window.sfSeen = {image: [], video: []};
   let side = 'left', flipped = Date.now();
   function draw() {
@@ -55,11 +64,7 @@ CANVAS_CAMERA = """
     ctx.fillStyle = 'rgb(230,30,30)';
     const size = canvas.height / 2;
     ctx.fillRect(side === 'left' ? canvas.width * 0.08 : canvas.width * 0.92 - size, canvas.height * 0.35, size, size);
-    const stamp = now %% 4294967296;
-    for (let bit = 0; bit < %(bits)d; bit++) {
-      ctx.fillStyle = (Math.floor(stamp / 2 ** bit) %% 2) ? '#fff' : '#000';
-      ctx.fillRect((bit %% 16) * %(cell)d, Math.floor(bit / 16) * %(cell)d, %(cell)d, %(cell)d);
-    }
+    sfStamp(ctx, now);
   }
   setInterval(draw, 33); draw();
   const stream = canvas.captureStream(30);
@@ -131,12 +136,6 @@ def delivery(encoded: list[float], seen: list) -> list[float]:
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def summary(values: list[float]) -> dict:
     return {"median_s": round(statistics.median(values), 3), "worst_s": round(max(values), 3),
             "count": len(values)} if values else {"count": 0}
@@ -193,13 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.queue(max_size=32, default_concurrency_limit=1)
     port = free_port()
     server = make_server(demo, runtime, "127.0.0.1", port, [str(store.sessions)])
-    serving = threading.Thread(target=server.run, daemon=True)
-    serving.start()
-    while not server.started:
-        time.sleep(0.1)
+    serving = serve_in_thread(server)
 
-    script = CANVAS_CAMERA % dict(period=int(args.period * 1e3), width=WIDTH, height=HEIGHT, bits=STAMP_BITS,
-                                  cell=CELL)
+    script = CANVAS_CAMERA % dict(period=int(args.period * 1e3), width=WIDTH, height=HEIGHT, stamp=STAMP_JS)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS + [
             "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream", "--autoplay-policy=no-user-gesture-required"])

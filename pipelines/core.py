@@ -259,12 +259,16 @@ class StreamingVideoPipeline:
         self.sampler = make_sampler(config.sampler)
         self.loras = loras or LoraMerger(self.generator)  # (shared with a pipeline made by with_settings)
         self.parallel = parallel
-        self.remote_decoding = parallel.decoding if parallel is not None else None
 
     def with_settings(self, settings: RuntimeSettings) -> "StreamingVideoPipeline":
         """The same weights and merged LoRAs under new settings (a new memory profile)."""
         return StreamingVideoPipeline(self.components, self.config, self.device, settings, self.loras,
                                       self.parallel)
+
+    @property
+    def remote_decoding(self):
+        """The decoding rank's client (parallel/decode.py) when another rank decodes; None: decoded here."""
+        return self.parallel.decoding if self.parallel is not None else None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -316,8 +320,10 @@ class StreamingVideoPipeline:
         try:
             yield from blocks
         except Exception as err:
-            lost = self.parallel.lost(wait_s=5.0) if self.parallel is not None else None
-            if lost is None or isinstance(err, RequestError):
+            if self.parallel is None or isinstance(err, RequestError):
+                raise
+            lost = self.parallel.lost(wait_s=5.0)
+            if lost is None:
                 raise
             raise RequestError(lost) from err  # (a rank of a split stream died: said to the visitor)
         finally:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from app_server import free_port
+from app_server import free_port, serve_in_thread
 
 pytest.importorskip("ray.serve")
 pytestmark = pytest.mark.pool
@@ -76,12 +76,7 @@ def pool_app(tmp_path_factory):
     demo.queue(max_size=32, default_concurrency_limit=1)
     port = free_port()
     server = make_server(demo, runtime, "127.0.0.1", port, [str(store.sessions)])
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert time.monotonic() < deadline, "the front end did not start"
-        time.sleep(0.1)
+    thread = serve_in_thread(server)
     yield PoolApp(runtime, store, f"http://127.0.0.1:{port}/", spy)
     server.should_exit = True
     thread.join(20)

@@ -133,13 +133,11 @@ class TeacherContext:
         return tokens[:, first:first + frames * frame_tokens]
 
     def _make_caches(self, like: torch.Tensor) -> None:
-        from pipelines.model.kv_cache import AttentionWindow, KVCache
+        from pipelines.model.kv_cache import AttentionWindow
 
         model, (batch, _, _, height, width) = self.generator, like.shape
-        dtype = next(model.parameters()).dtype
-        self.caches = [KVCache(model.config.num_layers, batch, self.total_frames, model.frame_tokens(height, width),
-                               model.config.num_heads, model.head_dim, AttentionWindow(), dtype, like.device)
-                       for _ in self.contexts]
+        self.caches = [model.new_kv_cache(self.total_frames, model.frame_tokens(height, width), AttentionWindow(),
+                                          like.device, batch=batch) for _ in self.contexts]
 
 
 @torch.no_grad()

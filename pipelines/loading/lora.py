@@ -195,7 +195,7 @@ class LoraMerger:
                 return
             deltas = [(self.load(c.path), c.scale) for c in choices]
             modules = dict(self.model.named_modules())
-            self._weights_changing()
+            self._weights_changing(choices)
             self._restore(modules)
             for layers, strength in deltas:
                 for name in layers:
@@ -204,7 +204,8 @@ class LoraMerger:
                 add_to_weights(modules, layers, strength)
             self.active = choices
 
-    def _weights_changing(self) -> None:
+    def _weights_changing(self, choices: tuple[LoraChoice, ...]) -> None:
+        """Called once the files of `choices` were read and checked, before the weights change to them."""
         streamer = getattr(self.model, "weight_streamer", None)
         if streamer is not None:
             streamer.invalidate()

@@ -246,8 +246,13 @@ class CausalWanModel(ModelMixin, ConfigMixin):
     def new_kv_cache(self, max_frames: int, frame_tokens: int, window: AttentionWindow, device: torch.device,
                      fp8: bool = False, batch: int = 1) -> KVCache:
         """An empty KV cache for this model's inference passes (this rank's heads)."""
-        return KVCache(self.config.num_layers, batch, max_frames, frame_tokens, self.local_heads, self.head_dim,
-                       window, self.patch_embedding.weight.dtype, device, fp8=fp8)
+        return KVCache(*self.kv_cache_settings(max_frames, frame_tokens, window, device, fp8, batch))
+
+    def kv_cache_settings(self, max_frames: int, frame_tokens: int, window: AttentionWindow, device: torch.device,
+                          fp8: bool = False, batch: int = 1) -> tuple:
+        """KVCache's arguments for new_kv_cache (a split generator's cache class takes them too)."""
+        return (self.config.num_layers, batch, max_frames, frame_tokens, self.local_heads, self.head_dim, window,
+                self.patch_embedding.weight.dtype, device, fp8)
 
     def compile_blocks(self, **options) -> None:
         for block in self.blocks:

@@ -121,10 +121,8 @@ class MirroredGenerator:
 
     def new_kv_cache(self, max_frames: int, frame_tokens: int, window: AttentionWindow, device: torch.device,
                      fp8: bool = False, batch: int = 1) -> MirroredKVCache:
-        model = self.model
-        cache = MirroredKVCache(self, 0, model.config.num_layers, batch, max_frames, frame_tokens,
-                                model.local_heads, model.head_dim, window, model.patch_embedding.weight.dtype,
-                                device, fp8=fp8)
+        cache = MirroredKVCache(self, 0, *self.model.kv_cache_settings(max_frames, frame_tokens, window, device, fp8,
+                                                                        batch))
         cache.handle = self._tracked(cache)
         self.announce("cache", handle=cache.handle, max_frames=max_frames, frame_tokens=frame_tokens,
                       window=window, fp8=fp8, batch=batch)
@@ -139,20 +137,16 @@ class MirroredGenerator:
 
 
 class MirroredLoras(LoraMerger):
-    """LoRAs merged alike on every rank: the files are read and checked here first (a bad one is refused before
-    any rank changes its weights)."""
+    """LoRAs merged alike on every rank: the helpers are told once the files were read and checked here (a bad one
+    is refused before any rank changes its weights)."""
 
     def __init__(self, mirror: MirroredGenerator) -> None:
         super().__init__(mirror.model)
         self.mirror = mirror
 
-    def activate(self, choices: tuple[LoraChoice, ...]) -> None:
-        for choice in choices:
-            if choice.scale != 0:
-                self.load(choice.path)
-        if tuple(c for c in choices if c.scale != 0) != self.active:
-            self.mirror.announce("loras", choices=tuple(choices))
-        super().activate(choices)
+    def _weights_changing(self, choices: tuple[LoraChoice, ...]) -> None:
+        self.mirror.announce("loras", choices=choices)
+        super()._weights_changing(choices)
 
 
 @torch.no_grad()
