@@ -10,7 +10,18 @@ from PIL import Image
 
 from training.evaluate import keypoint_error, score_video, summarise
 from training.objective import FlowObjective, flow_loss, position_weights
-from training.synthetic import DIRECTIONS, MOTION_PHRASES, SIZES, SyntheticWorld, figure_keypoints, pose_frames, render
+from training.synthetic import (
+    ALL_BACKGROUND_COLOURS,
+    BRIGHT_BACKGROUND_COLOURS,
+    DIRECTIONS,
+    MOTION_PHRASES,
+    SHAPE_COLOURS,
+    SIZES,
+    SyntheticWorld,
+    figure_keypoints,
+    pose_frames,
+    render,
+)
 
 
 def test_world_is_seeded_and_captions_describe_the_scene():
@@ -21,7 +32,9 @@ def test_world_is_seeded_and_captions_describe_the_scene():
         frames = render(scene)
         assert frames.shape == (37, scene.height, scene.width, 3) and (scene.height, scene.width) in SIZES
         assert np.array_equal(frames, render(scene))
-        assert scene.caption.count(scene.background.colours[0]) >= 1
+        named = scene.background.describe() in scene.caption
+        assert named or not any(name in scene.caption for name in ALL_BACKGROUND_COLOURS if name not in
+                                (*SHAPE_COLOURS, "blue"))  # "blue" also names a shape
         for spec in scene.shapes:
             assert f"{spec.colour} {spec.shape} " in scene.caption
             assert any(phrase in scene.caption for phrase in MOTION_PHRASES[spec.motion])
@@ -29,6 +42,58 @@ def test_world_is_seeded_and_captions_describe_the_scene():
             assert f"{scene.figure.colour} stick figure" in scene.caption
             assert pose_frames(scene).shape == frames.shape
     assert world.scene(0) != SyntheticWorld(seed=4).scene(0)
+
+
+def test_some_training_clips_have_bright_backgrounds_and_captions_that_leave_the_background_out():
+    world = SyntheticWorld()
+    scenes = [world.scene(index) for index in range(600)]
+    bright = np.mean([scene.background.colours[0] in BRIGHT_BACKGROUND_COLOURS for scene in scenes])
+    unnamed = np.mean([scene.background.describe() not in scene.caption for scene in scenes])
+    assert 0.18 < bright < 0.32 and 0.1 < unnamed < 0.2
+    beige = next(scene for scene in scenes if scene.background.colours == ("beige",))
+    assert (render(beige)[0, 0, 0].astype(int) - BRIGHT_BACKGROUND_COLOURS["beige"]).__abs__().max() <= 1
+    # held-out variants: the same prompt without its background phrase, and bright backgrounds
+    named, plain = world.held_out_scene(3), world.held_out_scene(3, name_background=False)
+    assert plain.shapes == named.shapes and plain.background == named.background
+    assert named.background.describe() in named.caption and "background" not in plain.caption
+    assert world.held_out_scene(3, bright=True).background.colours[0] in BRIGHT_BACKGROUND_COLOURS
+
+
+def test_the_evaluator_finds_shapes_on_bright_backgrounds():
+    world = SyntheticWorld()
+    truth = []
+    for index in range(12):
+        scene = world.held_out_scene(index, bright=True)
+        spec = scene.shapes[0]
+        truth.append(score_video(render(scene)[:33], scene.caption, spec.colour, spec.motion))
+    assert summarise(truth) == {"prompts": 12, "colour_found": 1.0, "direction_ok": 1.0}
+
+
+def test_a_grown_caption_vocabulary_reads_known_captions_exactly_as_before():
+    """A trained encoder moved to a world with more words: old words keep their rows, so a caption of
+    known words encodes to the same embedding; a new word no longer reads as <unk>."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, UMT5EncoderModel
+
+    from pipelines.loading.text_encoder import PromptEncoder, umt5_config
+    from training.caption_encoder import SPECIAL_TOKENS, grown_to_world, world_vocabulary
+
+    old_words = [word for word in world_vocabulary() if word not in ("beige", "light")]
+    core = Tokenizer(models.WordLevel({t: i for i, t in enumerate((*SPECIAL_TOKENS, *old_words))}, unk_token="<unk>"))
+    core.normalizer, core.pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    old = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(0)
+    model = UMT5EncoderModel(umt5_config(len(old), 32, 8, 64, 2, 4))
+    caption = "a white star moves up on a dark gray background"
+    before = PromptEncoder(old, model, 16).encode(caption, "cpu").clone()
+    grown = grown_to_world(old, model)
+    after = PromptEncoder(grown, model, 16)
+    assert torch.equal(after.encode(caption, "cpu"), before)
+    assert grown.convert_ids_to_tokens(after.tokenize(["a beige background"], "cpu")[0][0, :2].tolist()) == \
+        ["a", "beige"]
+    control = PromptEncoder(old, model, 16)  # the old ids against the grown rows: a different embedding
+    assert not torch.allclose(control.encode(caption, "cpu"), before)
 
 
 def test_held_out_combinations_never_appear_in_training_but_their_pairs_do():
@@ -194,6 +259,42 @@ def test_a_second_run_continues_instead_of_starting_over(trained_from_scratch, c
                           "--skip-evaluation", "--student-steps", "2"]) == 0
     assert (trained_from_scratch / "model" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == before
     assert not any("caption encoder step" in r.message or "vae step" in r.message for r in caplog.records)
+
+
+def test_continuing_a_trained_model_carries_every_part_over_to_the_grown_world(tmp_path, caplog):
+    """--from --continue: the caption encoder learns the new words, the VAE and both generators continue from
+    the bundle's (the teacher from teacher.safetensors, the student from its own generator), not from
+    random weights nor the teacher from the student."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from training import tiny
+
+    bundle, out = tiny.BUNDLE, tmp_path / "grown"
+    assert tiny.main(["--out", str(out), "--continue"]) == 2  # --continue needs --from
+    with caplog.at_level("INFO"):
+        assert tiny.main(["--out", str(out), "--from", str(bundle), "--continue", "--clips", "8",
+                          "--caption-steps", "4", "--caption-batch", "8", "--vae-steps", "1", "--vae-long-steps", "1",
+                          "--vae-batch", "2", "--vae-long-batch", "1", "--teacher-steps", "2", "--student-steps", "2",
+                          "--workers", "1", "--cpu", "--skip-evaluation"]) == 0
+    assert any("2 new" in r.message for r in caplog.records)  # beige, light
+    model = out / "model"
+    assert "beige" in json.loads((model / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"]
+    report = json.loads((out / "training.json").read_text())
+    assert set(report["seconds"]) >= {"caption_encoder", "vae", "data", "teacher", "teacher_paths", "student"}
+
+    def distance(a: dict, b: dict) -> float:
+        return float(sum((a[k].float() - b[k].float()).norm() for k in b) / sum(b[k].float().norm() for k in b))
+
+    weights = "diffusion_pytorch_model.safetensors"
+    shipped_teacher = load_file(str(bundle / tiny.TEACHER_FILE))
+    shipped_student = load_file(str(bundle / "transformer" / weights))
+    teacher = load_file(str(out / "teacher" / "transformer" / weights))
+    student = load_file(str(model / "transformer" / weights))
+    assert distance(shipped_teacher, shipped_student) > 0.05  # the control: the two differ
+    assert distance(teacher, shipped_teacher) < 0.01 and distance(student, shipped_student) < 0.01
+    assert distance(load_file(str(model / "vae" / weights)), load_file(str(bundle / "vae" / weights))) < 0.01
 
 
 def test_the_trained_model_folder_is_required_with_a_clear_message(tmp_path):

@@ -18,12 +18,12 @@ import time
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from torch import nn
-from transformers import PreTrainedTokenizerFast, UMT5EncoderModel
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast, UMT5EncoderModel
 
 from pipelines.loading.text_encoder import PromptEncoder, clean_prompt
 
 from .synthetic import (
-    BACKGROUND_COLOURS,
+    ALL_BACKGROUND_COLOURS,
     FIGURE_ACTIONS,
     MOTION_PHRASES,
     MOTIONS,
@@ -40,7 +40,7 @@ MAX_SHAPES = 3
 TARGETS = ([(f"shape{k}_{part}", n + 1) for k in range(MAX_SHAPES)
             for part, n in (("colour", len(SHAPE_COLOURS)), ("kind", len(SHAPES)), ("motion", len(MOTIONS)))]
            + [("figure_colour", len(SHAPE_COLOURS) + 1), ("figure_action", len(FIGURE_ACTIONS) + 1),
-              ("background0", len(BACKGROUND_COLOURS)), ("background1", len(BACKGROUND_COLOURS) + 1)])
+              ("background0", len(ALL_BACKGROUND_COLOURS) + 1), ("background1", len(ALL_BACKGROUND_COLOURS) + 1)])
 
 
 SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
@@ -50,7 +50,7 @@ CAPTION_WORDS = ("a", "an", "and", "on", "background", "stick", "figure")  # the
 def world_vocabulary() -> list[str]:
     """Every word and punctuation mark the world's captions use, sorted."""
     split = pre_tokenizers.Whitespace()
-    phrases = [*SHAPE_COLOURS, *BACKGROUND_COLOURS, *SHAPES, *CAPTION_WORDS, ",",
+    phrases = [*SHAPE_COLOURS, *ALL_BACKGROUND_COLOURS, *SHAPES, *CAPTION_WORDS, ",",
                *(p for group in (*MOTION_PHRASES.values(), *FIGURE_ACTIONS.values()) for p in group)]
     return sorted({word for phrase in phrases for word, _ in split.pre_tokenize_str(phrase.lower())})
 
@@ -65,6 +65,23 @@ def world_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
+def grown_to_world(tokenizer: PreTrainedTokenizerBase, model: UMT5EncoderModel) -> PreTrainedTokenizerFast:
+    """The world's tokenizer, and `model`'s token embeddings remapped to it in place: a word the encoder
+    already reads keeps its row (ids move, as the vocabulary is sorted), a new word gets a fresh row as T5
+    initialises them. So a trained encoder continues on a world that gained words."""
+    grown = world_tokenizer()
+    old_rows, old_vocab = model.get_input_embeddings().weight.data, tokenizer.get_vocab()
+    rows = torch.randn(len(grown), old_rows.shape[1], dtype=old_rows.dtype) * model.config.initializer_factor
+    kept = 0
+    for token, index in grown.get_vocab().items():
+        if token in old_vocab:
+            rows[index], kept = old_rows[old_vocab[token]], kept + 1
+    model.set_input_embeddings(nn.Embedding.from_pretrained(rows, freeze=False))
+    model.config.vocab_size = len(grown)
+    log.info("caption vocabulary: %d words kept, %d new", kept - len(SPECIAL_TOKENS), len(grown) - kept)
+    return grown
+
+
 def scene_targets(scene: Scene) -> list[int]:
     """Class indices for TARGETS, in order."""
     colours, kinds, motions = list(SHAPE_COLOURS), list(SHAPES), list(MOTIONS)
@@ -76,9 +93,9 @@ def scene_targets(scene: Scene) -> list[int]:
     figure = scene.figure
     targets += [0, 0] if figure is None else [colours.index(figure.colour) + 1,
                                               list(FIGURE_ACTIONS).index(figure.action) + 1]
-    backgrounds = list(BACKGROUND_COLOURS)
-    names = scene.background.colours
-    targets += [backgrounds.index(names[0]), backgrounds.index(names[1]) + 1 if len(names) > 1 else 0]
+    backgrounds = list(ALL_BACKGROUND_COLOURS)
+    names = scene.background.colours if scene.background.describe() in scene.caption else ()  # a caption may name none
+    targets += [backgrounds.index(names[k]) + 1 if k < len(names) else 0 for k in (0, 1)]
     return targets
 
 
@@ -100,9 +117,12 @@ class CaptionHeads(nn.Module):
 
 
 def train_caption_encoder(encoder: PromptEncoder, world: SyntheticWorld, steps: int, batch_size: int,
-                          learning_rate: float, device: torch.device, log_every: int = 200) -> float:
-    """Trains encoder.model in place on captions of fresh training scenes; returns the final token accuracy."""
-    model: UMT5EncoderModel = encoder.model.to(device).train().requires_grad_(True)
+                          learning_rate: float, device: torch.device, log_every: int = 200,
+                          heads_first: int = 0) -> float:
+    """Trains encoder.model in place on captions of fresh training scenes; returns the final token accuracy.
+    heads_first: steps that train only the (new, random) heads before the encoder joins in, so that a trained
+    encoder continuing on a grown world is not pushed around by heads that know nothing yet."""
+    model: UMT5EncoderModel = encoder.model.to(device).train()
     heads = CaptionHeads(model.config.d_model).to(device)
     optimizer = torch.optim.AdamW([*model.parameters(), *heads.parameters()], lr=learning_rate, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -110,6 +130,7 @@ def train_caption_encoder(encoder: PromptEncoder, world: SyntheticWorld, steps: 
     rng = random.Random(world.seed)
     started, accuracy = time.perf_counter(), 0.0
     for step in range(steps):
+        model.requires_grad_(step >= heads_first)
         scenes = [world.scene(rng.randrange(10**9)) for _ in range(batch_size)]
         ids, mask = encoder.tokenize([clean_prompt(scene.caption) for scene in scenes], device)
         length = int(mask.sum(1).max())  # padding is masked out: trimming it changes no valid token's output

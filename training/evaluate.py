@@ -12,12 +12,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .synthetic import BACKGROUND_COLOURS, DIRECTIONS, NOVEL_COLOURS, SHAPE_COLOURS
+from .synthetic import ALL_BACKGROUND_COLOURS, DIRECTIONS, NOVEL_COLOURS, SHAPE_COLOURS
 
 # The novel colours are in the palette too: a fine-tuned concept's blob is found like the world's own.
 _SHAPE_PALETTE = {**SHAPE_COLOURS, **NOVEL_COLOURS}
-_PALETTE_NAMES = list(_SHAPE_PALETTE) + [f"background:{name}" for name in BACKGROUND_COLOURS]
-_PALETTE = np.array(list(_SHAPE_PALETTE.values()) + list(BACKGROUND_COLOURS.values()), dtype=np.float32)
+_PALETTE_NAMES = list(_SHAPE_PALETTE) + [f"background:{name}" for name in ALL_BACKGROUND_COLOURS]
+_PALETTE = np.array(list(_SHAPE_PALETTE.values()) + list(ALL_BACKGROUND_COLOURS.values()), dtype=np.float32)
 MAX_COLOUR_DISTANCE = 90.0  # RGB distance beyond which a pixel is no palette colour (edges, smears)
 MIN_BLOB_FRACTION = 0.004  # of the frame's pixels: ~25 pixels at 96x64
 PRESENT_FRACTION = 0.75  # of the frames in which the blob must be found

@@ -1,9 +1,10 @@
 """How well a model trained on the synthetic world does, through the app's own pipeline.
 
 - text-to-video on held-out prompts (colour x shape x motion triples never trained on): is the
-  named colour's blob there, and does it move the caption's way (training/evaluate.py)
+  named colour's blob there, and does it move the caption's way (training/evaluate.py); the same
+  prompts again without their background phrase, as users often type them
 - image-to-video on held-out scenes: PSNR of the first frame against the input image, and the
-  shape's colour staying visible through the clip
+  shape's colour staying visible through the clip; the same on brighter backgrounds
 - pose: keypoint error of the generated stick figure against the driving skeleton, next to the
   same run with the driving frames shuffled in time
 """
@@ -29,9 +30,10 @@ def video(pipeline: StreamingVideoPipeline, request: GenerationRequest) -> np.nd
 
 
 def text_to_video_scores(pipeline: StreamingVideoPipeline, world: SyntheticWorld, count: int = 24,
-                         loras: tuple[LoraChoice, ...] = ()) -> list[PromptScore]:
+                         loras: tuple[LoraChoice, ...] = (), name_background: bool = True) -> list[PromptScore]:
     """The world's held-out prompts (optionally with LoRAs merged: is anything forgotten?)."""
-    return _scored(pipeline, [world.held_out_scene(index) for index in range(count)], loras)
+    scenes = [world.held_out_scene(index, name_background=name_background) for index in range(count)]
+    return _scored(pipeline, scenes, loras)
 
 
 def concept_scores(pipeline: StreamingVideoPipeline, world: SyntheticWorld, loras: tuple[LoraChoice, ...],
@@ -61,10 +63,11 @@ def _scored(pipeline: StreamingVideoPipeline, scenes: list, loras: tuple[LoraCho
     return scores
 
 
-def image_to_video_scores(pipeline: StreamingVideoPipeline, world: SyntheticWorld, count: int = 8) -> list[dict]:
+def image_to_video_scores(pipeline: StreamingVideoPipeline, world: SyntheticWorld, count: int = 8,
+                          bright: bool = False) -> list[dict]:
     results = []
     for index in range(count):
-        scene = world.held_out_scene(100 + index)
+        scene = world.held_out_scene(100 + index, bright=bright)
         first = render(scene)[0]
         frames = video(pipeline, GenerationRequest(scene.caption, seed=index, image=Image.fromarray(first)))
         track = track_blob(frames, scene.shapes[0].colour)
@@ -97,7 +100,7 @@ def pose_scores(pipeline: StreamingVideoPipeline, animator, world: SyntheticWorl
 
 def evaluate_model(model_dir: Path | None, device: torch.device | str = "cpu", sampler: dict | None = None,
                    config_path: str = "configs/tiny.yaml") -> dict:
-    """All three scores for the tiny model in model_dir (None: the bundled one), sampled with the config's
+    """All scores for the tiny model in model_dir (None: the bundled one), sampled with the config's
     sampler or `sampler` (a config's sampler section: how the distillation teacher is scored);
     configs/tiny_multistep.yaml scores the shipped teacher."""
     from omegaconf import OmegaConf
@@ -112,11 +115,19 @@ def evaluate_model(model_dir: Path | None, device: torch.device | str = "cpu", s
     pipeline, _ = build_pipeline(config, model_dir, str(device))
     world = SyntheticWorld(0)
     t2v = text_to_video_scores(pipeline, world)
-    i2v = image_to_video_scores(pipeline, world)
+    unnamed = text_to_video_scores(pipeline, world, name_background=False)
     pose = pose_scores(pipeline, make_pose_animator(pipeline, None), world)
+
+    def image_to_video(bright: bool) -> dict:
+        i2v = image_to_video_scores(pipeline, world, bright=bright)
+        return {"first_frame_psnr_db": float(np.mean([r["first_frame_psnr_db"] for r in i2v])),
+                "colour_present": float(np.mean([r["colour_present"] for r in i2v]))}
+
     return {"text_to_video": summarise(t2v),
             "text_to_video_prompts": [dataclasses.asdict(s) for s in t2v],
-            "image_to_video": {"first_frame_psnr_db": float(np.mean([r["first_frame_psnr_db"] for r in i2v])),
-                               "colour_present": float(np.mean([r["colour_present"] for r in i2v]))},
+            "text_to_video_no_background": summarise(unnamed),
+            "text_to_video_no_background_prompts": [dataclasses.asdict(s) for s in unnamed],
+            "image_to_video": image_to_video(bright=False),
+            "image_to_video_bright": image_to_video(bright=True),
             "pose": {"driven": float(np.mean([r["driven"] for r in pose])),
                      "shuffled": float(np.mean([r["shuffled"] for r in pose]))}}

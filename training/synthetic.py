@@ -19,8 +19,9 @@ from PIL import Image, ImageDraw
 
 from pipelines.pose.draw import PoseFrame, draw_pose
 
-# Shape colours are bright and background colours dark, so a pixel's nearest palette colour tells
-# shape from background (what the evaluator's colour segmentation relies on).
+# Shape colours are saturated and background colours dark or pale, at least ~90 apart in RGB, so a
+# pixel's nearest palette colour tells shape from background (what the evaluator's colour
+# segmentation relies on).
 SHAPE_COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 100, 245), "yellow": (245, 220, 40),
     "purple": (160, 70, 230), "orange": (250, 140, 20), "cyan": (40, 215, 225), "white": (245, 245, 245),
@@ -30,6 +31,14 @@ BACKGROUND_COLOURS: dict[str, tuple[int, int, int]] = {
     "black": (10, 10, 12), "dark blue": (20, 30, 90), "dark green": (20, 70, 35), "dark gray": (60, 60, 66),
     "brown": (85, 55, 30), "dark purple": (55, 25, 70),
 }
+# Brighter backgrounds, on some training clips: without them an input image outside the dark palette
+# came back at ~17 dB in image-to-video (the VAE had never seen one).
+BRIGHT_BACKGROUND_COLOURS: dict[str, tuple[int, int, int]] = {
+    "gray": (125, 125, 130), "light blue": (150, 180, 215), "beige": (205, 180, 140),
+}
+ALL_BACKGROUND_COLOURS = {**BACKGROUND_COLOURS, **BRIGHT_BACKGROUND_COLOURS}
+BRIGHT_FRACTION = 0.25  # of training clips whose (first) background colour is a bright one
+UNNAMED_BACKGROUND_FRACTION = 0.15  # of training captions naming no background (users often leave it out)
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross")
 # A colour and a shape the world never draws (nor names: the caption encoder reads them as <unk>): the
 # concept the fine-tuning example and its tests teach the trained model (concept_scenes).
@@ -157,10 +166,10 @@ class SyntheticWorld:
         return self.sizes[0] if rng.random() < 0.6 or len(self.sizes) == 1 else rng.choice(self.sizes[1:])
 
     def _background(self, rng: random.Random) -> Background:
-        names = list(BACKGROUND_COLOURS)
+        first = rng.choice(list(BRIGHT_BACKGROUND_COLOURS if rng.random() < BRIGHT_FRACTION else BACKGROUND_COLOURS))
         if rng.random() < 0.7:
-            return Background((rng.choice(names),))
-        first, second = rng.sample(names, 2)
+            return Background((first,))
+        second = rng.choice([name for name in ALL_BACKGROUND_COLOURS if name != first])
         return Background((first, second), vertical_split=rng.random() < 0.5)
 
     def _shape(self, rng: random.Random, colour: str, shape: str, motion: str, aspect: float, small: bool) -> ShapeSpec:
@@ -202,27 +211,30 @@ class SyntheticWorld:
             shapes.append(self._shape(rng, colour, shape, motion, width / height, small=k > 0))
         return self._with_caption(Scene(height, width, self.frames, background, tuple(shapes)), rng)
 
-    def held_out_scene(self, index: int, size: tuple[int, int] | None = None) -> Scene:
-        """Evaluation scene `index`: one shape whose (colour, shape, direction) was never trained on."""
-        rng = self._rng("held-out", index)
+    def held_out_scene(self, index: int, size: tuple[int, int] | None = None, bright: bool = False,
+                       name_background: bool = True) -> Scene:
+        """Evaluation scene `index`: one shape whose (colour, shape, direction) was never trained on, on a
+        dark background (or a bright one), its caption naming the background (or not)."""
+        rng = self._rng("held-out-bright" if bright else "held-out", index)
         colour, shape, motion = sorted(self.held_out)[index % len(self.held_out)]
         height, width = size or self.sizes[0]
         spec = self._shape(rng, colour, shape, motion, width / height, small=False)
-        background = Background((rng.choice(list(BACKGROUND_COLOURS)),))
-        return self._with_caption(Scene(height, width, self.frames, background, (spec,)), rng)
+        background = Background((rng.choice(list(BRIGHT_BACKGROUND_COLOURS if bright else BACKGROUND_COLOURS)),))
+        return self._with_caption(Scene(height, width, self.frames, background, (spec,)), rng, name_background)
 
-    def figure_scene(self, rng: random.Random, height: int, width: int, background: Background) -> Scene:
+    def figure_scene(self, rng: random.Random, height: int, width: int, background: Background,
+                     name_background: bool | None = None) -> Scene:
         figure = FigureSpec(colour=rng.choice(["white", "yellow", "cyan", "orange", "pink"]),
                             action=rng.choice(list(FIGURE_ACTIONS)), centre_x=rng.uniform(0.35, 0.65),
                             height=rng.uniform(0.7, 0.85), phase=rng.uniform(0, 2 * math.pi),
                             tempo=rng.uniform(0.6, 1.3), drift=rng.uniform(-0.08, 0.08))
-        return self._with_caption(Scene(height, width, self.frames, background, figure=figure), rng)
+        return self._with_caption(Scene(height, width, self.frames, background, figure=figure), rng, name_background)
 
     def figure_scene_at(self, index: int, size: tuple[int, int] | None = None) -> Scene:
         """A held-out stick-figure scene (its own seed stream), for the pose evaluation and examples."""
         rng = self._rng("figure", index)
         height, width = size or self.sizes[0]
-        return self.figure_scene(rng, height, width, Background((rng.choice(list(BACKGROUND_COLOURS)),)))
+        return self.figure_scene(rng, height, width, Background((rng.choice(list(BACKGROUND_COLOURS)),)), True)
 
     def concept_scene(self, index: int, colour: str = "magenta", shape: str = "heart",
                       motions: tuple[str, ...] = ("right", "left", "up", "down")) -> Scene:
@@ -233,10 +245,14 @@ class SyntheticWorld:
         motion = motions[index % len(motions)]
         spec = self._shape(rng, colour, shape, motion, width / height, small=False)
         background = Background((rng.choice(list(BACKGROUND_COLOURS)),))
-        return self._with_caption(Scene(height, width, self.frames, background, (spec,)), rng)
+        return self._with_caption(Scene(height, width, self.frames, background, (spec,)), rng, True)
 
     @staticmethod
-    def _with_caption(scene: Scene, rng: random.Random) -> Scene:
+    def _with_caption(scene: Scene, rng: random.Random, name_background: bool | None = None) -> Scene:
+        """The scene with its caption; name_background None: a training caption, which leaves the
+        background out UNNAMED_BACKGROUND_FRACTION of the time."""
+        if name_background is None:
+            name_background = rng.random() >= UNNAMED_BACKGROUND_FRACTION
         background = scene.background.describe()
         if scene.figure is not None:
             subject = scene.figure.describe(rng)
@@ -244,6 +260,8 @@ class SyntheticWorld:
             parts = [s.describe(rng) for s in scene.shapes]
             subject = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
         template = rng.choice(("{s} on {b}", "{s} on {b}", "on {b}, {s}", "{s}, {b}"))
+        if not name_background:
+            template = "{s}"
         return Scene(scene.height, scene.width, scene.frames, scene.background, scene.shapes, scene.figure,
                      template.format(s=subject, b=background))
 
@@ -306,10 +324,10 @@ def colour_rgb(name: str) -> tuple[int, int, int]:
 
 
 def _draw_background(draw: ImageDraw.ImageDraw, background: Background, height: int, width: int) -> None:
-    first = BACKGROUND_COLOURS[background.colours[0]]
+    first = ALL_BACKGROUND_COLOURS[background.colours[0]]
     draw.rectangle([0, 0, width, height], fill=first)
     if len(background.colours) == 2:
-        second = BACKGROUND_COLOURS[background.colours[1]]
+        second = ALL_BACKGROUND_COLOURS[background.colours[1]]
         box = [width // 2, 0, width, height] if background.vertical_split else [0, height // 2, width, height]
         draw.rectangle(box, fill=second)
 

@@ -18,10 +18,17 @@ Stages (each is skipped when its output exists, so a stopped run continues where
 --from DIR starts from a trained model folder instead of random weights (its caption encoder, VAE and
 generator); with --teacher-only the command stops after the teacher (stages 3-4), which then starts from that
 generator: how the shipped teacher was made again from the shipped student when it had not been kept.
+
+--from DIR --continue carries every trained part of DIR over to a world that grew (new background
+colours, captions that leave the background out): the caption encoder learns the new words (a word it
+knew keeps its embedding) and the VAE the new pictures, the teacher continues from DIR's
+teacher.safetensors and the student from DIR's generator, each at a third of its learning rate and with
+the step counts given (--caption-steps, --vae-steps, --vae-long-steps, --teacher-steps, --student-steps).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import multiprocessing
@@ -47,6 +54,8 @@ BUNDLE = Path(__file__).resolve().parent.parent / "assets" / "tiny_shapes"
 TEACHER_FILE = "teacher.safetensors"  # the teacher's generator inside the bundle (configs/tiny_multistep.yaml)
 VAE_CLIPS = 800  # rendered clips the VAE's training windows are cut from
 VAE_HELD_OUT_CLIPS = 12  # held-out scenes its reconstructions are scored on
+CONTINUED_LEARNING_RATE = 1 / 3  # of each stage's own, when --continue carries trained weights over
+CAPTION_LEARNING_RATE = 2e-3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-evaluation", action="store_true", help="leave out the held-out scores")
     parser.add_argument("--from", dest="start_from", type=Path,
                         help="a trained model folder to start from (e.g. assets/tiny_shapes) instead of random weights")
+    parser.add_argument("--continue", dest="continue_from", action="store_true",
+                        help="with --from: fine-tune every part of that model on this world instead of keeping its "
+                             "caption encoder and VAE and starting the teacher from its student")
     parser.add_argument("--teacher-only", action="store_true",
                         help="stop after the teacher; --install then installs only the teacher")
     parser.add_argument("--install", action="store_true", help=f"copy the finished model to {BUNDLE}")
@@ -143,34 +155,43 @@ def to_pixels(frames: np.ndarray) -> torch.Tensor:
 
 # -- stages
 
-def train_captions(args: argparse.Namespace, model_dir: Path, device: torch.device) -> dict:
+def train_captions(args: argparse.Namespace, model_dir: Path, device: torch.device, start: Path | None) -> dict:
     """A fresh UMT5 of the config's size over the world's words (transformers' own T5 initialisation,
-    which scales the attention for T5's unscaled dot products), trained to read the captions."""
-    from transformers import UMT5EncoderModel
+    which scales the attention for T5's unscaled dot products), trained to read the captions; or the one in
+    `start`, grown to the world's words and trained on (its new heads alone first)."""
+    from transformers import AutoTokenizer, UMT5EncoderModel
 
     from pipelines.loading.text_encoder import PromptEncoder, umt5_config
 
-    from .caption_encoder import train_caption_encoder, world_tokenizer
+    from .caption_encoder import grown_to_world, train_caption_encoder, world_tokenizer
 
-    tokenizer, size = world_tokenizer(), model_config().text_encoder
+    size = model_config().text_encoder
     torch.manual_seed(args.seed)
-    model = UMT5EncoderModel(umt5_config(len(tokenizer), size["d_model"], size["d_kv"], size["d_ff"],
-                                         size["num_layers"], size["num_heads"]))
+    if start is None:
+        tokenizer = world_tokenizer()
+        model = UMT5EncoderModel(umt5_config(len(tokenizer), size["d_model"], size["d_kv"], size["d_ff"],
+                                             size["num_layers"], size["num_heads"]))
+        learning_rate, heads_first = CAPTION_LEARNING_RATE, 0
+    else:
+        model = UMT5EncoderModel.from_pretrained(start / "text_encoder")
+        tokenizer = grown_to_world(AutoTokenizer.from_pretrained(start / "tokenizer"), model)
+        learning_rate, heads_first = CAPTION_LEARNING_RATE * CONTINUED_LEARNING_RATE, args.caption_steps // 4
     encoder = PromptEncoder(tokenizer, model, size["text_len"])
     accuracy = train_caption_encoder(encoder, SyntheticWorld(args.seed), args.caption_steps, args.caption_batch,
-                                     2e-3, device)
+                                     learning_rate, device, heads_first=heads_first)
     model.cpu().save_pretrained(model_dir / "text_encoder")
     tokenizer.save_pretrained(model_dir / "tokenizer")
     log.info("caption encoder: token accuracy %.3f", accuracy)
     return {"caption_token_accuracy": round(accuracy, 3)}
 
 
-def train_vae(components, args: argparse.Namespace, out: Path, model_dir: Path, device: torch.device) -> dict:
-    """Two phases: many cheap steps on 5-frame windows (the causal first frame and the latent after it),
-    then fewer on whole clips. The causal caches carry features from latent to latent, so a VAE that
-    never decoded more than a few latents in a row drifts on the later ones (trained on 5- and 9-frame
-    windows, it reconstructed frames 0-4 at ~30 dB and frames 8-36 at ~14 dB); the first phase's result
-    is kept in OUT/vae_short."""
+def train_vae(model, args: argparse.Namespace, out: Path, model_dir: Path, device: torch.device,
+              learning_rate_factor: float = 1.0) -> dict:
+    """Trains the AutoencoderKLWan `model` in two phases: many cheap steps on 5-frame windows (the causal
+    first frame and the latent after it), then fewer on whole clips. The causal caches carry features from
+    latent to latent, so a VAE that never decoded more than a few latents in a row drifts on the later ones
+    (trained on 5- and 9-frame windows, it reconstructed frames 0-4 at ~30 dB and frames 8-36 at ~14 dB);
+    the first phase's result is kept in OUT/vae_short."""
     from diffusers import AutoencoderKLWan
 
     from pipelines.loading.vae import to_uint8_frames
@@ -195,16 +216,17 @@ def train_vae(components, args: argparse.Namespace, out: Path, model_dir: Path, 
             return torch.cat(picked)
         return batch
 
-    model, short_dir = components.vae.model, out / "vae_short"
+    short_dir = out / "vae_short"
     if (short_dir / "config.json").exists():
         model.load_state_dict(AutoencoderKLWan.from_pretrained(short_dir).state_dict())
         log.info("VAE short-window phase from %s", short_dir)
     else:
-        train_autoencoder(model, windows(5, args.vae_batch), args.vae_steps, 1e-3, 1e-4, device)
+        train_autoencoder(model, windows(5, args.vae_batch), args.vae_steps, 1e-3 * learning_rate_factor, 1e-4,
+                          device)
         model.cpu().save_pretrained(short_dir)
     whole_clips = windows(CLIP_FRAMES, args.vae_long_batch)
-    psnr = train_autoencoder(model, whole_clips, args.vae_long_steps, 3e-4, 1e-4, device, log_every=50,
-                             foreground_weight=args.vae_foreground_weight)
+    psnr = train_autoencoder(model, whole_clips, args.vae_long_steps, 3e-4 * learning_rate_factor, 1e-4, device,
+                             log_every=50, foreground_weight=args.vae_foreground_weight)
     set_latent_statistics(model, [whole_clips(10**6 + i) for i in range(4)])
     world = SyntheticWorld(args.seed)
     scenes = [world.held_out_scene(i) for i in range(VAE_HELD_OUT_CLIPS)]
@@ -347,6 +369,26 @@ def stage_config(path: str, steps: int | None, **overrides) -> TrainingConfig:
     return load_training_config(path, max_steps=steps, **overrides)
 
 
+def continued(config: TrainingConfig) -> TrainingConfig:
+    """A stage's config for weights that are already trained: a third of the learning rate, a short warm-up."""
+    return dataclasses.replace(config, learning_rate=config.learning_rate * CONTINUED_LEARNING_RATE,
+                               warmup_steps=min(config.warmup_steps, max(1, config.max_steps // 20)))
+
+
+def continued_teacher(start: Path, model_dir: Path, folder: Path) -> Path:
+    """A weights folder holding the new world's caption encoder and VAE with start's teacher generator
+    (float32), for the teacher to continue from."""
+    from safetensors.torch import load_file, save_file
+
+    if folder.exists():
+        shutil.rmtree(folder)
+    shutil.copytree(model_dir, folder)
+    state = load_file(str(start / TEACHER_FILE))
+    save_file({k: v.float().contiguous() for k, v in state.items()},
+              str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
+    return folder
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command_started = time.perf_counter()
@@ -368,15 +410,26 @@ def main(argv: list[str] | None = None) -> int:
         report.update(result or {})
         report_path.write_text(json.dumps(report, indent=2))
 
+    if args.continue_from and not args.start_from:
+        log.error("--continue needs --from: the model whose parts continue")
+        return 2
+    start = args.start_from if args.continue_from else None
     if args.start_from and not (model_dir / "transformer" / "config.json").exists():
-        shutil.copytree(args.start_from, model_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns(TEACHER_FILE))
+        parts = ("transformer",) if start else ("*",)  # --continue adapts the rest; pose encoders mark a finish
+        for part in (path for pattern in parts for path in args.start_from.glob(pattern)):
+            if part.name != TEACHER_FILE:
+                (shutil.copytree if part.is_dir() else shutil.copy)(part, model_dir / part.name)
     components = initial_components(args.seed)
     if not (model_dir / "transformer" / "config.json").exists():
         save_generator(components.generator, model_dir / "transformer")
     if not (model_dir / "text_encoder" / "config.json").exists():
-        timed("caption_encoder", lambda: train_captions(args, model_dir, device))
+        timed("caption_encoder", lambda: train_captions(args, model_dir, device, start))
     if not (model_dir / "vae" / "config.json").exists():
-        timed("vae", lambda: train_vae(components, args, out, model_dir, device))
+        from diffusers import AutoencoderKLWan
+
+        vae = AutoencoderKLWan.from_pretrained(start / "vae") if start else components.vae.model
+        factor = CONTINUED_LEARNING_RATE if start else 1.0
+        timed("vae", lambda: train_vae(vae, args, out, model_dir, device, factor))
     teacher_dir, paths_dir = out / "teacher", out / "paths"
     if not (model_dir / "pose_encoders.safetensors").exists() or args.teacher_only:
         def minutes_left() -> float | None:
@@ -385,9 +438,14 @@ def main(argv: list[str] | None = None) -> int:
 
         if not (teacher_dir / "pose_encoders.safetensors").exists():
             timed("data", lambda: prepare_data(args, model_dir, data_dir, device))
-            teacher_config = stage_config(args.teacher_config, args.teacher_steps)
+            teacher_config, teacher_start = stage_config(args.teacher_config, args.teacher_steps), model_dir
+            if start:  # the teacher continues from start's, with start's pose encoders (the teacher's own were
+                # not kept beside it)
+                teacher_start = continued_teacher(start, model_dir, out / "teacher_start")
+                teacher_config = continued(stage_config(args.teacher_config, args.teacher_steps,
+                                                        **{"pose.init": str(start / "pose_encoders.safetensors")}))
             timed("teacher", lambda: {"paused": not run_trainer(args, teacher_config, data_dir, out / "teacher_run",
-                                                                model_dir, minutes_left())})
+                                                                teacher_start, minutes_left())})
             if report["paused"]:
                 log.info("teacher training paused (--max-minutes): run the same command again to continue")
                 return 0
@@ -404,8 +462,11 @@ def main(argv: list[str] | None = None) -> int:
             timed("teacher_paths", lambda: record_teacher_paths(args, teacher_dir, data_dir, paths_dir, device))
         student = stage_config(TRAIN_CONFIG, args.student_steps,  # pose encoders start from the teacher's
                                **{"pose.init": str(teacher_dir / "pose_encoders.safetensors")})
-        timed("student", lambda: {"paused": not run_trainer(args, student, paths_dir, out / "student_run", teacher_dir,
-                                                            minutes_left())})
+        student_start = teacher_dir
+        if start:  # the student continues from its own generator (model_dir's, copied from --from)
+            student, student_start = continued(student), model_dir
+        timed("student", lambda: {"paused": not run_trainer(args, student, paths_dir, out / "student_run",
+                                                            student_start, minutes_left())})
         if report["paused"]:
             log.info("student training paused (--max-minutes): run the same command again to continue")
             return 0
