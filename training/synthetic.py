@@ -32,7 +32,7 @@ BACKGROUND_COLOURS: dict[str, tuple[int, int, int]] = {
     "brown": (85, 55, 30), "dark purple": (55, 25, 70),
 }
 # Brighter backgrounds, on some training clips: without them an input image outside the dark palette
-# came back at ~17 dB in image-to-video (the VAE had never seen one).
+# came back at ~13 dB in image-to-video (the VAE had never seen one).
 BRIGHT_BACKGROUND_COLOURS: dict[str, tuple[int, int, int]] = {
     "gray": (125, 125, 130), "light blue": (150, 180, 215), "beige": (205, 180, 140),
 }

@@ -391,6 +391,9 @@ def continued_teacher(start: Path, model_dir: Path, folder: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.continue_from and not args.start_from:
+        log.error("--continue needs --from: the model whose parts continue")
+        return 2
     command_started = time.perf_counter()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("diffusers").setLevel(logging.ERROR)
@@ -410,15 +413,12 @@ def main(argv: list[str] | None = None) -> int:
         report.update(result or {})
         report_path.write_text(json.dumps(report, indent=2))
 
-    if args.continue_from and not args.start_from:
-        log.error("--continue needs --from: the model whose parts continue")
-        return 2
     start = args.start_from if args.continue_from else None
-    if args.start_from and not (model_dir / "transformer" / "config.json").exists():
-        parts = ("transformer",) if start else ("*",)  # --continue adapts the rest; pose encoders mark a finish
-        for part in (path for pattern in parts for path in args.start_from.glob(pattern)):
-            if part.name != TEACHER_FILE:
-                (shutil.copytree if part.is_dir() else shutil.copy)(part, model_dir / part.name)
+    if start and not (model_dir / "transformer" / "config.json").exists():
+        # only the generator: --continue trains the rest, and pose encoders in model_dir mean a finished run
+        shutil.copytree(start / "transformer", model_dir / "transformer")
+    elif args.start_from and not (model_dir / "transformer" / "config.json").exists():
+        shutil.copytree(args.start_from, model_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns(TEACHER_FILE))
     components = initial_components(args.seed)
     if not (model_dir / "transformer" / "config.json").exists():
         save_generator(components.generator, model_dir / "transformer")
