@@ -81,7 +81,7 @@ def test_strength_zero_gives_the_base_model(runs, pipeline):
 
 def test_plain_flow_matching_breaks_the_students_world_and_the_distilled_path_keeps_it(scores):
     """Plain flow matching on the 4-step student (the trainer's only path before) draws the new concept but
-    loses the world's own prompts (measured: 21 % of their colours found, against 88 % without a LoRA); the
+    loses the world's own prompts (measured: none of their colours found, against 92 % without a LoRA); the
     teacher -> paths -> student path keeps them."""
     distilled, flow = scores["distilled"], scores["flow"]
     assert flow["world"]["colour_found"] <= 0.4, scores
@@ -96,9 +96,6 @@ def test_the_distilled_path_learns_the_concept_and_forgets_little(scores):
     assert distilled["world"]["direction_ok"] >= 0.6, scores
 
 
-@pytest.mark.xfail(reason="the issue's targets (concept colour >= 70 %, world colour >= 80 % and direction "
-                          ">= 70 % with the LoRA) are not reached reliably yet: see bench/results/NOTES.md",
-                   strict=False)
 def test_the_issues_acceptance_targets(scores):
     distilled = scores["distilled"]
     assert distilled["concept"]["colour_found"] >= 0.7

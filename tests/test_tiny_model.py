@@ -31,19 +31,22 @@ def test_a_caption_naming_no_background_still_draws_the_named_colour(scores):
     assert unnamed["colour_found"] >= 0.8, scores["text_to_video_no_background_prompts"]
 
 
-BRIGHT_NOT_YET = pytest.mark.xfail(strict=True, reason=(
-    "the shipped VAE never saw a bright background (13 dB); the model continued on the grown world "
-    "(bench/results/h200_tiny_world_grown.json) reaches 29 dB but lost direction on named prompts, so it "
-    "does not ship yet (issue 29)"))
+@pytest.mark.parametrize("case", ["image_to_video", "image_to_video_bright"])
+def test_image_to_video_starts_on_the_image(scores, case):
+    """On the world's dark backgrounds, and on brighter ones (the model before the world had any returned
+    them at ~13 dB)."""
+    assert scores[case]["first_frame_psnr_db"] >= 25.0
 
 
-@pytest.mark.parametrize("case", ["image_to_video", pytest.param("image_to_video_bright", marks=BRIGHT_NOT_YET)])
-def test_image_to_video_starts_on_the_image_and_keeps_the_shape(scores, case):
-    """On the world's dark backgrounds, and on brighter ones (which the VAE returned at ~13 dB before the
-    world had any)."""
-    i2v = scores[case]
-    assert i2v["first_frame_psnr_db"] >= 25.0
-    assert i2v["colour_present"] >= 0.8
+SHAPE_FADES_ON_BEIGE = pytest.mark.xfail(strict=True, reason=(
+    "on beige backgrounds the shape fades in some clips: the shipped student keeps it in 77 % of the frames, "
+    "its teacher in 90 % (bench/results/h200_tiny_world_grown_student.json; issue 29)"))
+
+
+@pytest.mark.parametrize("case", ["image_to_video",
+                                  pytest.param("image_to_video_bright", marks=SHAPE_FADES_ON_BEIGE)])
+def test_image_to_video_keeps_the_shape(scores, case):
+    assert scores[case]["colour_present"] >= 0.8
 
 
 def test_the_stick_figure_follows_the_driving_pose(scores):

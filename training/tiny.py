@@ -21,9 +21,11 @@ generator: how the shipped teacher was made again from the shipped student when 
 
 --from DIR --continue carries every trained part of DIR over to a world that grew (new background
 colours, captions that leave the background out): the caption encoder learns the new words (a word it
-knew keeps its embedding) and the VAE the new pictures, the teacher continues from DIR's
-teacher.safetensors and the student from DIR's generator, each at a third of its learning rate and with
-the step counts given (--caption-steps, --vae-steps, --vae-long-steps, --teacher-steps, --student-steps).
+knew keeps its embedding) and the VAE the new pictures, and the teacher continues from DIR's
+teacher.safetensors, each at a third of its learning rate and with the step counts given (--caption-steps,
+--vae-steps, --vae-long-steps, --teacher-steps). The student is distilled afresh from the continued teacher
+(stages 5-6 as above): run side by side on one H200, a student started from DIR's own generator reached
+twice the regression loss on the new teacher's paths (bench/results/NOTES.md, "The world's blind spots").
 """
 from __future__ import annotations
 
@@ -87,8 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--from", dest="start_from", type=Path,
                         help="a trained model folder to start from (e.g. assets/tiny_shapes) instead of random weights")
     parser.add_argument("--continue", dest="continue_from", action="store_true",
-                        help="with --from: fine-tune every part of that model on this world instead of keeping its "
-                             "caption encoder and VAE and starting the teacher from its student")
+                        help="with --from: fine-tune that model's caption encoder, VAE and teacher on this world and "
+                             "distil the student afresh, instead of keeping its caption encoder and VAE and "
+                             "starting the teacher from its student")
     parser.add_argument("--teacher-only", action="store_true",
                         help="stop after the teacher; --install then installs only the teacher")
     parser.add_argument("--install", action="store_true", help=f"copy the finished model to {BUNDLE}")
@@ -414,10 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         report_path.write_text(json.dumps(report, indent=2))
 
     start = args.start_from if args.continue_from else None
-    if start and not (model_dir / "transformer" / "config.json").exists():
-        # only the generator: --continue trains the rest, and pose encoders in model_dir mean a finished run
-        shutil.copytree(start / "transformer", model_dir / "transformer")
-    elif args.start_from and not (model_dir / "transformer" / "config.json").exists():
+    if args.start_from and not start and not (model_dir / "transformer" / "config.json").exists():
         shutil.copytree(args.start_from, model_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns(TEACHER_FILE))
     components = initial_components(args.seed)
     if not (model_dir / "transformer" / "config.json").exists():
@@ -462,11 +462,8 @@ def main(argv: list[str] | None = None) -> int:
             timed("teacher_paths", lambda: record_teacher_paths(args, teacher_dir, data_dir, paths_dir, device))
         student = stage_config(TRAIN_CONFIG, args.student_steps,  # pose encoders start from the teacher's
                                **{"pose.init": str(teacher_dir / "pose_encoders.safetensors")})
-        student_start = teacher_dir
-        if start:  # the student continues from its own generator (model_dir's, copied from --from)
-            student, student_start = continued(student), model_dir
         timed("student", lambda: {"paused": not run_trainer(args, student, paths_dir, out / "student_run",
-                                                            student_start, minutes_left())})
+                                                            teacher_dir, minutes_left())})
         if report["paused"]:
             log.info("student training paused (--max-minutes): run the same command again to continue")
             return 0
