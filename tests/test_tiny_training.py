@@ -72,17 +72,12 @@ def test_the_evaluator_finds_shapes_on_bright_backgrounds():
 def test_a_grown_caption_vocabulary_reads_known_captions_exactly_as_before():
     """A trained encoder moved to a world with more words: old words keep their rows, so a caption of
     known words encodes to the same embedding; a new word no longer reads as <unk>."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast, UMT5EncoderModel
+    from transformers import UMT5EncoderModel
 
     from pipelines.loading.text_encoder import PromptEncoder, umt5_config
-    from training.caption_encoder import SPECIAL_TOKENS, grown_to_world, world_vocabulary
+    from training.caption_encoder import grown_to_world, word_tokenizer, world_vocabulary
 
-    old_words = [word for word in world_vocabulary() if word not in ("beige", "light")]
-    core = Tokenizer(models.WordLevel({t: i for i, t in enumerate((*SPECIAL_TOKENS, *old_words))}, unk_token="<unk>"))
-    core.normalizer, core.pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.Whitespace()
-    core.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    old = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    old = word_tokenizer([word for word in world_vocabulary() if word not in ("beige", "light")])
     torch.manual_seed(0)
     model = UMT5EncoderModel(umt5_config(len(old), 32, 8, 64, 2, 4))
     caption = "a white star moves up on a dark gray background"

@@ -57,7 +57,12 @@ def world_vocabulary() -> list[str]:
 
 def world_tokenizer() -> PreTrainedTokenizerFast:
     """A word-level tokenizer over world_vocabulary(): lower-cased, any other word becomes <unk>."""
-    vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, *world_vocabulary()))}
+    return word_tokenizer(world_vocabulary())
+
+
+def word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over `words` (after the special tokens): lower-cased, any other word <unk>."""
+    vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, *words))}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.normalizer = normalizers.Lowercase()
     core.pre_tokenizer = pre_tokenizers.Whitespace()

@@ -462,8 +462,8 @@ def main(argv: list[str] | None = None) -> int:
             timed("teacher_paths", lambda: record_teacher_paths(args, teacher_dir, data_dir, paths_dir, device))
         student = stage_config(TRAIN_CONFIG, args.student_steps,  # pose encoders start from the teacher's
                                **{"pose.init": str(teacher_dir / "pose_encoders.safetensors")})
-        timed("student", lambda: {"paused": not run_trainer(args, student, paths_dir, out / "student_run",
-                                                            teacher_dir, minutes_left())})
+        timed("student", lambda: {"paused": not run_trainer(args, student, paths_dir, out / "student_run", teacher_dir,
+                                                            minutes_left())})
         if report["paused"]:
             log.info("student training paused (--max-minutes): run the same command again to continue")
             return 0
