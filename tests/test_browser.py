@@ -80,6 +80,9 @@ def test_preview_updates_block_by_block_while_streaming(page):
     page.wait_for_function("document.querySelector('#drift-t2v canvas, #drift-t2v svg') !== null", timeout=15_000)
     # Both times to the first frame are reported: the server's in the status, the browser's beside it.
     assert "(server)" in _status(page)
+    # (the page reports its own time in a request of its own, after the run's last update)
+    page.wait_for_function("document.querySelector('#browser-timing-t2v').innerText.includes('after the click')",
+                           timeout=15_000)
     timing = page.locator("#browser-timing-t2v").inner_text()
     assert "First frame on screen" in timing and "after the click" in timing, timing
     seconds = float(timing.split("screen")[1].split("s after")[0])
@@ -226,48 +229,68 @@ def test_stats_panel_shows_recent_runs_and_percentiles(page):
     assert "recent runs" in stats and "first frame on screen (browser)" in stats and "t2v" in stats
 
 
+def _ended_status(page, before: str, says: str = "", tab: str = "t2v", seconds: float = 90) -> str:
+    """The status line a request ended with: Done./Stopped saying `says`, or a refusal, and not `before` (the line
+    shown before the request: an earlier run's end, or the end of a run this request stopped, would otherwise pass
+    for this one's; while a request is under way the line begins with its timer)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        status = _status(page, tab)
+        if status != before and (status.startswith("Not started")
+                                 or status.startswith(("Done.", "Stopped")) and says in status):
+            return status
+        assert time.monotonic() < deadline, status
+        time.sleep(0.1)
+
+
+def _wait_for_upload(page, shown: str) -> None:
+    """Waits until the page shows an upload as the component's value (`shown`: what appears then): the file goes
+    to the server first, and a button pressed before that sends an empty component."""
+    page.wait_for_selector(shown, state="attached", timeout=30_000)
+
+
 def test_a_run_record_uploaded_on_the_page_replays_the_run(page):
     sessions = Path(os.environ["SF_OUTPUTS_DIR"]) / "sessions"  # (conftest: the tests' own outputs folder)
     records = sorted(sessions.glob("server-*/sf-session-*/run*/run.json"), key=lambda p: p.stat().st_mtime)
     assert records, "an earlier test's run wrote no record"
     page.get_by_text("Replay a run record", exact=True).click()
     page.locator("#replay-record input[type=file]").set_input_files(str(records[-1]))
-    page.wait_for_timeout(1000)
+    _wait_for_upload(page, "#replay-record .file-preview")
+    before = _status(page)
     page.locator("#replay-button").click()
-    deadline = time.monotonic() + 90
-    while not _status(page).startswith(("Done.", "Stopped", "**Not started")):
-        assert time.monotonic() < deadline, _status(page)
-        time.sleep(0.1)
-    assert _status(page).startswith(("Done.", "Stopped after block")), _status(page)
-    assert "replaying a run record" in _status(page)
-
-
-def _wait_for_status(page, prefixes: tuple[str, ...], seconds: float = 90) -> str:
-    deadline = time.monotonic() + seconds
-    while not _status(page).startswith(prefixes):
-        assert time.monotonic() < deadline, _status(page)
-        time.sleep(0.1)
-    return _status(page)
+    status = _ended_status(page, before, says="replaying a run record")
+    assert status.startswith(("Done.", "Stopped after block")), status
 
 
 def test_branch_from_a_block_of_the_streaming_run_and_see_both_in_the_tree(page):
     page.get_by_label("Prompt").first.fill("a red circle moves to the right on a dark blue background")
     _set_blocks(page, 8)
+    page.get_by_text("Branch: go back to a block and continue differently", exact=True).first.click()
+    earlier = page.locator("#branch-run-t2v input").first.input_value()  # (an earlier test's run, or empty)
     page.get_by_role("button", name="Generate").first.click()
     deadline = time.monotonic() + 60
     while "Block 3/8" not in _status(page):
         assert time.monotonic() < deadline and not _status(page).startswith("Done"), _status(page)
         time.sleep(0.05)
-    page.get_by_text("Branch: go back to a block and continue differently", exact=True).first.click()
-    run = page.locator("#branch-run-t2v input").first.input_value()
+    # (the new run reaches the panel in two requests after its first block: the run menu, then the run's slider
+    # range, frame and tree; a block picked before the second answer arrives would be overwritten by it, as it
+    # would be for a person on a busy server; the new run's number is in no earlier tree)
+    menu = page.locator("#branch-run-t2v input").first
+    deadline = time.monotonic() + 30
+    while (run := menu.input_value()) == earlier:
+        assert time.monotonic() < deadline, run
+        time.sleep(0.05)
     assert run.startswith("run ") and "red circle" in run, run
+    page.wait_for_function("run => document.querySelector('#branch-tree-t2v').innerText.includes(run + ':')",
+                           arg=run.split(":")[0], timeout=30_000)
     block = page.locator("#branch-block-t2v input[type=number]").first
     block.fill("3")
     block.press("Enter")
     page.wait_for_function("document.querySelector('#branch-frame-t2v img') !== null", timeout=15_000)
     page.locator("#branch-prompt-t2v textarea").first.fill("a green square moves up on a black background")
+    before = _status(page)
     page.locator("#branch-button-t2v").first.click()
-    status = _wait_for_status(page, ("Done.", "**Not started"))
+    status = _ended_status(page, before, says="branch from block 3")
     assert status.startswith("Done.") and "branch from block 3" in status, status
     assert "Block 8/8" in status  # (the branch has the whole length: 2 kept blocks and 6 new ones)
     parent = run.split(":")[0]
@@ -287,24 +310,20 @@ def test_video_to_video_tab_restyles_an_uploaded_video_and_refuses_a_broken_one(
     page.get_by_role("tab", name="Video to Video").click()
     upload = page.locator("#v2v-input input[type=file]")
     upload.set_input_files(str(broken))
-    page.wait_for_timeout(1500)
+    _wait_for_upload(page, "#v2v-input button[aria-label='Clear']")
     page.locator("#prompt-v2v textarea").fill("a green square moves up on a black background")
     generate = page.locator("#generate-v2v")
+    before = _status(page, "v2v")
     generate.click()
-    deadline = time.monotonic() + 60
-    while "Not started" not in _status(page, "v2v") and not _status(page, "v2v").startswith("Done."):
-        assert time.monotonic() < deadline, _status(page, "v2v")
-        time.sleep(0.1)
-    assert "Could not read the upload as a video" in _status(page, "v2v"), _status(page, "v2v")
+    status = _ended_status(page, before, tab="v2v", seconds=60)
+    assert "Could not read the upload as a video" in status, status
     page.locator("#v2v-input button[aria-label='Clear']").first.click()
     page.locator("#v2v-input input[type=file]").set_input_files(str(video))
-    page.wait_for_timeout(1500)
+    _wait_for_upload(page, "#v2v-input video")
+    before = _status(page, "v2v")
     generate.click()
-    deadline = time.monotonic() + 90
-    while not _status(page, "v2v").startswith(("Done.", "**Not started")):
-        assert time.monotonic() < deadline, _status(page, "v2v")
-        time.sleep(0.1)
-    assert _status(page, "v2v").startswith("Done. Block"), _status(page, "v2v")
+    status = _ended_status(page, before, tab="v2v")
+    assert status.startswith("Done. Block"), status
     page.get_by_role("tab", name="Text to Video").click()
 
 
