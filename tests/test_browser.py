@@ -327,6 +327,15 @@ def test_video_to_video_tab_restyles_an_uploaded_video_and_refuses_a_broken_one(
     page.get_by_role("tab", name="Text to Video").click()
 
 
+def pick_example(page, tab: str) -> None:
+    """Clicks the tab's first example and waits until its prompt is in the prompt box: the example's files come in
+    the same answer, and Generate pressed before it would send an empty form."""
+    panel = page.locator(f"#status-{tab}").locator("xpath=ancestor::div[contains(@class,'tabitem')]").first
+    panel.locator(".gallery-item, tr.tr-body, button.gallery-item").first.click()
+    page.wait_for_function("tab => document.querySelector(`#prompt-${tab} textarea`).value !== ''", arg=tab,
+                           timeout=30_000)
+
+
 def _live_run_until_stop(page, tab: str, timeout_s: float = 120) -> None:
     """Generate in `tab` with its camera: blocks keep coming (three different frame counts in the status), then Stop
     ends the run."""
@@ -423,8 +432,7 @@ def test_the_camera_drives_the_pose_animation_live_until_stop(page, app_server, 
     browser = _camera_browser(page, example, tmp_path)
     try:
         page = _open_tab(browser, app_server.url, "Pose Animation", camera=True)
-        panel = page.locator("#status-pose").locator("xpath=ancestor::div[contains(@class,'tabitem')]").first
-        panel.locator(".gallery-item, tr.tr-body, button.gallery-item").first.click()  # the character, ticked as a pose
+        pick_example(page, "pose")  # the character, ticked as a pose
         page.locator("#pose-camera").get_by_text("Click to Access Webcam").click()
         page.locator("#pose-camera button[aria-label='capture photo']").click()  # (starts the camera's stream)
         page.locator("#pose-use-camera input").check()

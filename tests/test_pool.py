@@ -402,7 +402,7 @@ CHROMIUM = os.environ.get("CHROMIUM_PATH", shutil.which("chromium") or "/usr/bin
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}")
 def test_the_pool_app_streams_in_all_three_tabs_in_a_browser(pool_app):
     from playwright.sync_api import sync_playwright
-    from test_browser import CHROMIUM_ARGS
+    from test_browser import CHROMIUM_ARGS, pick_example
 
     pool_app.wait_for_workers()
     with sync_playwright() as playwright:
@@ -417,7 +417,7 @@ def test_the_pool_app_streams_in_all_three_tabs_in_a_browser(pool_app):
             if tab == "t2v":
                 panel.get_by_label("Prompt").first.fill(PROMPT)
             else:
-                panel.locator(".gallery-item, tr.tr-body, button.gallery-item").first.click()
+                pick_example(page, tab)
             blocks = panel.get_by_label("Blocks", exact=False).first
             blocks.fill("2")
             blocks.press("Tab")
