@@ -23,7 +23,7 @@ import ray
 import torch
 from ray import serve
 from ray.serve.config import ProxyLocation
-from ray.serve.exceptions import RequestCancelledError
+from ray.serve.exceptions import RayServeException, RequestCancelledError
 
 from pipelines.config import PROJECT_ROOT
 from pipelines.steering import PromptSteering
@@ -174,9 +174,14 @@ class PoolBackend:
             log.exception("could not kill stalled worker %s", actor_name)
 
     def shutdown(self) -> None:
+        """Stops this process's router first (its metrics loop would otherwise run on past `ray.shutdown()` and log
+        errors at exit), then removes the pool's workers (unless Ray is already shut down: asking would start it)."""
+        self.handle.shutdown()
+        if not ray.is_initialized():
+            return
         try:
             serve.delete(APP_NAME)
-        except ray.exceptions.RayError:
+        except (ray.exceptions.RayError, RayServeException):
             pass
 
 
