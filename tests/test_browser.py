@@ -327,11 +327,15 @@ def test_video_to_video_tab_restyles_an_uploaded_video_and_refuses_a_broken_one(
     page.get_by_role("tab", name="Text to Video").click()
 
 
+def tab_panel(page, tab: str):
+    """The tab's panel (its inputs and outputs), found from its status line."""
+    return page.locator(f"#status-{tab}").locator("xpath=ancestor::div[contains(@class,'tabitem')]").first
+
+
 def pick_example(page, tab: str) -> None:
     """Clicks the tab's first example and waits until its prompt is in the prompt box: the example's files come in
     the same answer, and Generate pressed before it would send an empty form."""
-    panel = page.locator(f"#status-{tab}").locator("xpath=ancestor::div[contains(@class,'tabitem')]").first
-    panel.locator(".gallery-item, tr.tr-body, button.gallery-item").first.click()
+    tab_panel(page, tab).locator(".gallery-item, tr.tr-body, button.gallery-item").first.click()
     page.wait_for_function("tab => document.querySelector(`#prompt-${tab} textarea`).value !== ''", arg=tab,
                            timeout=30_000)
 

@@ -402,7 +402,7 @@ CHROMIUM = os.environ.get("CHROMIUM_PATH", shutil.which("chromium") or "/usr/bin
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}")
 def test_the_pool_app_streams_in_all_three_tabs_in_a_browser(pool_app):
     from playwright.sync_api import sync_playwright
-    from test_browser import CHROMIUM_ARGS, pick_example
+    from test_browser import CHROMIUM_ARGS, pick_example, tab_panel
 
     pool_app.wait_for_workers()
     with sync_playwright() as playwright:
@@ -413,7 +413,7 @@ def test_the_pool_app_streams_in_all_three_tabs_in_a_browser(pool_app):
         assert "pool:" in page.locator("#banner").inner_text()
         for tab, name in (("t2v", "Text to Video"), ("i2v", "Image to Video"), ("pose", "Pose Animation")):
             page.get_by_role("tab", name=name).click()
-            panel = page.locator(f"#status-{tab}").locator("xpath=ancestor::div[contains(@class,'tabitem')]").first
+            panel = tab_panel(page, tab)
             if tab == "t2v":
                 panel.get_by_label("Prompt").first.fill(PROMPT)
             else:
